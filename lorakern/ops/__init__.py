@@ -1,0 +1,296 @@
+"""Public lorakern ops: ``torch.library`` custom ops (namespace ``lorakern``) with autograd.
+
+Each op checks its inputs (the same checks run in its fake implementation, so
+``torch.compile`` sees them too), dispatches to a backend through
+:mod:`lorakern.ops._registry`, and has its autograd written once here, above
+dispatch. The gradient math is written out in :mod:`lorakern.reference`.
+
+Public functions (leading batch dimensions of ``x`` are flattened and restored):
+
+    nf4_quantize(weight, blocksize=64, double_quant=True) -> NF4Weight
+    nf4_dequantize(q, dtype=None) -> Tensor of q.shape
+    nf4_matmul(x [..., K], q (N, K), bias=None) -> [..., N]          grads: x, bias
+    lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> [..., N]
+                                                                    grads: x, weight, bias, lora_A, lora_B
+    qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed) -> [..., N]
+                                                                    grads: x, bias, lora_A, lora_B
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..formats.nf4 import NF4Weight
+from . import _checks as check
+from ._registry import BackendUnavailable, pick, status
+
+__all__ = [
+    "nf4_quantize",
+    "nf4_dequantize",
+    "nf4_matmul",
+    "lora_linear",
+    "qlora_linear",
+    "new_seed",
+    "BackendUnavailable",
+    "status",
+]
+
+_EMPTY_SHAPE = (0,)
+
+
+def _none_to_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY_SHAPE) if t is None else t
+
+
+def _empty_to_none(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+
+
+# ------------------------------------------------------------------------------------ NF4
+
+
+@torch.library.custom_op("lorakern::nf4_quantize", mutates_args=())
+def _nf4_quantize(weight: Tensor, blocksize: int, double_quant: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mod = pick("nf4_quantize", weight.device.type, (weight, blocksize, double_quant))
+    q = mod.nf4_quantize(weight, blocksize, double_quant)
+    return q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset
+
+
+@_nf4_quantize.register_fake
+def _(weight, blocksize, double_quant):
+    n = weight.numel()
+    nblocks = -(-n // blocksize)
+    packed = weight.new_empty(((n + 1) // 2,), dtype=torch.uint8)
+    f32 = dict(dtype=torch.float32)
+    if double_quant:
+        return (packed, weight.new_empty((nblocks,), dtype=torch.uint8), weight.new_empty((-(-nblocks // 256),), **f32),
+                weight.new_empty((256,), **f32), weight.new_empty((1,), **f32))
+    return (packed, weight.new_empty((nblocks,), **f32), weight.new_empty((0,), **f32), weight.new_empty((0,), **f32),
+            weight.new_empty((1,), **f32))
+
+
+def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize ``weight`` (any shape, fp32/fp16/bf16, finite) to NF4; bitsandbytes-compatible."""
+    from ..formats.nf4 import _check_blocksize, check_weight_for_quantize
+
+    check_weight_for_quantize(weight, "weight")
+    _check_blocksize(blocksize)
+    tensors = _nf4_quantize(weight.detach(), blocksize, bool(double_quant))
+    return NF4Weight(*tensors, tuple(weight.shape), blocksize, weight.dtype)
+
+
+@torch.library.custom_op("lorakern::nf4_dequantize", mutates_args=())
+def _nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
+                    shape: Sequence[int], blocksize: int, dtype: torch.dtype) -> Tensor:
+    q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
+    return pick("nf4_dequantize", packed.device.type, (q, dtype)).nf4_dequantize(q, dtype)
+
+
+@_nf4_dequantize.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+def nf4_dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Decode ``q`` to a dense tensor of ``q.shape`` in ``dtype`` (default: the dtype it was quantized from)."""
+    from ..formats.nf4 import validate
+
+    validate(q, "q")
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return _nf4_dequantize(*q.tensors(), list(q.shape), q.blocksize, dtype)
+
+
+@torch.library.custom_op("lorakern::nf4_matmul", mutates_args=())
+def _nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
+                shape: Sequence[int], blocksize: int, bias: Optional[Tensor]) -> Tensor:
+    q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
+    return pick("nf4_matmul", x.device.type, (x, q, bias)).nf4_matmul(x, q, bias)
+
+
+@_nf4_matmul.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, bias):
+    return x.new_empty((x.shape[0], shape[0]))
+
+
+@torch.library.custom_op("lorakern::nf4_matmul_t", mutates_args=())
+def _nf4_matmul_t(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
+                  shape: Sequence[int], blocksize: int) -> Tensor:
+    q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
+    return pick("nf4_matmul_t", dy.device.type, (dy, q)).nf4_matmul_t(dy, q)
+
+
+@_nf4_matmul_t.register_fake
+def _(dy, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize):
+    return dy.new_empty((dy.shape[0], shape[1]))
+
+
+def _nf4_matmul_setup(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, bias = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+    ctx.shape, ctx.blocksize = list(shape), blocksize
+
+
+def _nf4_matmul_backward(ctx, dy):
+    q = ctx.saved_tensors
+    dx = _nf4_matmul_t(dy, *q, ctx.shape, ctx.blocksize) if ctx.needs_input_grad[0] else None
+    dbias = dy.sum(0) if ctx.needs_input_grad[8] else None
+    return dx, None, None, None, None, None, None, None, dbias
+
+
+_nf4_matmul.register_autograd(_nf4_matmul_backward, setup_context=_nf4_matmul_setup)
+
+
+def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ dequant(q)^T + bias`` without materialising the dequantized weight (backend permitting)."""
+    check.input_x(x)
+    n, k = check.nf4_weight(q, x)
+    check.bias(bias, n, x)
+    y = _nf4_matmul(x.reshape(-1, k), *q.tensors(), list(q.shape), q.blocksize, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------------- LoRA
+
+
+@torch.library.custom_op("lorakern::lora_linear_fwd", mutates_args=())
+def _lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                     scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return pick("lora_linear_fwd", x.device.type, args).lora_linear_fwd(*args)
+
+
+@_lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("lorakern::lora_linear_bwd", mutates_args=())
+def _lora_linear_bwd(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                     dropout_p: float, seed: Tensor, need_dx: bool, need_dweight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dweight)
+    dx, dw, da, db = pick("lora_linear_bwd", dy.device.type, args).lora_linear_bwd(*args)
+    return _none_to_empty(dx, x), _none_to_empty(dw, x), da, db
+
+
+@_lora_linear_bwd.register_fake
+def _(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dweight):
+    return (x.new_empty(x.shape if need_dx else _EMPTY_SHAPE), x.new_empty(weight.shape if need_dweight else _EMPTY_SHAPE),
+            x.new_empty(lora_A.shape), x.new_empty(lora_B.shape))
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _lora_backward(ctx, dy, _dxa):
+    x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, da, db = _lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0], need[1])
+    dbias = dy.sum(0) if need[2] else None
+    return _empty_to_none(dx) if need[0] else None, _empty_to_none(dw) if need[1] else None, dbias, da, db, None, None, None
+
+
+_lora_linear_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def new_seed(device) -> Tensor:
+    """A fresh dropout seed from torch's generator for ``device`` (int64, one element)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _seed_or_zero(seed: Optional[Tensor], x: Tensor, dropout_p: float) -> Tensor:
+    if seed is None:
+        return new_seed(x.device) if dropout_p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+    check.seed(seed, x)
+    return seed
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                scaling: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """``x W^T + bias + scaling * (drop(x) A^T) B^T`` in one fused call.
+
+    Shapes: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None, lora_A ``[r, K]``,
+    lora_B ``[N, r]``; all one dtype and device. ``seed`` (int64, one element)
+    fixes the dropout mask; None draws one from torch's generator.
+    """
+    check.input_x(x)
+    n, k = check.dense_weight(weight, x)
+    check.bias(bias, n, x)
+    check.lora(lora_A, lora_B, n, k, x)
+    check.scalars(scaling, dropout_p)
+    seed = _seed_or_zero(seed, x, dropout_p)
+    y, _ = _lora_linear_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------- QLoRA
+
+
+@torch.library.custom_op("lorakern::qlora_linear_fwd", mutates_args=())
+def _qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
+                      shape: Sequence[int], blocksize: int, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                      scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
+    args = (x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return pick("qlora_linear_fwd", x.device.type, args).qlora_linear_fwd(*args)
+
+
+@_qlora_linear_fwd.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("lorakern::qlora_linear_bwd", mutates_args=())
+def _qlora_linear_bwd(dy: Tensor, x: Tensor, xa: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor,
+                      nested_code: Tensor, offset: Tensor, shape: Sequence[int], blocksize: int, lora_A: Tensor,
+                      lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor,
+                      need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
+    args = (dy, x, xa, q, lora_A, lora_B, scaling, dropout_p, seed, need_dx)
+    dx, da, db = pick("qlora_linear_bwd", dy.device.type, args).qlora_linear_bwd(*args)
+    return _none_to_empty(dx, x), da, db
+
+
+@_qlora_linear_bwd.register_fake
+def _(dy, x, xa, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, lora_A, lora_B, scaling, dropout_p,
+      seed, need_dx):
+    return x.new_empty(x.shape if need_dx else _EMPTY_SHAPE), x.new_empty(lora_A.shape), x.new_empty(lora_B.shape)
+
+
+def _qlora_setup(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, output[1], packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, seed)
+    ctx.shape, ctx.blocksize, ctx.scaling, ctx.dropout_p = list(shape), blocksize, scaling, dropout_p
+
+
+def _qlora_backward(ctx, dy, _dxa):
+    x, xa, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, db = _qlora_linear_bwd(dy, x, xa, packed, absmax, nested_absmax, nested_code, offset, ctx.shape, ctx.blocksize,
+                                   lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0])
+    dbias = dy.sum(0) if need[8] else None
+    return (_empty_to_none(dx) if need[0] else None, None, None, None, None, None, None, None, dbias, da, db, None, None, None)
+
+
+_qlora_linear_fwd.register_autograd(_qlora_backward, setup_context=_qlora_setup)
+
+
+def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 scaling: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """:func:`lora_linear` with a frozen NF4 base ``q`` of shape ``(N, K)``."""
+    check.input_x(x)
+    n, k = check.nf4_weight(q, x)
+    check.bias(bias, n, x)
+    check.lora(lora_A, lora_B, n, k, x)
+    check.scalars(scaling, dropout_p)
+    seed = _seed_or_zero(seed, x, dropout_p)
+    y, _ = _qlora_linear_fwd(x.reshape(-1, k), *q.tensors(), list(q.shape), q.blocksize, bias, lora_A, lora_B,
+                             float(scaling), float(dropout_p), seed)
+    return y.reshape(*x.shape[:-1], n)

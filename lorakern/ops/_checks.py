@@ -1,0 +1,102 @@
+"""Input validation at the op boundary: every bad input is a clear error naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..formats import nf4 as _nf4
+from ..formats.nf4 import NF4Weight
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(t, name: str, *, dim: int | None = None, dtypes=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d).removeprefix('torch.') for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; move them to the same device")
+
+
+def same_dtype(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; cast them to one dtype (or use autocast with the nn modules)")
+
+
+def input_x(x, name: str = "x") -> None:
+    tensor(x, name, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension [..., K], got a scalar")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one row")
+
+
+def scalars(scaling: float, dropout_p: float) -> None:
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def seed(s, x: torch.Tensor) -> None:
+    tensor(s, "seed", dtypes=(torch.int64,))
+    if s.numel() != 1:
+        raise ValueError(f"seed must hold exactly one int64 value, got shape {tuple(s.shape)}")
+    if s.device != x.device:
+        raise ValueError(f"seed is on {s.device} but x is on {x.device}")
+
+
+def bias(b, n: int, x: torch.Tensor) -> None:
+    if b is None:
+        return
+    tensor(b, "bias", dim=1, device=x.device)
+    same_dtype(b, "bias", x.dtype)
+    if b.shape[0] != n:
+        raise ValueError(f"bias must have shape [{n}] (out_features), got {tuple(b.shape)}")
+
+
+def lora(lora_A, lora_B, n: int, k: int, x: torch.Tensor) -> None:
+    tensor(lora_A, "lora_A", dim=2, device=x.device)
+    tensor(lora_B, "lora_B", dim=2, device=x.device)
+    same_dtype(lora_A, "lora_A", x.dtype)
+    same_dtype(lora_B, "lora_B", x.dtype)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must have shape [r, {k}] (K = in_features of x), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must have shape [{n}, {r}] ([out_features, r]), got {tuple(lora_B.shape)}")
+
+
+def dense_weight(weight, x: torch.Tensor) -> tuple[int, int]:
+    tensor(weight, "weight", dim=2, device=x.device)
+    same_dtype(weight, "weight", x.dtype)
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features (last dim) but weight expects K = {k} (weight shape [N, K] = {tuple(weight.shape)})")
+    return n, k
+
+
+def nf4_weight(q, x: torch.Tensor | None = None, name: str = "qweight") -> tuple[int, int]:
+    _nf4.validate(q, name)
+    if len(q.shape) != 2:
+        raise ValueError(f"{name} must be a 2-D [N, K] weight, got shape {q.shape}")
+    if not q.packed.is_contiguous():
+        raise ValueError(f"{name}.packed must be contiguous")
+    n, k = q.shape
+    if x is not None:
+        if q.device != x.device:
+            raise ValueError(f"{name} is on {q.device} but x is on {x.device}; move them to the same device")
+        if x.shape[-1] != k:
+            raise ValueError(f"x has {x.shape[-1]} features (last dim) but {name} expects K = {k} ({name} shape [N, K] = {q.shape})")
+    return n, k
+
+
+def as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize) -> NF4Weight:
+    return NF4Weight(packed, absmax, nested_absmax, nested_code, offset, tuple(shape), blocksize)

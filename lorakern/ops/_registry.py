@@ -1,0 +1,98 @@
+"""Backend registry: which implementation runs an op, chosen by device and availability.
+
+Order of preference per device type (first available backend that implements
+the op and supports the arguments wins)::
+
+    cuda tensors: cuda, triton, reference
+    cpu tensors:  cpu, reference
+
+``LORAKERN_BACKEND=<name>`` forces one backend for every op; if it is not
+available, lacks the op or rejects the arguments, the call raises
+:class:`BackendUnavailable` instead of falling back. The Triton backend runs on
+CPU tensors only when asked for explicitly (it then needs ``TRITON_INTERPRET=1``,
+set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_MODULES = {
+    "reference": "lorakern.reference",
+    "cpu": "lorakern.kernels.cpu",
+    "triton": "lorakern.kernels.triton",
+    "cuda": "lorakern.kernels.cuda",
+}
+PREFERENCE = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+ENV_VAR = "LORAKERN_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run the op."""
+
+
+_loaded: dict[str, tuple[ModuleType | None, str]] = {}
+
+
+def load(name: str) -> tuple[ModuleType | None, str]:
+    """Import backend ``name``; return (module or None, reason). Cached; never raises."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    if name not in _loaded:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+            ok, reason = mod.availability()
+            _loaded[name] = (mod if ok else None, reason)
+        except Exception as e:  # a broken optional backend must not break import lorakern
+            _loaded[name] = (None, f"import failed: {type(e).__name__}: {e}")
+    return _loaded[name]
+
+
+def status() -> dict[str, tuple[bool, str]]:
+    """Availability of every backend with the reason, for ``python -m lorakern.env``."""
+    return {name: (load(name)[0] is not None, load(name)[1]) for name in BACKENDS}
+
+
+def requested() -> str | None:
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in _MODULES:
+        raise BackendUnavailable(f"{ENV_VAR}={name!r} is not a backend; expected one of {BACKENDS} or 'auto'")
+    return name
+
+
+def _supports(mod: ModuleType, op: str, args: tuple) -> str | None:
+    """None when ``mod`` can run ``op`` on ``args``, else why not."""
+    if not hasattr(mod, op):
+        return f"does not implement {op}"
+    check = getattr(mod, "supports", None)
+    return check(op, *args) if check is not None else None
+
+
+def pick(op: str, device_type: str, args: tuple) -> ModuleType:
+    """The backend module that runs ``op`` for tensors on ``device_type``."""
+    forced = requested()
+    if forced is not None:
+        mod, reason = load(forced)
+        if mod is None:
+            raise BackendUnavailable(f"{ENV_VAR}={forced}: backend not available ({reason})")
+        if forced == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailable(f"{ENV_VAR}=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        if forced == "cuda" and device_type != "cuda":
+            raise BackendUnavailable(f"{ENV_VAR}=cuda cannot run {op} on {device_type} tensors")
+        why = _supports(mod, op, args)
+        if why is not None:
+            raise BackendUnavailable(f"{ENV_VAR}={forced}: {op} not supported here: {why}")
+        return mod
+    for name in PREFERENCE.get(device_type, ("reference",)):
+        mod, _ = load(name)
+        if mod is not None and _supports(mod, op, args) is None:
+            return mod
+    return load("reference")[0]
