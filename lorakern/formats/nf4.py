@@ -171,8 +171,20 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     approximate reciprocal and picks the neighbouring code for about 0.2% of
     values near a midpoint; both decode within one code step.)
     """
-    absmax, scaled = _blockwise_absmax_and_scaled(x.reshape(-1).float(), blocksize)
-    return _nearest_code(scaled, code), absmax
+    flat = x.reshape(-1).float()
+    _, scaled = _blockwise_absmax_and_scaled(flat, blocksize)
+    # the stored absmax is the raw block maximum (an all-zero block stores 0, not the clamp)
+    nblocks = -(-flat.numel() // blocksize)
+    absmax = torch.nn.functional.pad(flat.abs(), (0, nblocks * blocksize - flat.numel())).view(nblocks, blocksize).amax(1)
+    idx = _nearest_code(scaled, code)
+    # an all-zero block decodes to 0 whatever its codes; store index 0 there, as bitsandbytes does
+    idx = torch.where(absmax.repeat_interleave(blocksize)[: idx.numel()] == 0, torch.zeros_like(idx), idx)
+    return idx, absmax
+
+
+def _empty_f32(device) -> torch.Tensor:
+    # a fresh tensor per field: the ops must never return two aliases of one tensor
+    return torch.empty(0, dtype=torch.float32, device=device)
 
 
 def check_weight_for_quantize(w: torch.Tensor, name: str = "weight") -> None:
@@ -203,8 +215,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
         code = dynamic_map(dev)
         qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
         return NF4Weight(packed, qabsmax, nested_absmax, code, offset.reshape(1), tuple(w.shape), blocksize, w.dtype)
-    empty = torch.empty(0, dtype=torch.float32, device=dev)
-    return NF4Weight(packed, absmax, empty, empty, torch.zeros(1, device=dev), tuple(w.shape), blocksize, w.dtype)
+    return NF4Weight(packed, absmax, _empty_f32(dev), _empty_f32(dev), torch.zeros(1, device=dev), tuple(w.shape), blocksize, w.dtype)
 
 
 def decode_absmax(q: NF4Weight) -> torch.Tensor:
@@ -326,8 +337,7 @@ def from_bnb_state_dict(sd: dict, prefix: str = "weight") -> NF4Weight:
         return NF4Weight(packed, absmax.to(dev), nested.to(dev), code.to(dev), offset_t, tuple(shape), blocksize, dtype)
     if not absmax.is_floating_point():
         raise QuantStateError(f"{prefix}.absmax must be float32 without double quantization, got {absmax.dtype}")
-    empty = torch.empty(0, dtype=torch.float32, device=dev)
-    return NF4Weight(packed, absmax.float().to(dev), empty, empty, torch.zeros(1, device=dev), tuple(shape), blocksize, dtype)
+    return NF4Weight(packed, absmax.float().to(dev), _empty_f32(dev), _empty_f32(dev), torch.zeros(1, device=dev), tuple(shape), blocksize, dtype)
 
 
 def validate(q: NF4Weight, name: str = "qweight") -> None:

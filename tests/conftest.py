@@ -1,0 +1,34 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels can only run in the interpreter, and triton
+decides interpreted-or-compiled when a kernel is defined, so the switch is set
+here, before any test module imports triton. The registry never picks Triton for
+CPU tensors on its own, so this changes nothing for the other backends.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Force a backend for the duration of a test: ``backend("cpu")``."""
+
+    def use(name: str):
+        monkeypatch.setenv("LORAKERN_BACKEND", name)
+
+    return use

@@ -1,0 +1,286 @@
+"""The public ops: opcheck, autograd through dispatch, backend selection, input validation, compile."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorakern import ops
+from lorakern import reference as ref
+from lorakern.formats import nf4
+from lorakern.ops import _registry
+
+CPU_BACKENDS = [name for name in ("reference", "cpu") if _registry.load(name)[0] is not None]
+
+
+def _lora_args(dtype=torch.float32, m=7, k=65, n=40, r=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return rand(m, k), rand(n, k), rand(n), rand(r, k) / k**0.5, rand(n, r)
+
+
+# --------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_cases():
+    x, w, b, a, bb = _lora_args()
+    q = nf4.quantize(torch.randn(40, 65))
+    qargs = (*q.tensors(), list(q.shape), q.blocksize)
+    seed = torch.tensor([3])
+    for t in (x, a, bb, b):
+        t.requires_grad_()
+    return {
+        "nf4_quantize": (torch.ops.lorakern.nf4_quantize.default, (torch.randn(33, 70), 64, True)),
+        "nf4_quantize_plain": (torch.ops.lorakern.nf4_quantize.default, (torch.randn(33, 70).bfloat16(), 64, False)),
+        "nf4_dequantize": (torch.ops.lorakern.nf4_dequantize.default, (*qargs, torch.bfloat16)),
+        "nf4_matmul": (torch.ops.lorakern.nf4_matmul.default, (x, *qargs, b)),
+        "nf4_matmul_t": (torch.ops.lorakern.nf4_matmul_t.default, (torch.randn(7, 40), *qargs)),
+        "lora_linear_fwd": (torch.ops.lorakern.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, 0.2, seed)),
+        "lora_linear_fwd_trainable_base": (torch.ops.lorakern.lora_linear_fwd.default,
+                                           (x, w.clone().requires_grad_(), None, a, bb, 2.0, 0.0, seed)),
+        "lora_linear_bwd": (torch.ops.lorakern.lora_linear_bwd.default,
+                            (torch.randn(7, 40), x.detach(), torch.randn(7, 8), w, a.detach(), bb.detach(), 0.5, 0.2, seed, True, False)),
+        "qlora_linear_fwd": (torch.ops.lorakern.qlora_linear_fwd.default, (x, *qargs, b, a, bb, 0.5, 0.1, seed)),
+        "qlora_linear_bwd": (torch.ops.lorakern.qlora_linear_bwd.default,
+                             (torch.randn(7, 40), x.detach(), torch.randn(7, 8), *qargs, a.detach(), bb.detach(), 0.5, 0.1, seed, True)),
+    }
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("case", list(_opcheck_cases()))
+def test_opcheck(case, backend_name, backend):
+    backend(backend_name)
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------- values and gradients
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_lora_linear_matches_reference_autograd(backend_name, dropout_p, trainable_base, backend):
+    backend(backend_name)
+    x, w, b, a, bb = _lora_args(torch.float64)
+    x = x.reshape(7, 1, 65).expand(7, 3, 65)  # non-contiguous, batched input
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, a, bb)]
+    leaves[1].requires_grad_(trainable_base)
+    seed = torch.tensor([42])
+    y = ops.lora_linear(*leaves, 0.5, dropout_p, seed)
+    want_leaves = [t.clone().requires_grad_(t.requires_grad) for t in leaves]
+    want = ref.lora_linear(*want_leaves, 0.5, dropout_p, seed)
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    need = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad(y, need, dy)
+    exp = torch.autograd.grad(want, [t for t in want_leaves if t.requires_grad], dy)
+    for gg, ee in zip(got, exp):
+        torch.testing.assert_close(gg, ee)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_gradcheck_through_ops(backend_name, backend):
+    backend(backend_name)
+    x, w, b, a, bb = (t.requires_grad_() for t in _lora_args(torch.float64, m=3, k=9, n=5, r=2))
+    seed = torch.tensor([8])
+    assert torch.autograd.gradcheck(lambda *t: ops.lora_linear(*t, 1.5, 0.2, seed), (x, w, b, a, bb))
+    q = nf4.quantize(torch.randn(5, 9))
+    assert torch.autograd.gradcheck(lambda x, b, a, bb: ops.qlora_linear(x, q, b, a, bb, 1.5, 0.2, seed), (x, b, a, bb))
+    assert torch.autograd.gradcheck(lambda x, b: ops.nf4_matmul(x, q, b), (x, b))
+
+
+def test_qlora_and_nf4_ops_match_reference():
+    x, w, b, a, bb = _lora_args(torch.float32)
+    q = ops.nf4_quantize(w)
+    ref_q = nf4.quantize(w)
+    for got, want in zip(q.tensors(), ref_q.tensors()):
+        assert torch.equal(got, want)
+    assert q.shape == ref_q.shape and q.dtype == w.dtype
+    torch.testing.assert_close(ops.nf4_dequantize(q, torch.bfloat16), nf4.dequantize(q, torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(ops.nf4_matmul(x, q, b), ref.nf4_matmul(x, q, b))
+    seed = torch.tensor([1])
+    torch.testing.assert_close(ops.qlora_linear(x, q, b, a, bb, 2.0, 0.1, seed), ref.qlora_linear(x, q, b, a, bb, 2.0, 0.1, seed))
+
+
+def test_dropout_seed_none_draws_from_torch_generator():
+    x, w, b, a, bb = _lora_args()
+    torch.manual_seed(0)
+    y1 = ops.lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    torch.manual_seed(0)
+    y2 = ops.lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    y3 = ops.lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    assert torch.equal(y1, y2) and not torch.equal(y2, y3)
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    x, w, b, a, bb = _lora_args()
+    monkeypatch.setenv("LORAKERN_BACKEND", "cuda")
+    with pytest.raises(ops.BackendUnavailable, match="LORAKERN_BACKEND=cuda"):
+        ops.lora_linear(x, w, b, a, bb)
+    monkeypatch.setenv("LORAKERN_BACKEND", "tpu")
+    with pytest.raises(ops.BackendUnavailable, match="not a backend"):
+        ops.lora_linear(x, w, b, a, bb)
+
+
+def test_forced_backend_missing_op_raises(monkeypatch):
+    class Partial:
+        @staticmethod
+        def availability():
+            return True, "test"
+
+    monkeypatch.setitem(_registry._loaded, "cpu", (Partial, "test"))
+    monkeypatch.setenv("LORAKERN_BACKEND", "cpu")
+    x, w, b, a, bb = _lora_args()
+    with pytest.raises(ops.BackendUnavailable, match="does not implement lora_linear_fwd"):
+        ops.lora_linear(x, w, b, a, bb)
+    monkeypatch.setenv("LORAKERN_BACKEND", "auto")  # auto falls back to the next backend
+    torch.testing.assert_close(ops.lora_linear(x, w, b, a, bb), ref.lora_linear(x, w, b, a, bb))
+
+
+def test_auto_skips_backend_that_rejects_arguments(monkeypatch):
+    calls = []
+
+    class Picky:
+        @staticmethod
+        def supports(op, *args):
+            calls.append(op)
+            return "float64 not supported"
+
+        lora_linear_fwd = staticmethod(lambda *a: pytest.fail("must not be called"))
+
+    monkeypatch.setitem(_registry._loaded, "cpu", (Picky, "test"))
+    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+    x, w, b, a, bb = _lora_args()
+    ops.lora_linear(x, w, b, a, bb)
+    assert calls == ["lora_linear_fwd"]
+
+
+def test_status_reports_every_backend():
+    st = ops.status()
+    assert set(st) == {"cuda", "triton", "cpu", "reference"}
+    assert st["reference"][0] is True
+    for ok, reason in st.values():
+        assert isinstance(reason, str) and reason
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _call_lora(**over):
+    x, w, b, a, bb = _lora_args()
+    kw = dict(x=x, weight=w, bias=b, lora_A=a, lora_B=bb, scaling=1.0, dropout_p=0.0, seed=None)
+    kw.update(over)
+    return ops.lora_linear(**kw)
+
+
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        (dict(x=torch.randn(7, 64)), ValueError, "x has 64 features .* expects K = 65"),
+        (dict(x=torch.randn(0, 65)), ValueError, "x is an empty batch"),
+        (dict(x=torch.tensor(1.0)), ValueError, "at least 1 dimension"),
+        (dict(x=torch.ones(7, 65, dtype=torch.int64)), TypeError, "x must have dtype in"),
+        (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+        (dict(weight=torch.randn(40, 65, 1)), ValueError, "weight must be 2-D"),
+        (dict(weight=torch.randn(40, 65).double()), TypeError, "weight has dtype torch.float64 but x has torch.float32"),
+        (dict(weight=torch.randn(40, 65, device="meta")), ValueError, "weight is on meta but x is on cpu"),
+        (dict(bias=torch.randn(41)), ValueError, r"bias must have shape \[40\]"),
+        (dict(lora_A=torch.randn(8, 64)), ValueError, r"lora_A must have shape \[r, 65\]"),
+        (dict(lora_A=torch.randn(0, 65)), ValueError, "rank r >= 1"),
+        (dict(lora_B=torch.randn(40, 4)), ValueError, r"lora_B must have shape \[40, 8\]"),
+        (dict(lora_B=torch.randn(39, 8)), ValueError, r"lora_B must have shape \[40, 8\]"),
+        (dict(lora_B=torch.randn(40, 8).half()), TypeError, "lora_B has dtype torch.float16"),
+        (dict(scaling=float("inf")), ValueError, "scaling must be a finite number"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(seed=torch.tensor([1.0])), TypeError, "seed must have dtype"),
+        (dict(seed=torch.tensor([1, 2])), ValueError, "seed must hold exactly one"),
+    ],
+)
+def test_lora_linear_bad_inputs(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _call_lora(**over)
+
+
+def test_nf4_ops_bad_inputs():
+    q = ops.nf4_quantize(torch.randn(40, 65))
+    x = torch.randn(3, 65)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        ops.nf4_quantize(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="qweight expects K = 65"):
+        ops.nf4_matmul(torch.randn(3, 64), q)
+    with pytest.raises(ValueError, match="qweight.absmax has 40 values, expected 41"):
+        ops.nf4_matmul(x, q._replace(absmax=q.absmax[:-1]))
+    with pytest.raises(ValueError, match="2-D"):
+        ops.nf4_matmul(x, ops.nf4_quantize(torch.randn(65)))
+    with pytest.raises(ValueError, match="packed must be contiguous"):
+        strided = torch.empty(2 * q.packed.numel(), dtype=torch.uint8)[::2]
+        strided.copy_(q.packed)
+        ops.nf4_matmul(x, q._replace(packed=strided))
+    with pytest.raises(TypeError, match="floating dtype"):
+        ops.nf4_dequantize(q, torch.int8)
+    with pytest.raises(ValueError, match="x is an empty batch"):
+        ops.qlora_linear(torch.randn(0, 65), q, None, torch.randn(4, 65), torch.randn(40, 4))
+
+
+# ------------------------------------------------------------------------------- compile
+
+
+def test_torch_compile_fullgraph_module():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.weight = torch.nn.Parameter(torch.randn(40, 65, generator=g), requires_grad=False)
+            self.q = nf4.quantize(torch.randn(40, 40, generator=g))
+            self.lora_A = torch.nn.Parameter(torch.randn(8, 65, generator=g) * 0.1)
+            self.lora_B = torch.nn.Parameter(torch.randn(40, 8, generator=g) * 0.1)
+            self.lora_A2 = torch.nn.Parameter(torch.randn(4, 40, generator=g) * 0.1)
+            self.lora_B2 = torch.nn.Parameter(torch.randn(40, 4, generator=g) * 0.1)
+
+        def forward(self, x, seed):
+            h = ops.lora_linear(x, self.weight, None, self.lora_A, self.lora_B, 2.0, 0.1, seed)
+            return ops.qlora_linear(torch.relu(h), self.q, None, self.lora_A2, self.lora_B2, 0.5, 0.0, seed)
+
+    torch._dynamo.reset()
+    m = Tiny()
+    x = torch.randn(2, 5, 65)
+    seed = torch.tensor([3])
+    eager = m(x, seed)
+    eager.square().sum().backward()
+    grads = [p.grad.clone() for p in (m.lora_A, m.lora_B, m.lora_A2, m.lora_B2)]
+    m.zero_grad()
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x, seed)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip((m.lora_A, m.lora_B, m.lora_A2, m.lora_B2), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_import_is_lean():
+    """import lorakern loads no backend, no triton, no transformers and does not touch CUDA."""
+    code = (
+        "import sys, lorakern; "
+        "bad = [m for m in ('triton', 'transformers', 'peft', 'bitsandbytes', 'lorakern._C', 'lorakern._cuda', "
+        "'lorakern.kernels.cpu', 'lorakern.ops') if m in sys.modules]; "
+        "import torch; assert not torch.cuda.is_initialized(); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_env_report_runs():
+    out = subprocess.run([sys.executable, "-m", "lorakern.env"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "reference  available" in out.stdout and "cpu features:" in out.stdout
