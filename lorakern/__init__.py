@@ -20,6 +20,15 @@ _LAZY = {
     "nf4_matmul": "lorakern.ops",
     "lora_linear": "lorakern.ops",
     "qlora_linear": "lorakern.ops",
+    "nn": "lorakern.nn",
+    "LoRALinear": "lorakern.nn",
+    "QLoRALinear": "lorakern.nn",
+    "patch": "lorakern.patch",
+    "apply_lora": "lorakern.patch",
+    "merge_lora": "lorakern.patch",
+    "save_adapter": "lorakern.patch",
+    "load_adapter": "lorakern.patch",
+    "lora_modules": "lorakern.patch",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,14 @@
+"""Drop-in LoRA modules built on the fused :mod:`lorakern.ops`.
+
+    LoRALinear   dense frozen base weight + trainable low-rank adapter (lora_A, lora_B)
+    QLoRALinear  the same with the base weight stored as NF4 (about 4.13 bits per weight)
+
+Both keep PEFT's conventions: ``lora_A`` is ``[r, in_features]``, ``lora_B`` is
+``[out_features, r]``, ``y = base(x) + scaling * dropout(x) A^T B^T`` with
+``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+"""
+
+from .lora import INITS, LoRALinear
+from .qlora import QLoRALinear
+
+__all__ = ["LoRALinear", "QLoRALinear", "INITS"]

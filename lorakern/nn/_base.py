@@ -1,0 +1,122 @@
+"""What LoRALinear and QLoRALinear share: the adapter parameters, scaling, dtypes, dropout seed."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+# "kaiming":  A ~ kaiming_uniform(a=sqrt(5)) (PEFT's default, the nn.Linear init), B = 0.
+# "gaussian": A ~ N(0, 1/r^2) (std 1/r, PEFT's init_lora_weights="gaussian"), B = 0.
+# "zeros-B":  another name for "kaiming": A random, B zero, so the adapter starts as a no-op.
+INITS = ("kaiming", "gaussian", "zeros-B")
+
+
+def check_lora_args(r, alpha, dropout, init) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023: keeps the update size rank-independent)."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters are kept in float32 (float64 for a float64 base) whatever the base dtype.
+
+    They are the only trained weights and are tiny (r * (K + N) values), so full
+    precision costs little memory and keeps optimizer updates from rounding away;
+    forward casts them to the compute dtype.
+    """
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
+def dense_weight_of(module: nn.Module) -> tuple[Tensor, Optional[Tensor], bool]:
+    """``(weight [N, K], bias, fan_in_fan_out)`` of an ``nn.Linear`` or a transformers ``Conv1D``.
+
+    ``Conv1D`` (GPT-2) stores its weight as ``[in, out]`` and computes ``x @ W + b``;
+    the transpose is returned (one copy) and ``fan_in_fan_out`` is True.
+    The check is by duck type so this layer never imports transformers.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), Tensor):
+        w = module.weight
+        if w.dim() != 2 or w.shape[1] != module.nf:
+            raise ValueError(f"Conv1D weight must be [in_features, nf={module.nf}], got {tuple(w.shape)}")
+        return w.detach().t().contiguous(), module.bias, True
+    raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(module).__module__}.{type(module).__name__}")
+
+
+def frozen(t: Optional[Tensor]) -> Optional[nn.Parameter]:
+    if t is None:
+        return None
+    p = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+    p.requires_grad_(False)
+    return p
+
+
+class LoRABase(nn.Module):
+    """Adapter parameters and the per-call plumbing (compute dtype, dropout seed) of a LoRA layer."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def _init_adapter(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                      use_rslora: bool, init: str, device, dtype: torch.dtype) -> None:
+        check_lora_args(r, alpha, dropout, init)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+        self.use_rslora, self.init = bool(use_rslora), init
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """Re-draw A with the module's ``init`` rule and zero B (the adapter starts as a no-op)."""
+        if self.lora_A.device.type == "meta":
+            return
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``scaling * B @ A`` ([N, K]) computed in ``dtype``: what the adapter adds to the base weight."""
+        return self.scaling * (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype))
+
+    @staticmethod
+    def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+
+    def _dropout_args(self, x: Tensor) -> tuple[float, Optional[Tensor]]:
+        """Dropout is active only in training mode; each training forward draws a fresh seed.
+
+        The seed comes from torch's generator, so activation checkpointing (which
+        restores the RNG state before recomputing) regenerates the same mask.
+        """
+        if self.training and self.dropout > 0.0:
+            return self.dropout, ops.new_seed(x.device)
+        return 0.0, None
+
+    def _lora_repr(self) -> str:
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        drop = f", dropout={self.dropout}" if self.dropout else ""
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}{drop}{rs}"

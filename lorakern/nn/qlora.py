@@ -1,0 +1,226 @@
+"""QLoRALinear: an NF4-quantized frozen base weight plus a trainable low-rank adapter."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..formats import nf4 as nf4_format
+from ..formats.nf4 import NF4Weight, QuantStateError
+from ._base import LoRABase, adapter_dtype, dense_weight_of, frozen
+from .lora import LoRALinear, _new_linear
+
+__all__ = ["QLoRALinear"]
+
+# Quantization-state buffers: float32 (or uint8) tensors whose dtype must survive model.to(dtype).
+_QUANT_BUFFERS = ("absmax", "nested_absmax", "nested_code", "offset")
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Keys bitsandbytes writes next to ``<prefix>weight`` for an NF4 Linear4bit.
+_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", nf4_format.QUANT_STATE_KEY)
+
+
+class QLoRALinear(LoRABase):
+    """``y = x dequant(W)^T + b + scaling * (dropout(x) A^T) B^T`` with W stored as NF4.
+
+    Storage (about 4.13 bits per base weight with double quantization):
+        weight         uint8 Parameter ``[ceil(N*K/2), 1]``, frozen: the packed NF4 codes,
+                       first value in the high nibble (bitsandbytes' layout and shape, and
+                       a Parameter so FSDP2 can shard it)
+        absmax, nested_absmax, nested_code, offset: buffers of the quantization state
+        bias           ``[N]`` or None, frozen, in the original dtype
+        lora_A, lora_B as in :class:`LoRALinear` (float32)
+
+    Compute dtype: the autocast dtype when autocast is on, else ``compute_dtype``
+    (default: the dtype the weight had before quantization). The output has it.
+
+    ``state_dict()`` uses bitsandbytes' ``Linear4bit`` keys (``weight``,
+    ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+    ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``) plus
+    ``bias``, ``lora_A``, ``lora_B``; a bitsandbytes NF4 state dict loads here
+    (``strict=False``: it has no adapter) and ours loads into bitsandbytes.
+
+    Merging: adding ``B @ A`` to an NF4 weight and re-quantizing would lose the
+    adapter in rounding, so there is no in-place ``merge()``. :meth:`merged_linear`
+    returns a dense ``nn.Linear`` with ``dequant(W) + scaling * B @ A``;
+    :meth:`to_lora_linear` returns a dense :class:`LoRALinear` sharing the adapter.
+    """
+
+    def __init__(self, q: NF4Weight, bias: Optional[Tensor], r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", compute_dtype: Optional[torch.dtype] = None,
+                 fan_in_fan_out: bool = False):
+        super().__init__()
+        nf4_format.validate(q, "q")
+        if len(q.shape) != 2:
+            raise ValueError(f"q must be a 2-D [out_features, in_features] weight, got shape {q.shape}")
+        compute_dtype = q.dtype if compute_dtype is None else compute_dtype
+        if compute_dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype!r}")
+        n, k = q.shape
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+        self.blocksize, self.quant_dtype, self.compute_dtype = q.blocksize, q.dtype, compute_dtype
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self._set_quantized(q, (n, k))
+        self.bias = frozen(bias)
+        self._init_adapter(k, n, r, alpha, dropout, use_rslora, init, q.device, adapter_dtype(q.dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                    use_rslora: bool = False, init: str = "kaiming", blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: Optional[torch.dtype] = None) -> "QLoRALinear":
+        """Quantize the weight of ``linear`` (``nn.Linear`` or transformers ``Conv1D``) to NF4 and wrap it.
+
+        The new module keeps no reference to the full-precision weight: once
+        ``linear`` is dropped (as :func:`lorakern.apply_lora` does), its memory is freed.
+        """
+        weight, bias, fan_in_fan_out = dense_weight_of(linear)
+        if weight.device.type == "meta":
+            raise ValueError(f"cannot quantize a {type(linear).__name__} whose weight is on the meta device "
+                             f"(shape {tuple(weight.shape)}, no data); load or materialize the weights first")
+        q = ops.nf4_quantize(weight.detach(), blocksize, double_quant)
+        return cls(q, bias, r, alpha, dropout, use_rslora, init, compute_dtype, fan_in_fan_out)
+
+    # ------------------------------------------------------------------ quantized weight
+
+    def _set_quantized(self, q: NF4Weight, shape: tuple[int, int]) -> None:
+        if tuple(q.shape) != tuple(shape):
+            raise ValueError(f"NF4 weight has shape {tuple(q.shape)}, expected {tuple(shape)}")
+        old = self._parameters.get("weight")
+        device = q.device if old is None else old.device
+        packed = q.packed.reshape(-1, 1).to(device)
+        if old is not None and old.shape == packed.shape:
+            with torch.no_grad():
+                old.copy_(packed)
+        else:
+            self.weight = nn.Parameter(packed, requires_grad=False)
+        for name in _QUANT_BUFFERS:
+            self.register_buffer(name, getattr(q, name).to(device), persistent=False)
+        self.blocksize, self.quant_dtype = q.blocksize, q.dtype
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+    def quantized_weight(self) -> NF4Weight:
+        """The base weight as an :class:`NF4Weight` of shape ``(out_features, in_features)`` (views, no copy)."""
+        return NF4Weight(self.weight.reshape(-1), self.absmax, self.nested_absmax, self.nested_code, self.offset,
+                         (self.out_features, self.in_features), self.blocksize, self.quant_dtype)
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The dense base weight ``[N, K]`` in ``dtype`` (default: compute dtype)."""
+        return ops.nf4_dequantize(self.quantized_weight(), self.compute_dtype if dtype is None else dtype)
+
+    # --------------------------------------------------------------------------- forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self._autocast_dtype(x) or self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        dropout_p, seed = self._dropout_args(x)
+        return ops.qlora_linear(x.to(dtype), self.quantized_weight(), bias, self.lora_A.to(dtype),
+                                self.lora_B.to(dtype), self.scaling, dropout_p, seed)
+
+    # --------------------------------------------------------------------------- merging
+
+    def merge(self) -> None:
+        raise TypeError("QLoRALinear cannot merge in place (re-quantizing W + B@A to NF4 would round the adapter "
+                        "away); use merged_linear() for a dense nn.Linear, or lorakern.merge_lora(model)")
+
+    unmerge = merge
+
+    @torch.no_grad()
+    def merged_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A dense ``nn.Linear`` holding ``dequant(W) + scaling * B @ A``.
+
+        The sum is formed in float32 and rounded once to ``dtype`` (default: the
+        compute dtype). It equals this module's output up to that rounding: the NF4
+        rounding of W is kept, not undone.
+        """
+        dtype = self.compute_dtype if dtype is None else dtype
+        weight = self.dequantized_weight(torch.float32) + self.delta_weight(torch.float32)
+        return _new_linear(weight.to(dtype), self.bias, dtype)
+
+    @torch.no_grad()
+    def to_lora_linear(self, dtype: Optional[torch.dtype] = None) -> LoRALinear:
+        """A :class:`LoRALinear` with the dequantized base in ``dtype`` sharing this module's lora_A / lora_B."""
+        dtype = self.compute_dtype if dtype is None else dtype
+        bias = None if self.bias is None else self.bias.detach().to(dtype).clone()
+        dense = LoRALinear(self.dequantized_weight(dtype), bias, self.r, self.alpha, self.dropout, self.use_rslora,
+                           self.init, self.fan_in_fan_out)
+        dense.lora_A, dense.lora_B = self.lora_A, self.lora_B
+        dense.train(self.training)
+        return dense
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held by the base (packed weight + quantization state) and by the adapter."""
+        base = sum(t.numel() * t.element_size() for t in self.quantized_weight().tensors())
+        adapter = sum(p.numel() * p.element_size() for p in (self.lora_A, self.lora_B))
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return {"base": base, "bias": bias, "adapter": adapter}
+
+    # ------------------------------------------------------------ device / dtype moves
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the float32 quantization state: the
+        # buffers are moved as raw bytes (fn changes the device of a uint8 view, never its dtype).
+        stash = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in stash.items():
+                self._buffers[name] = fn(t.view(torch.uint8)).view(t.dtype)
+        return self
+
+    # ------------------------------------------------------------------------ state dict
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        wkey = prefix + "weight"
+        destination[wkey] = self.weight if keep_vars else self.weight.detach()
+        for key, value in nf4_format.to_bnb_state_dict(self.quantized_weight(), wkey).items():
+            if key != wkey:
+                destination[key] = value
+        for name in ("bias", "lora_A", "lora_B"):
+            param = getattr(self, name)
+            if param is not None:
+                destination[prefix + name] = param if keep_vars else param.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey = prefix + "weight"
+        quant_keys = {wkey, *(f"{wkey}.{s}" for s in _BNB_SUFFIXES)}
+        if wkey in state_dict:
+            try:
+                q = nf4_format.from_bnb_state_dict({k: state_dict[k] for k in quant_keys if k in state_dict}, wkey)
+                self._set_quantized(q, (self.out_features, self.in_features))
+            except (QuantStateError, ValueError) as e:
+                error_msgs.append(f"{wkey}: {e}")
+        else:
+            missing_keys.append(wkey)
+        local = ("bias", "lora_A", "lora_B")
+        for name in local:
+            param, key = getattr(self, name), prefix + name
+            if key not in state_dict:
+                if param is not None:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if param is None:
+                unexpected_keys.append(key)
+            elif not isinstance(value, Tensor) or value.shape != param.shape:
+                error_msgs.append(f"size mismatch for {key}: expected {tuple(param.shape)}, "
+                                  f"got {tuple(getattr(value, 'shape', ()))}")
+            else:
+                with torch.no_grad():
+                    param.copy_(value)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict
+                                   if k.startswith(prefix) and k not in quant_keys and k[len(prefix):] not in local)
+
+    def extra_repr(self) -> str:
+        dq = "nf4+double_quant" if self.double_quant else "nf4"
+        fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._lora_repr()}, base={dq}(blocksize={self.blocksize}), "
+                f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}{fifo}")

@@ -1,0 +1,249 @@
+"""Adapters in PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Key layout of ``adapter_model.safetensors`` (what ``peft.PeftModel.from_pretrained`` reads):
+
+    base_model.model.<path>.lora_A.weight    [r, in_features]   for each adapted layer <path>
+    base_model.model.<path>.lora_B.weight    [out_features, r]
+    base_model.model.<path>.<param>          every parameter of each modules_to_save module
+                                             (PEFT keeps them under ``modules_to_save.<adapter>``
+                                             in memory and strips that part when saving)
+
+``<path>`` is the qualified module name in the model given to :func:`apply_lora`.
+Only JSON and safetensors are read: never pickle (a ``.bin`` adapter is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn import LoRALinear, QLoRALinear
+from .apply import apply_lora, lora_modules, lora_state
+from .targets import leaf_names_or_paths, name_matches
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+# Class-name suffix -> PEFT task_type (PeftModel.from_pretrained picks the wrapper class by it).
+_TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+)
+
+# Config fields whose non-default value means an adapter this loader cannot reproduce exactly.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layers_to_transform": (None,),
+    "layers_pattern": (None, [], ""),
+    "layer_replication": (None,),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None,),
+    "use_bdlora": (None, False),
+}
+
+
+class AdapterError(ValueError):
+    """An adapter directory this library cannot load faithfully."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel / FSDP-style wrappers keep the user's model in .module
+    while type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _task_type(model: nn.Module) -> Optional[str]:
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> str:
+    """Write the adapter of a patched ``model`` in PEFT's format; return the directory written.
+
+    As PEFT's ``save_pretrained``, the "default" adapter goes to ``directory`` and
+    any other name to ``directory/<adapter_name>``. Tensors are saved in their
+    training dtype (float32), contiguous, on CPU.
+    """
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    state, modules = lora_state(model), lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA layers; call apply_lora (or load_adapter) first")
+    if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name or adapter_name.startswith("."):
+        raise ValueError(f"adapter_name must be a plain non-empty name, got {adapter_name!r}")
+    first = next(iter(modules.values()))
+    settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in modules.values()}
+    if len(settings) != 1:
+        raise ValueError(f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
+                         "per-layer settings (PEFT rank_pattern) are not supported")
+    keep = state.modules_to_save if state is not None else []
+
+    tensors = {}
+    for name, module in modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.detach()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.detach()
+    for name in keep:
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = value.detach()
+    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": first.r,
+        "lora_alpha": _number(first.alpha),
+        "lora_dropout": first.dropout,
+        "use_rslora": first.use_rslora,
+        "target_modules": leaf_names_or_paths(model, list(modules)),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in modules.values()),
+        "bias": "none",
+        "modules_to_save": list(keep) or None,
+        "init_lora_weights": "gaussian" if first.init == "gaussian" else True,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    out = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"})
+    return out
+
+
+def read_adapter_config(directory: str) -> dict:
+    """``adapter_config.json`` of ``directory``, checked for options this library reproduces exactly."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise AdapterError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only 'LORA')")
+    for key, defaults in _UNSUPPORTED.items():
+        if key in config and config[key] not in defaults:
+            raise AdapterError(f"{path}: {key}={config[key]!r} is not supported (DoRA, per-layer rank/alpha "
+                               "patterns, layer selection, LoRA biases and trainable tokens cannot be loaded exactly)")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(f"{path}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
+        raise AdapterError(f"{path}: target_modules must be a string or a non-empty list, got {targets!r}")
+    return config
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pickled = os.path.join(directory, "adapter_model.bin")
+        hint = (" (found adapter_model.bin: pickle files are never loaded; convert it to safetensors "
+                "with a tool you trust)") if os.path.exists(pickled) else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}{hint}")
+    return load_file(path)
+
+
+def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = None,
+                 compute_dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Load a PEFT-format LoRA adapter from ``directory`` into ``model``; return the adapted layer names.
+
+    An unpatched model is first patched with the config's target_modules,
+    exclude_modules, modules_to_save, r, lora_alpha, lora_dropout and use_rslora
+    (``quantize="nf4"`` puts the adapter on an NF4 base). A patched model must
+    already have exactly the adapter's layers, ranks and scaling. Then every
+    tensor is copied in; any key that does not correspond to a layer, a missing
+    layer, or a shape mismatch is an :class:`AdapterError` naming it.
+    """
+    model = _unwrap(model)
+    config = read_adapter_config(directory)
+    weights = _read_weights(directory)
+    # PEFT adds both "classifier" and "score" for SEQ_CLS adapters; keep the ones this model has.
+    names = [n for n, _ in model.named_modules() if n]
+    modules_to_save = [e for e in config.get("modules_to_save") or [] if any(name_matches(n, e) for n in names)] or None
+
+    if not lora_modules(model):
+        apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
+                   dropout=float(config.get("lora_dropout", 0.0)), quantize=quantize,
+                   exclude=config.get("exclude_modules") or None, modules_to_save=modules_to_save,
+                   use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype)
+    elif quantize is not None or compute_dtype is not None:
+        raise ValueError("quantize / compute_dtype apply only when load_adapter patches an unpatched model")
+    modules = lora_modules(model)
+    state = lora_state(model)
+    keep = list(state.modules_to_save) if state is not None else []
+    _check_layers(modules, config, directory)
+
+    lora_keys = {f"{PREFIX}{n}{s}": (n, s) for n in modules for s in _LORA_SUFFIXES}
+    keep_keys = {f"{PREFIX}{n}.{k}": (n, k) for n in keep for k in model.get_submodule(n).state_dict()}
+    unexpected = sorted(k for k in weights if k not in lora_keys and k not in keep_keys)
+    if unexpected:
+        raise AdapterError(f"{directory}: {len(unexpected)} key(s) match no LoRA layer or modules_to_save module of "
+                           f"the model: {unexpected[:5]}")
+    missing = sorted(k for k in lora_keys if k not in weights)
+    if missing:
+        raise AdapterError(f"{directory}: the model has LoRA layers the adapter has no weights for: {missing[:5]}")
+
+    with torch.no_grad():
+        for key, (name, suffix) in lora_keys.items():
+            param = getattr(modules[name], "lora_A" if suffix == _LORA_SUFFIXES[0] else "lora_B")
+            _copy(param, weights[key], key, directory)
+        for name in keep:
+            sub = {k: weights[f"{PREFIX}{name}.{k}"] for k in model.get_submodule(name).state_dict()
+                   if f"{PREFIX}{name}.{k}" in weights}
+            if sub:
+                model.get_submodule(name).load_state_dict(sub, strict=True)
+    return list(modules)
+
+
+def _check_layers(modules: dict, config: dict, directory: str) -> None:
+    r, alpha, rslora = config["r"], float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    for name, module in modules.items():
+        if (module.r, module.alpha, module.use_rslora) != (r, alpha, rslora):
+            raise AdapterError(f"{directory}: layer {name!r} has r={module.r}, alpha={module.alpha:g}, "
+                               f"use_rslora={module.use_rslora} but the adapter has r={r}, lora_alpha={alpha:g}, "
+                               f"use_rslora={rslora}")
+
+
+def _copy(param: nn.Parameter, value: torch.Tensor, key: str, directory: str) -> None:
+    if tuple(value.shape) != tuple(param.shape):
+        raise AdapterError(f"{directory}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+    if not value.is_floating_point():
+        raise AdapterError(f"{directory}: {key} has dtype {value.dtype}, expected a floating dtype")
+    param.copy_(value)
+
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]

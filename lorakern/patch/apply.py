@@ -1,0 +1,148 @@
+"""apply_lora / merge_lora: swap linear layers of any model for LoRA modules in place, and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn import LoRALinear, QLoRALinear
+from ..nn._base import check_lora_args
+from .targets import Selector, resolve_targets, select
+
+QUANTIZE = (None, "nf4")
+# Attribute on a patched model recording how it was patched (read by save_adapter).
+STATE_ATTR = "_lorakern_lora"
+
+
+@dataclass
+class LoRAState:
+    """What apply_lora did to a model: enough to write a faithful adapter_config.json."""
+
+    targets: list[str]
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    init: str
+    quantize: Optional[str]
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> LoRALinear / QLoRALinear for every adapted layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
+
+
+def lora_state(model: nn.Module) -> Optional[LoRAState]:
+    return getattr(model, STATE_ATTR, None)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int = 16, alpha: float = 32,
+               dropout: float = 0.0, quantize: Optional[str] = None, exclude: Optional[Selector] = None,
+               modules_to_save: Optional[Selector] = None, use_rslora: bool = False, init: str = "kaiming",
+               compute_dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Replace the targeted linear layers of ``model`` by LoRA layers, in place; return their qualified names.
+
+    Each target (``nn.Linear`` or transformers ``Conv1D``) becomes a
+    :class:`~lorakern.nn.LoRALinear` sharing its weight, or with
+    ``quantize="nf4"`` a :class:`~lorakern.nn.QLoRALinear` whose NF4 copy replaces
+    the full-precision weight (freed once nothing else holds it; a weight tied to
+    another module stays alive through that module). The swap is a ``setattr`` on
+    the parent module: no class is modified and no source is rewritten.
+
+    Afterwards only ``lora_A`` / ``lora_B`` and the parameters of ``modules_to_save``
+    require gradients; every other parameter is frozen.
+
+    Args:
+        target_modules: "all-linear", a list of names (exact or ``.``-suffix match), or a
+            full-match regex; see :mod:`lorakern.patch.targets`.
+        exclude: names (same forms, no "all-linear") removed from the targets.
+        modules_to_save: modules kept whole and trainable (e.g. a new classification head);
+            :func:`save_adapter` stores their full weights, as PEFT does.
+        r, alpha, dropout, use_rslora, init: the adapter (see :class:`~lorakern.nn.LoRALinear`).
+        quantize: None (dense base) or "nf4".
+        compute_dtype: NF4 layers only; default the weight's original dtype.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    already = lora_modules(model)
+    if already or lora_state(model) is not None:
+        raise RuntimeError(f"model already has LoRA layers ({len(already)}, e.g. {next(iter(already), '?')!r}); "
+                           "apply_lora works once per model (merge_lora first to start over)")
+    check_lora_args(r, alpha, dropout, init)
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if compute_dtype is not None and quantize is None:
+        raise ValueError("compute_dtype applies to quantized layers only (quantize='nf4'); a dense LoRALinear "
+                         "computes in its weight's dtype, or the autocast dtype")
+
+    names = [n for n, _ in model.named_modules() if n]
+    keep = select(names, modules_to_save, "modules_to_save") if modules_to_save is not None else []
+    keep = [k for k in keep if not any(k.startswith(other + ".") for other in keep)]
+    targets = resolve_targets(model, target_modules, exclude, keep)
+
+    for name in targets:
+        old = model.get_submodule(name)
+        if quantize == "nf4":
+            new = QLoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init, compute_dtype=compute_dtype)
+        else:
+            new = LoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init)
+        new.train(old.training)
+        _replace(model, name, new)
+        del old  # the last reference to a quantized layer's full-precision weight goes here
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in lora_modules(model).values():
+        module.lora_A.requires_grad_(True)
+        module.lora_B.requires_grad_(True)
+    for name in keep:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+    setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init, quantize,
+                                         keep))
+    return targets
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear / QLoRALinear of ``model`` by a plain layer with the adapter merged in.
+
+    A layer that was a transformers ``Conv1D`` becomes a ``Conv1D`` again (weight
+    ``[in, out]``), so ``save_pretrained`` writes the layout the model class
+    expects. Dense layers keep their weight dtype; NF4 layers become dense in
+    their compute dtype (``dequant(W) + scaling * B @ A``, formed in float32).
+    Returns ``model`` (changed in place) with the patch record removed.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA layers to merge")
+    for name, module in modules.items():
+        linear = module.merged_linear()
+        if module.fan_in_fan_out:
+            linear = _to_conv1d(linear)
+        linear.train(module.training)
+        _replace(model, name, linear)
+    if hasattr(model, STATE_ATTR):
+        delattr(model, STATE_ATTR)
+    return model
+
+
+def _to_conv1d(linear: nn.Linear) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    n, k = linear.weight.shape
+    conv = Conv1D(n, k)
+    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+    bias = linear.bias if linear.bias is not None else torch.zeros(n, dtype=linear.weight.dtype)
+    conv.bias = nn.Parameter(bias.detach().to(linear.weight.device), requires_grad=False)
+    return conv

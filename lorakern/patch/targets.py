@@ -1,0 +1,168 @@
+"""Which modules of a model get an adapter: PEFT's target_modules semantics, checked strictly.
+
+Forms accepted for ``target_modules`` / ``exclude`` / ``modules_to_save``:
+
+* ``"all-linear"`` (targets only): every ``nn.Linear`` and transformers ``Conv1D``
+  except the output head (``model.get_output_embeddings()``; for
+  ``*ForSequenceClassification`` / ``*ForTokenClassification`` models without one,
+  the ``score`` / ``classifier`` head), as PEFT does.
+* a list of names: a module matches when its qualified name equals an entry or
+  ends with ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
+* any other string: a regular expression that must match the whole qualified name.
+
+Every list entry must match something, and an explicitly targeted module that
+cannot be wrapped is an error naming it and its type: nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+_CLASSIFIER_HEADS = ("score", "classifier")
+_CLASSIFIER_MODELS = ("ForSequenceClassification", "ForTokenClassification")
+
+Selector = Union[str, Sequence[str]]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D`` (GPT-2 family), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def unsupported_reason(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    """None when ``module`` can be wrapped by LoRALinear / QLoRALinear, else why not."""
+    kind = f"{type(module).__module__}.{type(module).__name__}"
+    if is_conv1d(module):
+        return None
+    if not isinstance(module, nn.Linear):
+        return f"{name!r} is a {kind}; only nn.Linear and transformers Conv1D layers can take a LoRA adapter"
+    if type(module).forward is not nn.Linear.forward:
+        return (f"{name!r} is a {kind}, an nn.Linear subclass with its own forward (already quantized or "
+                f"adapted?); load the model with plain nn.Linear layers and use apply_lora(quantize=...)")
+    if isinstance(parent, nn.MultiheadAttention):
+        return (f"{name!r} is the output projection of an nn.MultiheadAttention, which reads its weight "
+                f"directly instead of calling it; an adapter there would be ignored")
+    return None
+
+
+def _check_selector(value, what: str, allow_all_linear: bool) -> None:
+    if isinstance(value, str):
+        if value == ALL_LINEAR and not allow_all_linear:
+            raise ValueError(f"{what}={ALL_LINEAR!r} is only meaningful for target_modules")
+        if value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"{what} string {value!r} is not a valid regular expression: {e}") from None
+        return
+    if isinstance(value, (list, tuple, set, frozenset)) and value and all(isinstance(v, str) and v for v in value):
+        return
+    raise TypeError(f"{what} must be {'all-linear, ' if allow_all_linear else ''}a regular expression string or a "
+                    f"non-empty list of module names, got {value!r}")
+
+
+def name_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def select(names: Iterable[str], selector: Selector, what: str) -> list[str]:
+    """The names matched by a list or regex ``selector``; every list entry must match at least one name."""
+    names = list(names)
+    _check_selector(selector, what, allow_all_linear=False)
+    if isinstance(selector, str):
+        pattern = re.compile(selector)
+        hits = [n for n in names if pattern.fullmatch(n)]
+        if not hits:
+            raise ValueError(f"{what} regex {selector!r} matched no module name (example names: {_examples(names)})")
+        return hits
+    entries = list(dict.fromkeys(selector))
+    unmatched = [e for e in entries if not any(name_matches(n, e) for n in names)]
+    if unmatched:
+        raise ValueError(f"{what} entries matched no module: {unmatched} (example names: {_examples(names)})")
+    return [n for n in names if any(name_matches(n, e) for e in entries)]
+
+
+def _examples(names: list[str], limit: int = 6) -> str:
+    leaves = list(dict.fromkeys(n for n in names if n))
+    shown = ", ".join(leaves[:limit])
+    return shown + (", ..." if len(leaves) > limit else "") if shown else "none"
+
+
+def output_heads(model: nn.Module) -> set[str]:
+    """Qualified names of the output head(s) that "all-linear" leaves alone."""
+    modules = {id(m): n for n, m in model.named_modules()}
+    heads = set()
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Module) and id(head) in modules:
+        heads.add(modules[id(head)])
+    elif any(s in type(model).__name__ for s in _CLASSIFIER_MODELS):
+        for attr in _CLASSIFIER_HEADS:
+            head = getattr(model, attr, None)
+            if isinstance(head, nn.Module) and id(head) in modules:
+                heads.add(modules[id(head)])
+                break
+    return heads
+
+
+def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> list[str]:
+    """Qualified names to wrap, in ``named_modules`` order.
+
+    ``keep`` lists modules that stay whole and trainable (modules_to_save): they
+    and their children are never targets.
+    """
+    _check_selector(target_modules, "target_modules", allow_all_linear=True)
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
+    parents = {n: modules[n.rpartition(".")[0]] for n in names}
+
+    def inside_kept(n: str) -> bool:
+        return any(n == k or n.startswith(k + ".") for k in keep)
+
+    if target_modules == ALL_LINEAR:
+        heads = output_heads(model)
+        candidates = [n for n in names if isinstance(modules[n], nn.Linear) or is_conv1d(modules[n])]
+        chosen = []
+        for n in candidates:
+            if n in heads or inside_kept(n):
+                continue
+            reason = unsupported_reason(n, modules[n], parents[n])
+            if reason is None:
+                chosen.append(n)
+            elif not isinstance(parents[n], nn.MultiheadAttention):
+                raise TypeError(f"all-linear: {reason}")
+        if not chosen:
+            raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer (outside the output head)")
+    else:
+        chosen = select(names, target_modules, "target_modules")
+        kept = [n for n in chosen if inside_kept(n)]
+        if kept:
+            raise ValueError(f"modules {kept} are both targets and in modules_to_save; choose one")
+        bad = [r for n in chosen if (r := unsupported_reason(n, modules[n], parents[n])) is not None]
+        if bad:
+            raise TypeError("cannot add LoRA to explicitly targeted module(s): " + "; ".join(bad))
+    if exclude is not None:
+        excluded = set(select(names, exclude, "exclude"))
+        chosen = [n for n in chosen if n not in excluded]
+        if not chosen:
+            raise ValueError(f"exclude={exclude!r} removed every target")
+    return chosen
+
+
+def leaf_names_or_paths(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The shortest faithful ``target_modules`` list for an adapter config.
+
+    Leaf names (``["q_proj", "v_proj"]``, what PEFT users write) when they select
+    exactly ``targets`` among the model's modules; otherwise the qualified names
+    (as PEFT itself writes for "all-linear"), so a loader wraps exactly these modules.
+    """
+    targets = list(targets)
+    leaves = sorted({t.rpartition(".")[2] for t in targets})
+    all_names = [n for n, _ in model.named_modules() if n]
+    if sorted(n for n in all_names if any(name_matches(n, leaf) for leaf in leaves)) == sorted(targets):
+        return leaves
+    return sorted(targets)
