@@ -1,0 +1,205 @@
+// Fused NF4 GEMV for small M (decode, M <= 16): y = x W^T + bias + xas B^T.
+//
+// Each thread owns a range of output features n; for each row of W it streams
+// the packed codes once, decodes 32 weights at a time into registers (the same
+// per-block table lookup as nf4_decode.cpp) and accumulates all M dot products
+// in fp32 registers, so W is read exactly once whatever M is. The LoRA term
+// (xas [M, r] times row n of B) and the bias are added in the same pass.
+#include <immintrin.h>
+
+#include <array>
+#include <utility>
+
+#include "lorakern/cpu_nf4_walk.h"
+
+namespace lorakern {
+namespace cpu {
+
+namespace {
+
+// acc[m] += sum over elements [e, e + n) of row `row` of x[m, k] * w_k, one element at a time.
+inline void accumulate_scalar(const NF4View& q, const GemvArgs& g, int64_t row, int64_t e, int64_t n, float absmax,
+                              float* acc) {
+  float table[16];
+  scaled_table(absmax, DType::f32, table);
+  const int64_t k0 = e - row * g.K;
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = table[nf4_nibble(q.packed, e + i)];
+    for (int64_t m = 0; m < g.M; ++m) acc[m] += g.x[m * g.K + k0 + i] * w;
+  }
+}
+
+}  // namespace
+
+void nf4_gemv_rows_scalar(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
+  for (int64_t row = n0; row < n1; ++row) {
+    float* a = acc + (row - n0) * g.M;
+    for (int64_t m = 0; m < g.M; ++m) a[m] = 0.0f;
+    BlockWalker walk(q, row * g.K, g.K);
+    int64_t e, n, done;
+    float am;
+    while (walk.next(e, n, am, done)) accumulate_scalar(q, g, row, e, n, am, a);
+  }
+}
+
+// ------------------------------------------------------------------------- AVX-512
+
+#define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+// MT rows of x at once. Two accumulator chains per row while MT <= 4 hide the
+// FMA latency (M = 1 would otherwise be latency bound at 4 cycles per 16 weights).
+template <int MT>
+LK_AVX512 void gemv_rows_512(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
+  constexpr int NA = MT <= 4 ? 2 : 1;
+  alignas(64) float code[16];
+  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
+  const __m512 code_v = _mm512_load_ps(code);
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t row = n0; row < n1; ++row) {
+    __m512 s[MT][NA];
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < NA; ++j) s[m][j] = _mm512_setzero_ps();
+    float* out = acc + (row - n0) * MT;
+    for (int m = 0; m < MT; ++m) out[m] = 0.0f;
+    BlockWalker walk(q, row * g.K, g.K);
+    int64_t e, n, done;
+    float am;
+    while (walk.next(e, n, am, done)) {
+      const PieceSplit sp = split_piece(e, n);
+      if (sp.head) accumulate_scalar(q, g, row, e, sp.head, am, out);
+      const __m512 table = _mm512_mul_ps(code_v, _mm512_set1_ps(am));
+      const uint8_t* p = q.packed + (e + sp.head) / 2;
+      const float* xk = g.x + (e + sp.head - row * g.K);
+      for (int64_t gi = 0; gi < sp.groups; ++gi, p += 16, xk += 32) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4), lo = _mm_and_si128(b, low4);
+        const __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table);
+        const __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table);
+        for (int m = 0; m < MT; ++m) {
+          s[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk + m * g.K), s[m][0]);
+          s[m][NA - 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + m * g.K + 16), s[m][NA - 1]);
+        }
+      }
+      if (sp.tail) accumulate_scalar(q, g, row, e + n - sp.tail, sp.tail, am, out);
+    }
+    for (int m = 0; m < MT; ++m) {
+      __m512 t = s[m][0];
+      if (NA > 1) t = _mm512_add_ps(t, s[m][NA - 1]);
+      out[m] += _mm512_reduce_add_ps(t);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- AVX2
+
+#define LK_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+LK_AVX2 static inline __m256 lookup8(__m128i codes8, __m256 t_lo, __m256 t_hi) {
+  const __m256i idx = _mm256_cvtepu8_epi32(codes8);
+  const __m256 a = _mm256_permutevar8x32_ps(t_lo, idx);
+  const __m256 b = _mm256_permutevar8x32_ps(t_hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+template <int MT>
+LK_AVX2 void gemv_rows_256(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
+  constexpr int NA = MT <= 4 ? 2 : 1;
+  alignas(32) float code[16];
+  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
+  const __m256 code_lo = _mm256_load_ps(code), code_hi = _mm256_load_ps(code + 8);
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t row = n0; row < n1; ++row) {
+    __m256 s[MT][NA];
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < NA; ++j) s[m][j] = _mm256_setzero_ps();
+    float* out = acc + (row - n0) * MT;
+    for (int m = 0; m < MT; ++m) out[m] = 0.0f;
+    BlockWalker walk(q, row * g.K, g.K);
+    int64_t e, n, done;
+    float am;
+    while (walk.next(e, n, am, done)) {
+      const PieceSplit sp = split_piece(e, n);
+      if (sp.head) accumulate_scalar(q, g, row, e, sp.head, am, out);
+      const __m256 av = _mm256_set1_ps(am);
+      const __m256 t_lo = _mm256_mul_ps(code_lo, av), t_hi = _mm256_mul_ps(code_hi, av);
+      const uint8_t* p = q.packed + (e + sp.head) / 2;
+      const float* xk = g.x + (e + sp.head - row * g.K);
+      for (int64_t gi = 0; gi < sp.groups; ++gi, p += 16, xk += 32) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4), lo = _mm_and_si128(b, low4);
+        const __m128i i0 = _mm_unpacklo_epi8(hi, lo), i1 = _mm_unpackhi_epi8(hi, lo);
+        const __m256 w[4] = {lookup8(i0, t_lo, t_hi), lookup8(_mm_srli_si128(i0, 8), t_lo, t_hi),
+                             lookup8(i1, t_lo, t_hi), lookup8(_mm_srli_si128(i1, 8), t_lo, t_hi)};
+        for (int m = 0; m < MT; ++m)
+          for (int j = 0; j < 4; ++j)
+            s[m][j % NA] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xk + m * g.K + 8 * j), s[m][j % NA]);
+      }
+      if (sp.tail) accumulate_scalar(q, g, row, e + n - sp.tail, sp.tail, am, out);
+    }
+    for (int m = 0; m < MT; ++m) {
+      __m256 t = s[m][0];
+      if (NA > 1) t = _mm256_add_ps(t, s[m][NA - 1]);
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      out[m] += _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ dispatch
+
+namespace {
+
+using RowsFn = void (*)(const NF4View&, const GemvArgs&, int64_t, int64_t, float*);
+
+template <std::size_t... I>
+constexpr std::array<RowsFn, sizeof...(I)> table_512(std::index_sequence<I...>) {
+  return {&gemv_rows_512<static_cast<int>(I) + 1>...};
+}
+template <std::size_t... I>
+constexpr std::array<RowsFn, sizeof...(I)> table_256(std::index_sequence<I...>) {
+  return {&gemv_rows_256<static_cast<int>(I) + 1>...};
+}
+constexpr auto kRows512 = table_512(std::make_index_sequence<kGemvMaxM>());
+constexpr auto kRows256 = table_256(std::make_index_sequence<kGemvMaxM>());
+
+}  // namespace
+
+void nf4_gemv_rows_avx512(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
+  kRows512[g.M - 1](q, g, n0, n1, acc);
+}
+void nf4_gemv_rows_avx2(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
+  kRows256[g.M - 1](q, g, n0, n1, acc);
+}
+
+void nf4_gemv(const NF4View& q, const GemvArgs& g, Isa isa) {
+  // 16 output features per chunk: small enough to balance 2-64 threads at N = 576,
+  // large enough that the per-chunk epilogue is noise.
+  constexpr int64_t kChunk = 16;
+  const int64_t nchunks = (g.N + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t n0 = c * kChunk, n1 = std::min(g.N, n0 + kChunk);
+    float acc[kChunk * kGemvMaxM];
+    switch (isa) {
+      case Isa::avx512: nf4_gemv_rows_avx512(q, g, n0, n1, acc); break;
+      case Isa::avx2: nf4_gemv_rows_avx2(q, g, n0, n1, acc); break;
+      default: nf4_gemv_rows_scalar(q, g, n0, n1, acc); break;
+    }
+    for (int64_t row = n0; row < n1; ++row) {
+      for (int64_t m = 0; m < g.M; ++m) {
+        float v = acc[(row - n0) * g.M + m];
+        if (g.bias != nullptr) v += load_as_f32(g.bias, g.bias_dtype, row);
+        if (g.xas != nullptr) {
+          float lora = 0.0f;
+          for (int64_t j = 0; j < g.r; ++j) lora += g.xas[m * g.r + j] * load_as_f32(g.lora_B, g.b_dtype, row * g.r + j);
+          v += lora;
+        }
+        store_from_f32(g.y, g.y_dtype, m * g.ldy + row, v);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace lorakern
