@@ -40,6 +40,10 @@ _TASK_TYPES = (
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
 )
 
+# Task types for which PEFT itself adds the top-level "classifier" / "score" head to modules_to_save.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+_CLASSIFIER_HEADS = ("classifier", "score")
+
 # Config fields whose non-default value means an adapter this loader cannot reproduce exactly.
 _UNSUPPORTED = {
     "use_dora": (False, None),
@@ -97,7 +101,15 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if len(settings) != 1:
         raise ValueError(f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
                          "per-layer settings (PEFT rank_pattern) are not supported")
-    keep = state.modules_to_save if state is not None else []
+    keep = list(state.modules_to_save) if state is not None else []
+    task_type = _task_type(model)
+    if task_type in _HEAD_TASKS:
+        # PEFT adds the classifier head to modules_to_save for these tasks and then
+        # requires its weights in the file; store the head as it is (trained or not).
+        names = [n for n, _ in model.named_modules() if n]
+        for head in _CLASSIFIER_HEADS:
+            if head in names and not any(head == k or head.startswith(k + ".") for k in keep):
+                keep.append(head)
 
     tensors = {}
     for name, module in modules.items():
@@ -110,7 +122,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     config = {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": task_type,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": first.r,
         "lora_alpha": _number(first.alpha),

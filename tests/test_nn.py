@@ -1,0 +1,390 @@
+"""LoRALinear and QLoRALinear: forward/backward against the float64 reference, dtypes, dropout,
+merging, checkpointing, state dicts (bitsandbytes-compatible) and memory."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lorakern import ops
+from lorakern import reference as ref
+from lorakern.formats import nf4
+from lorakern.nn import LoRALinear, QLoRALinear
+
+# Relative error bounds of an output against the float64 reference, scaled to the dtype's epsilon
+# (K <= 130 terms per dot product; bf16 eps 2^-8, fp16 2^-11, fp32 2^-24).
+RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close_rel(actual, expected, rtol, what=""):
+    """max |a - e| <= rtol * max |e|, with a report of where and how many elements differ."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: {int((~torch.isfinite(actual)).sum())} NaN/inf values"
+    err = (actual - expected).abs()
+    bound = rtol * expected.abs().max().clamp(min=1e-12)
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())}/{err.numel()} elements off, max err {err.max():.3g} "
+                           f"at {tuple(int(i) for i in torch.nonzero(bad)[0])}, bound {bound:.3g}")
+
+
+def make_linear(k=65, n=33, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias).to(dtype)
+
+
+def randomize_b(module, seed=1, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * std)
+
+
+def reference_output(module, x, dense_weight, seed=None, dropout_p=0.0):
+    """The module's math in float64 through the pure-torch composition."""
+    d = torch.float64
+    bias = None if module.bias is None else module.bias.detach().to(d)
+    return ref.lora_linear(x.detach().to(d), dense_weight.detach().to(d), bias, module.lora_A.detach().to(d),
+                           module.lora_B.detach().to(d), module.scaling, dropout_p, seed)
+
+
+# ------------------------------------------------------------------------ construction
+
+
+def test_from_linear_shares_and_freezes_the_base():
+    lin = make_linear()
+    m = LoRALinear.from_linear(lin, r=8, alpha=16)
+    assert m.weight is lin.weight and m.bias is lin.bias
+    assert not m.weight.requires_grad and not m.bias.requires_grad
+    assert m.lora_A.shape == (8, 65) and m.lora_B.shape == (33, 8)
+    assert m.lora_A.requires_grad and m.lora_B.requires_grad
+    assert (m.in_features, m.out_features, m.r, m.alpha, m.scaling) == (65, 33, 8, 16.0, 2.0)
+    assert torch.count_nonzero(m.lora_B) == 0
+
+
+def test_init_rules():
+    torch.manual_seed(0)
+    kaiming = LoRALinear.from_linear(make_linear(k=512, n=8), r=64, init="kaiming")
+    # kaiming_uniform(a=sqrt(5)) on [r, K] is U(-1/sqrt(K), 1/sqrt(K))
+    bound = 1 / math.sqrt(512)
+    assert kaiming.lora_A.abs().max() <= bound and kaiming.lora_A.abs().max() > 0.9 * bound
+    gaussian = LoRALinear.from_linear(make_linear(k=512, n=8), r=64, init="gaussian")
+    assert abs(gaussian.lora_A.std().item() - 1 / 64) < 0.1 / 64
+    zeros_b = LoRALinear.from_linear(make_linear(k=512, n=8), r=64, init="zeros-B")
+    assert zeros_b.lora_A.abs().max() <= bound and torch.count_nonzero(zeros_b.lora_B) == 0
+
+
+def test_rslora_scaling():
+    assert LoRALinear.from_linear(make_linear(), r=16, alpha=32, use_rslora=True).scaling == pytest.approx(8.0)
+    assert LoRALinear.from_linear(make_linear(), r=16, alpha=32).scaling == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=0), "r "), (dict(r=2.0), "r "), (dict(alpha=0), "alpha"), (dict(alpha=float("nan")), "alpha"),
+    (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"), (dict(init="xavier"), "init"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear.from_linear(make_linear(), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        QLoRALinear.from_linear(make_linear(), **kwargs)
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(TypeError, match="Embedding"):
+        LoRALinear.from_linear(nn.Embedding(10, 4))
+
+
+def test_extra_repr():
+    text = repr(LoRALinear.from_linear(make_linear(), r=4, alpha=8, dropout=0.1, use_rslora=True))
+    assert "in_features=65" in text and "r=4" in text and "dropout=0.1" in text and "use_rslora=True" in text
+    text = repr(QLoRALinear.from_linear(make_linear(), r=4))
+    assert "nf4+double_quant(blocksize=64)" in text and "compute_dtype=float32" in text
+
+
+# ---------------------------------------------------------------------- forward / backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k, n, r, bias", [(63, 33, 1, True), (64, 7, 8, False), (65, 129, 16, True)])
+def test_lora_forward_backward_match_reference(dtype, k, n, r, bias):
+    m = LoRALinear.from_linear(make_linear(k, n, bias, dtype), r=r, alpha=2 * r)
+    randomize_b(m)
+    x = torch.randn(3, 5, k, dtype=dtype, requires_grad=True)
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (3, 5, n)
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = m.lora_A.detach().double().requires_grad_(), m.lora_B.detach().double().requires_grad_()
+    bias64 = None if m.bias is None else m.bias.detach().double()
+    y64 = ref.lora_linear(x64, m.weight.detach().double(), bias64, a64, b64, m.scaling)
+    assert_close_rel(y, y64, RTOL[dtype], "y")
+    dy = torch.randn_like(y64)
+    y.backward(dy.to(dtype))
+    y64.backward(dy)
+    # A and B stay float32 while the math runs in `dtype`: their grads carry the dtype's error
+    assert m.lora_A.grad.dtype == torch.float32
+    for got, want, name in ((x.grad, x64.grad, "dx"), (m.lora_A.grad, a64.grad, "dA"), (m.lora_B.grad, b64.grad, "dB")):
+        assert_close_rel(got, want, 2 * RTOL[dtype], name)
+    assert m.weight.grad is None
+
+
+def test_input_is_cast_to_the_weight_dtype():
+    m = LoRALinear.from_linear(make_linear(dtype=torch.bfloat16), r=4)
+    x = torch.randn(4, 65, requires_grad=True)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    m = LoRALinear.from_linear(make_linear(), r=4)
+    randomize_b(m)
+    x = torch.randn(6, 65)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, reference_output(m, x, m.weight), RTOL[torch.bfloat16], "autocast y")
+    y.float().sum().backward()
+    assert m.lora_A.grad.dtype == torch.float32 and torch.isfinite(m.lora_B.grad).all()
+
+
+def test_dropout_only_in_training_and_fresh_per_forward():
+    m = LoRALinear.from_linear(make_linear(), r=8, dropout=0.5)
+    randomize_b(m)
+    x = torch.randn(9, 65)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    assert_close_rel(m(x), reference_output(m, x, m.weight), 1e-6, "eval ignores dropout")
+    m.train()
+    torch.manual_seed(5)
+    y1 = m(x)
+    y2 = m(x)
+    assert not torch.equal(y1, y2), "each training forward must draw a new mask"
+    torch.manual_seed(5)
+    seed = ops.new_seed(x.device)  # the seed the first training forward drew
+    assert_close_rel(y1, reference_output(m, x, m.weight, seed, 0.5), 1e-6, "training forward with its seed")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_gradient_checkpointing_gives_the_same_grads(cls, use_reentrant):
+    layers = nn.ModuleList(cls.from_linear(make_linear(48, 48, seed=i), r=4, dropout=0.25) for i in range(2))
+    for i, layer in enumerate(layers):
+        randomize_b(layer, seed=i)
+    layers.train()
+    x = torch.randn(5, 48, requires_grad=True)
+
+    def block(h):
+        return layers[1](torch.tanh(layers[0](h)))
+
+    def grads(use_checkpoint):
+        layers.zero_grad()
+        x.grad = None
+        torch.manual_seed(11)  # same dropout seeds in both runs
+        out = checkpoint(block, x, use_reentrant=use_reentrant) if use_checkpoint else block(x)
+        out.square().sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in layers.parameters() if p.requires_grad]
+
+    for plain, ckpt in zip(grads(False), grads(True)):
+        assert torch.equal(plain, ckpt)
+
+
+# ------------------------------------------------------------------------------ merging
+
+
+def test_merge_unmerge_lora():
+    m = LoRALinear.from_linear(make_linear(), r=4).eval()
+    randomize_b(m)
+    x = torch.randn(7, 65)
+    before, w0 = m(x), m.weight.detach().clone()
+    m.merge()
+    assert m.merged
+    assert_close_rel(m(x), before, 1e-5, "merged forward")
+    with pytest.raises(RuntimeError, match="already merged"):
+        m.merge()
+    m.train()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        m(x)
+    with torch.no_grad():
+        m(x)  # inference while merged is fine
+    m.unmerge()
+    assert not m.merged
+    assert_close_rel(m.weight, w0, 1e-6, "unmerged weight")
+    with pytest.raises(RuntimeError, match="not merged"):
+        m.unmerge()
+
+
+def test_merged_linear_is_a_fresh_plain_linear():
+    m = LoRALinear.from_linear(make_linear(), r=4)
+    randomize_b(m)
+    x = torch.randn(7, 65)
+    lin = m.merged_linear()
+    assert type(lin) is nn.Linear and lin.weight.data_ptr() != m.weight.data_ptr()
+    assert_close_rel(lin(x), m(x), 1e-5, "merged_linear")
+    m.merge()
+    assert_close_rel(m.merged_linear().weight, m.weight, 0, "merged_linear of a merged layer")
+
+
+# ------------------------------------------------------------------------------- QLoRA
+
+
+@pytest.mark.parametrize("k, n, double_quant", [(63, 33, True), (64, 7, False), (130, 65, True)])
+def test_qlora_matches_reference_on_the_dequantized_weight(k, n, double_quant):
+    lin = make_linear(k, n)
+    m = QLoRALinear.from_linear(lin, r=8, alpha=16, double_quant=double_quant)
+    randomize_b(m)
+    q = m.quantized_weight()
+    assert torch.equal(q.packed, nf4.quantize(lin.weight, 64, double_quant).packed)
+    dense = nf4.dequantize(q, torch.float64)
+    x = torch.randn(2, 4, k, requires_grad=True)
+    y = m(x)
+    assert_close_rel(y, reference_output(m, x, dense), RTOL[torch.float32], "qlora y")
+    y.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    a64 = m.lora_A.detach().double().requires_grad_()
+    ref.lora_linear(x64, dense, m.bias.detach().double(), a64, m.lora_B.detach().double(), m.scaling).sum().backward()
+    assert_close_rel(x.grad, x64.grad, 2e-5, "dx")
+    assert_close_rel(m.lora_A.grad, a64.grad, 2e-5, "dA")
+    assert not m.weight.requires_grad and m.weight.grad is None
+
+
+def test_qlora_compute_dtype_and_autocast():
+    m = QLoRALinear.from_linear(make_linear(), r=4, compute_dtype=torch.bfloat16)
+    randomize_b(m)
+    x = torch.randn(5, 65)
+    dense = nf4.dequantize(m.quantized_weight(), torch.float64)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, reference_output(m, x, dense), RTOL[torch.bfloat16], "bf16 compute")
+    m32 = QLoRALinear.from_linear(make_linear(), r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m32(x).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="compute_dtype"):
+        QLoRALinear.from_linear(make_linear(), compute_dtype=torch.int8)
+
+
+def test_qlora_frees_the_full_precision_weight_and_stores_4_13_bits():
+    lin = make_linear(k=512, n=256, bias=False)
+    m = QLoRALinear.from_linear(lin, r=8)
+    full_ptr = lin.weight.data_ptr()
+    tensors = list(m.parameters()) + list(m.buffers())
+    assert all(t.data_ptr() != full_ptr for t in tensors)
+    assert all(t.dtype != torch.float32 or t.numel() < 512 * 256 / 8 for t in tensors), "a dense copy survived"
+    sizes = m.nbytes()
+    base_bits = 8 * sizes["base"] / (512 * 256)
+    # 4 bits + 8-bit absmax per 64 (0.125) + fp32 per 256 blocks + 256-entry code table + offset
+    assert 4.125 < base_bits < 4.125 + 8 * (4 * 8 + 1024 + 4) / (512 * 256) + 1e-9
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    assert total == sizes["base"] + sizes["adapter"]
+
+
+def test_qlora_from_meta_weight_is_a_clear_error():
+    with torch.device("meta"):
+        lin = nn.Linear(64, 64)
+    with pytest.raises(ValueError, match="meta device"):
+        QLoRALinear.from_linear(lin)
+
+
+def test_qlora_to_dtype_keeps_the_quant_state():
+    m = QLoRALinear.from_linear(make_linear(), r=4)
+    x = torch.randn(3, 65)
+    before = m.quantized_weight()
+    y32 = m(x)
+    m.to(torch.bfloat16)
+    after = m.quantized_weight()
+    for a, b in zip(before.tensors(), after.tensors()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert m.lora_A.dtype == torch.bfloat16
+    m.compute_dtype = torch.float32
+    m.to(torch.float32)
+    assert_close_rel(m(x), y32, 1e-2, "after a bf16 round trip of the adapter")
+
+
+def test_qlora_merge_is_refused_and_merged_linear_matches():
+    m = QLoRALinear.from_linear(make_linear(), r=4)
+    randomize_b(m)
+    x = torch.randn(4, 65)
+    with pytest.raises(TypeError, match="merged_linear"):
+        m.merge()
+    lin = m.merged_linear()
+    assert type(lin) is nn.Linear
+    assert_close_rel(lin(x), m(x), 1e-5, "merged_linear")
+    dense = m.to_lora_linear()
+    assert dense.lora_A is m.lora_A and isinstance(dense, LoRALinear)
+    assert_close_rel(dense(x), m(x), 1e-5, "to_lora_linear")
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def test_qlora_state_dict_keys_and_round_trip():
+    m = QLoRALinear.from_linear(make_linear(), r=4)
+    randomize_b(m)
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "bias", "lora_A", "lora_B"}
+    assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == ((65 * 33 + 1) // 2, 1)
+    other = QLoRALinear.from_linear(make_linear(seed=7), r=4)
+    other.load_state_dict(sd)
+    x = torch.randn(3, 65)
+    assert torch.equal(other(x), m(x))
+
+
+def test_qlora_load_rejects_bad_state():
+    m = QLoRALinear.from_linear(make_linear(), r=4)
+    wrong_shape = QLoRALinear.from_linear(make_linear(k=64, n=33), r=4).state_dict()
+    with pytest.raises(RuntimeError, match="shape"):
+        m.load_state_dict(wrong_shape)
+    sd = m.state_dict()
+    sd["weight"] = sd["weight"][:-3]
+    with pytest.raises(RuntimeError, match="packed bytes"):
+        m.load_state_dict(sd)
+    sd = m.state_dict()
+    sd["extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        m.load_state_dict(sd)
+    sd = m.state_dict()
+    del sd["lora_B"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        m.load_state_dict(sd)
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes")
+
+
+def _bnb_linear4bit(state_dict, k, n, compute_dtype=torch.float32):
+    """A bitsandbytes Linear4bit rebuilt from an NF4 state dict, the way transformers loads checkpoints."""
+    bnb_mod = _bnb()
+    layer = bnb_mod.nn.Linear4bit(k, n, bias="bias" in state_dict, compute_dtype=compute_dtype, quant_type="nf4",
+                                  device="cpu")
+    stats = {k[len("weight."):]: v for k, v in state_dict.items() if k.startswith("weight.")}
+    layer.weight = bnb_mod.nn.Params4bit.from_prequantized(state_dict["weight"], stats, device="cpu", module=layer)
+    if "bias" in state_dict:
+        layer.bias = nn.Parameter(state_dict["bias"].clone(), requires_grad=False)
+    return layer
+
+
+def test_state_dict_interoperates_with_bitsandbytes():
+    bnb_mod = _bnb()
+    lin = make_linear(k=128, n=40)
+    # bitsandbytes -> lorakern
+    layer = bnb_mod.nn.Linear4bit(128, 40, compute_dtype=torch.float32, quant_type="nf4", device="cpu")
+    layer.load_state_dict(lin.state_dict())
+    layer = layer.to("cpu")  # bitsandbytes quantizes on the first .to(device)
+    assert layer.weight.dtype == torch.uint8
+    bnb_sd = layer.state_dict()
+    ours = QLoRALinear.from_linear(make_linear(k=128, n=40, seed=3), r=4)
+    result = ours.load_state_dict(bnb_sd, strict=False)
+    assert sorted(result.missing_keys) == ["lora_A", "lora_B"] and not result.unexpected_keys
+    x = torch.randn(6, 128)
+    layer.train()  # keep bitsandbytes on its portable path (see test_patch for its eval-mode repack)
+    assert_close_rel(ours(x), layer(x), 1e-5, "bnb state dict loaded here")
+    # lorakern -> bitsandbytes
+    mine = QLoRALinear.from_linear(lin, r=4)
+    sd = {k: v for k, v in mine.state_dict().items() if not k.startswith("lora_")}
+    theirs = _bnb_linear4bit(sd, 128, 40).train()
+    assert_close_rel(theirs(x), mine(x), 1e-5, "our state dict loaded in bitsandbytes")
+    assert torch.equal(mine.weight.reshape(-1), layer.weight.reshape(-1)), "packed bytes differ from bitsandbytes"
