@@ -54,7 +54,7 @@ NF4View make_view(uintptr_t packed, uintptr_t absmax, bool double_quant, uintptr
 // multiple of every blocksize, so chunks never share an absmax block); otherwise
 // each thread decodes whole rows.
 void dequantize_2d(const NF4View& q, int64_t row0, int64_t rows, int64_t col0, int64_t cols, int64_t K, uintptr_t out,
-                   int64_t ld_out, int dtype, int isa) {
+                   int64_t ld_out, int dtype, int isa, bool stream) {
   const DType t = to_dtype(dtype);
   const Isa is = to_isa(isa);
   if (row0 < 0 || col0 < 0 || rows < 0 || cols < 0 || col0 + cols > K || (row0 + rows) * K > q.numel)
@@ -69,12 +69,12 @@ void dequantize_2d(const NF4View& q, int64_t row0, int64_t rows, int64_t col0, i
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t s = c * kChunk, n = std::min(kChunk, count - s);
-      nf4_decode_run(q, e0 + s, n, o + s * sz, t, is);
+      nf4_decode_run(q, e0 + s, n, o + s * sz, t, is, stream);
     }
     return;
   }
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) nf4_decode_run(q, (row0 + r) * K + col0, cols, o + r * ld_out * sz, t, is);
+  for (int64_t r = 0; r < rows; ++r) nf4_decode_run(q, (row0 + r) * K + col0, cols, o + r * ld_out * sz, t, is, stream);
 }
 
 void gemv(const NF4View& q, uintptr_t x, int64_t M, int64_t N, int64_t K, uintptr_t xas, uintptr_t lora_B, int b_dtype,
@@ -117,7 +117,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("nf4_dequantize_2d", &dequantize_2d, "decode a [rows, cols] panel of an [*, K] NF4 weight", py::arg("q"),
         py::arg("row0"), py::arg("rows"), py::arg("col0"), py::arg("cols"), py::arg("K"), py::arg("out"), py::arg("ld_out"),
-        py::arg("dtype"), py::arg("isa"));
+        py::arg("dtype"), py::arg("isa"), py::arg("stream") = false);
 
   m.def("nf4_gemv", &gemv, "y = x W^T + bias + xas B^T for M <= 16 (x, xas fp32)", py::arg("q"), py::arg("x"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("xas"), py::arg("lora_B"), py::arg("b_dtype"), py::arg("r"), py::arg("bias"),

@@ -34,15 +34,15 @@ LK_AVX512 static inline void unpack_codes_512(const uint8_t* p, __m128i& i0, __m
 
 // 16 fp32 table entries -> 16 bf16 / f16 (round to nearest even) in the low 256 bits.
 LK_AVX512 static inline __m512i table16_512(__m512 t, DType dt) {
-  if (dt == DType::f16) return _mm512_castsi256_si512(_mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (dt == DType::f16) return _mm512_zextsi256_si512(_mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   const __m512i bits = _mm512_castps_si512(t);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r));
+  return _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(r));
 }
 
-LK_AVX512 void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count, void* out, DType t) {
+LK_AVX512 void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count, void* out, DType t, bool stream) {
   alignas(64) float code[16];
   for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
   const __m512 code_v = _mm512_load_ps(code);
@@ -62,8 +62,15 @@ LK_AVX512 void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count
       for (int64_t g = 0; g < s.groups; ++g, p += 16, d += 32) {
         __m128i i0, i1;
         unpack_codes_512(p, i0, i1);
-        _mm512_storeu_ps(d, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(i0), table));
-        _mm512_storeu_ps(d + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(i1), table));
+        const __m512 v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(i0), table);
+        const __m512 v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(i1), table);
+        if (stream && (reinterpret_cast<uintptr_t>(d) & 63) == 0) {
+          _mm512_stream_ps(d, v0);
+          _mm512_stream_ps(d + 16, v1);
+        } else {
+          _mm512_storeu_ps(d, v0);
+          _mm512_storeu_ps(d + 16, v1);
+        }
       }
     } else {
       const __m512i table16 = table16_512(table, t);
@@ -72,11 +79,17 @@ LK_AVX512 void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count
         __m128i i0, i1;
         unpack_codes_512(p, i0, i1);
         const __m512i idx = _mm512_cvtepu8_epi16(_mm256_set_m128i(i1, i0));
-        _mm512_storeu_si512(d, _mm512_permutexvar_epi16(idx, table16));
+        const __m512i v = _mm512_permutexvar_epi16(idx, table16);
+        if (stream && (reinterpret_cast<uintptr_t>(d) & 63) == 0) {
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+        } else {
+          _mm512_storeu_si512(d, v);
+        }
       }
     }
     if (s.tail) decode_scalar_piece(q.packed, e + n - s.tail, s.tail, a, dst + (n - s.tail) * sz, t);
   }
+  if (stream) _mm_sfence();
 }
 
 // ---------------------------------------------------------------------------- AVX2
@@ -156,9 +169,9 @@ LK_AVX2 void nf4_decode_run_avx2(const NF4View& q, int64_t e0, int64_t count, vo
   }
 }
 
-void nf4_decode_run(const NF4View& q, int64_t e0, int64_t count, void* out, DType t, Isa isa) {
+void nf4_decode_run(const NF4View& q, int64_t e0, int64_t count, void* out, DType t, Isa isa, bool stream) {
   switch (isa) {
-    case Isa::avx512: return nf4_decode_run_avx512(q, e0, count, out, t);
+    case Isa::avx512: return nf4_decode_run_avx512(q, e0, count, out, t, stream);
     case Isa::avx2: return nf4_decode_run_avx2(q, e0, count, out, t);
     default: return nf4_decode_run_scalar(q, e0, count, out, t);
   }

@@ -22,6 +22,7 @@ Same functions and signatures as :mod:`lorakern.reference` (2-D inputs). What ru
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -49,6 +50,22 @@ GEMV_MAX_M = 16
 # lost ~10% to GEMM edge effects, 1024 rows gained nothing. Backward: 256 columns.
 FWD_PANEL_ROWS = 256
 BWD_PANEL_COLS = 256
+
+
+# Decoded panels live in a per-thread scratch buffer reused across calls: a fresh
+# 2 MiB tensor costs 512 page faults per call (~2 ms on the 2-core VM the numbers
+# above come from). Panels never leave this module.
+_scratch = threading.local()
+
+
+def _panel_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def availability() -> tuple[bool, str]:
@@ -149,7 +166,8 @@ def nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
         raise TypeError(f"dtype must be float32, bfloat16 or float16 for the cpu backend, got {dtype}")
     out = torch.empty(q.shape, dtype=dtype)
     n = q.numel
-    _C.nf4_dequantize_2d(view, 0, 1, 0, n, n, out.data_ptr(), n, _DTYPE_CODE[dtype], isa())
+    # Non-temporal stores once the output outgrows L2: it is not read back soon.
+    _C.nf4_dequantize_2d(view, 0, 1, 0, n, n, out.data_ptr(), n, _DTYPE_CODE[dtype], isa(), n * out.element_size() > 2**21)
     return out
 
 
@@ -175,7 +193,7 @@ def _panel_forward(x, q, view, bias, xa=None, lora_B=None, scaling=0.0) -> torch
     code, path = _DTYPE_CODE[x.dtype], isa()
     y = torch.empty((m, n), dtype=x.dtype)
     rows = min(FWD_PANEL_ROWS, n)
-    buf = torch.empty((rows, k), dtype=x.dtype)
+    buf = _panel_buffer(rows * k, x.dtype).view(rows, k)
     for n0 in range(0, n, rows):
         p = min(rows, n - n0)
         w = buf[:p]
@@ -200,7 +218,7 @@ def _panel_backward(dy, q, view, g=None, lora_A=None, scaling=0.0, dropout=None)
     code, path = _DTYPE_CODE[dy.dtype], isa()
     dx = torch.empty((m, k), dtype=dy.dtype)
     cols = min(BWD_PANEL_COLS, k)
-    buf = torch.empty(n * cols, dtype=dy.dtype)
+    buf = _panel_buffer(n * cols, dy.dtype)
     for k0 in range(0, k, cols):
         p = min(cols, k - k0)
         w = buf[: n * p].view(n, p)

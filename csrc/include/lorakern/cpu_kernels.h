@@ -37,11 +37,13 @@ void decode_absmax(const NF4View& q, int64_t b0, int64_t count, float* out);
 // Quantize numel values (f32 or bf16) into packed codes and fp32 absmax per block.
 void nf4_quantize(const void* w, DType dtype, int64_t numel, int64_t blocksize, uint8_t* packed, float* absmax);
 
-// Decode the contiguous elements [e0, e0 + count) of q into out (dtype).
-void nf4_decode_run(const NF4View& q, int64_t e0, int64_t count, void* out, DType dtype, Isa isa);
+// Decode the contiguous elements [e0, e0 + count) of q into out (dtype). stream: use
+// non-temporal stores (AVX-512 path) for outputs larger than the cache that are
+// not read back soon (a full dequantize, not a GEMM panel).
+void nf4_decode_run(const NF4View& q, int64_t e0, int64_t count, void* out, DType dtype, Isa isa, bool stream);
 void nf4_decode_run_scalar(const NF4View& q, int64_t e0, int64_t count, void* out, DType dtype);
 void nf4_decode_run_avx2(const NF4View& q, int64_t e0, int64_t count, void* out, DType dtype);
-void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count, void* out, DType dtype);
+void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count, void* out, DType dtype, bool stream);
 
 // y[m, n] = sum_k x[m, k] W[n, k] + bias[n] + sum_j xas[m, j] B[n, j] for M <= 16, W = q [N, K].
 // x: fp32 [M, K] contiguous; xas: fp32 [M, r] (already scaled) or nullptr; B: [N, r] in b_dtype;
