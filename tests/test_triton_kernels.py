@@ -1,0 +1,318 @@
+"""Triton backend against the float64 reference.
+
+Without a GPU every kernel runs under the Triton interpreter on CPU tensors.
+triton decides interpreted-or-compiled when a kernel is defined (when
+``lorakern.kernels.triton`` is first imported), so TRITON_INTERPRET=1 must be
+set before any module of the session imports it: tests/conftest.py sets it for
+the whole pytest process when there is no GPU, and this module sets it too for
+runs of this file alone. If the kernels were nevertheless defined compiled on a
+machine without CUDA, the module is skipped with that reason rather than failing
+on a CPU tensor.
+
+With a GPU the same small-shape tests run compiled on CUDA tensors, and the
+``gpu``-marked tests add realistic Llama-3-8B shapes in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import lorakern.reference as ref  # noqa: E402
+from lorakern.formats import nf4  # noqa: E402
+from lorakern.kernels import triton as tk  # noqa: E402
+from lorakern.kernels.triton import _launch  # noqa: E402
+from lorakern.kernels.triton.matmul import skinny_matmul  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and not _launch.interpreting():
+    pytest.skip("Triton kernels were defined compiled (TRITON_INTERPRET was not 1 when lorakern.kernels.triton was "
+                "first imported) and there is no GPU", allow_module_level=True)
+
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every float buffer from torch.empty starts as NaN, so an element a kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _rand(*shape, dtype, scale=1.0, gen):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype).to(DEVICE)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (want in float64)."""
+    return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+
+
+def _check(name: str, got: torch.Tensor, want64: torch.Tensor, torch_in_dtype: torch.Tensor, dtype: torch.dtype):
+    """``got`` must be no worse than 2x PyTorch's own error in ``dtype`` (floor: 8 ulps of the largest value)."""
+    assert got.dtype == dtype and got.shape == want64.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
+    bad = ~torch.isfinite(got)
+    assert not bad.any(), f"{name}: {int(bad.sum())} NaN/inf values (unwritten?), first at {bad.nonzero()[0].tolist()}"
+    limit = max(2.0 * _rel_err(torch_in_dtype, want64), 8 * EPS[dtype])
+    err = _rel_err(got, want64)
+    if err > limit:
+        diff = (got.double() - want64).abs()
+        where = diff.argmax().item()
+        pytest.fail(f"{name}: relative error {err:.3g} > {limit:.3g}; {int((diff > limit * want64.abs().max()).sum())} "
+                    f"elements off, worst at flat index {where}")
+
+
+def _up(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+# ------------------------------------------------------------------------------------ dropout
+
+
+@pytest.mark.parametrize("seed,p", [(0, 0.5), (2**40 + 12345, 0.1), (-7, 0.9), (987654321, 0.25)])
+def test_dropout_mask_is_bit_exact(seed, p):
+    # drop(x) @ I is drop(x) itself (one nonzero term per sum), so the kernel's mask shows exactly.
+    m, k = 33, 64
+    x = torch.rand(m, k, dtype=torch.float32, device=DEVICE) + 0.5
+    eye = torch.eye(k, dtype=torch.float32, device=DEVICE)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = skinny_matmul(x, eye, p, _seed(seed))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    want = ref.apply_dropout(x, _seed(seed), p)
+    assert torch.equal(got != 0, want != 0), f"mask differs at {int(((got != 0) != (want != 0)).sum())} elements"
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------ NF4
+
+
+@pytest.mark.parametrize("shape,double_quant", [((40, 96), True), ((7, 65), True), ((72, 136), False), ((3, 1000), True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nf4_dequantize(shape, double_quant, dtype):
+    gen = torch.Generator().manual_seed(1)
+    q = nf4.quantize(_rand(*shape, dtype=torch.float32, gen=gen), 64, double_quant)
+    got = tk.nf4_dequantize(q, dtype)
+    want = nf4.dequantize(q, dtype)
+    assert got.shape == tuple(shape) and got.dtype == dtype
+    # The interpreter computes exactly the reference's fp32 ops; compiled code may fuse
+    # the absmax multiply-add into one FMA (1 ulp of fp32 before the final rounding).
+    tol = 0.0 if _launch.interpreting() else EPS[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=0)
+
+
+# --------------------------------------------------------------------------------- LoRA linear
+
+# (M, K, N, r, dtype, dropout_p, bias): a covering subset of M {1, 7, 33} x K {64, 96, 136} x N {40, 72}
+# x r {1, 8, 16} x dtypes; r = 72 exercises the loop over 64-wide rank chunks.
+LORA_CASES = [
+    (1, 64, 40, 1, torch.float32, 0.0, True),
+    (7, 96, 72, 8, torch.float16, 0.25, False),
+    (33, 136, 40, 16, torch.bfloat16, 0.1, True),
+    (33, 64, 72, 16, torch.float32, 0.5, True),
+    (7, 136, 40, 8, torch.bfloat16, 0.0, False),
+    (33, 96, 72, 1, torch.float16, 0.0, True),
+    (33, 96, 40, 72, torch.float32, 0.3, False),
+]
+
+
+def _lora_inputs(m, k, n, r, dtype, with_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = _rand(m, k, dtype=dtype, gen=gen)
+    weight = _rand(n, k, dtype=dtype, scale=k**-0.5, gen=gen)
+    bias = _rand(n, dtype=dtype, gen=gen) if with_bias else None
+    lora_A = _rand(r, k, dtype=dtype, scale=k**-0.5, gen=gen)
+    lora_B = _rand(n, r, dtype=dtype, scale=r**-0.5, gen=gen)
+    dy = _rand(m, n, dtype=dtype, gen=gen)
+    return x, weight, bias, lora_A, lora_B, dy
+
+
+@pytest.mark.parametrize("m,k,n,r,dtype,p,with_bias", LORA_CASES)
+def test_lora_linear_fwd_bwd(m, k, n, r, dtype, p, with_bias):
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(m, k, n, r, dtype, with_bias, seed=m * k + r)
+    s, seed = 0.75, _seed(1234 + m)
+    y, xa = tk.lora_linear_fwd(x, weight, bias, lora_A, lora_B, s, p, seed)
+    y64, xa64 = ref.lora_linear_fwd(*_up(x, weight, bias, lora_A, lora_B), s, p, seed)
+    yt, xat = ref.lora_linear_fwd(x, weight, bias, lora_A, lora_B, s, p, seed)
+    _check("y", y, y64, yt, dtype)
+    _check("xa", xa, xa64, xat, dtype)
+
+    need_dx, need_dw = True, m != 7  # M = 7 runs without the weight gradient
+    got = tk.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, s, p, seed, need_dx, need_dw)
+    want = ref.lora_linear_bwd(*_up(dy, x, xa, weight, lora_A, lora_B), s, p, seed, need_dx, need_dw)
+    in_dtype = ref.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, s, p, seed, need_dx, need_dw)
+    for name, g, w, t in zip(("dx", "dweight", "d_lora_A", "d_lora_B"), got, want, in_dtype):
+        if w is None:
+            assert g is None, f"{name} returned although not requested"
+        else:
+            _check(name, g, w, t, dtype)
+
+
+def test_lora_linear_bwd_without_dx():
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(7, 64, 40, 8, torch.float32, False, seed=3)
+    seed = _seed(5)
+    _, xa = tk.lora_linear_fwd(x, weight, bias, lora_A, lora_B, 2.0, 0.2, seed)
+    dx, dw, da, db = tk.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, 2.0, 0.2, seed, False, False)
+    assert dx is None and dw is None
+    want = ref.lora_linear_bwd(*_up(dy, x, xa, weight, lora_A, lora_B), 2.0, 0.2, seed, False, False)
+    in_dtype = ref.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, 2.0, 0.2, seed, False, False)
+    _check("d_lora_A", da, want[2], in_dtype[2], torch.float32)
+    _check("d_lora_B", db, want[3], in_dtype[3], torch.float32)
+
+
+# -------------------------------------------------------------------------------- QLoRA linear
+
+# M <= 16 runs the GEMV kernel, M = 33 the GEMM; K % 64 == 0 takes the aligned NF4 tile path,
+# K = 96 / 136 the general one (absmax blocks straddling rows).
+QLORA_CASES = [
+    (1, 64, 40, 8, torch.float16, 0.0, True, True),
+    (7, 136, 72, 16, torch.float32, 0.3, False, True),
+    (16, 128, 40, 1, torch.bfloat16, 0.1, True, False),
+    (33, 96, 40, 8, torch.float16, 0.2, True, True),
+    (33, 128, 72, 16, torch.bfloat16, 0.0, False, True),
+    (33, 136, 72, 1, torch.float32, 0.0, True, False),
+]
+
+
+@pytest.mark.parametrize("m,k,n,r,dtype,p,with_bias,double_quant", QLORA_CASES)
+def test_qlora_linear_fwd_bwd(m, k, n, r, dtype, p, with_bias, double_quant):
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(m, k, n, r, dtype, with_bias, seed=7 * m + k)
+    q = nf4.quantize(weight, 64, double_quant)
+    s, seed = 0.5, _seed(99 + k)
+    y, xa = tk.qlora_linear_fwd(x, q, bias, lora_A, lora_B, s, p, seed)
+    y64, xa64 = ref.qlora_linear_fwd(*_up(x), q, *_up(bias, lora_A, lora_B), s, p, seed)
+    yt, xat = ref.qlora_linear_fwd(x, q, bias, lora_A, lora_B, s, p, seed)
+    _check("y", y, y64, yt, dtype)
+    _check("xa", xa, xa64, xat, dtype)
+    got = tk.qlora_linear_bwd(dy, x, xa, q, lora_A, lora_B, s, p, seed, True)
+    want = ref.qlora_linear_bwd(*_up(dy, x, xa), q, *_up(lora_A, lora_B), s, p, seed, True)
+    in_dtype = ref.qlora_linear_bwd(dy, x, xa, q, lora_A, lora_B, s, p, seed, True)
+    for name, g, w, t in zip(("dx", "d_lora_A", "d_lora_B"), got, want, in_dtype):
+        _check(name, g, w, t, dtype)
+
+
+@pytest.mark.parametrize("m,k,n,dtype", [(1, 96, 40, torch.float32), (33, 64, 72, torch.float16),
+                                         (7, 128, 40, torch.bfloat16), (33, 136, 40, torch.bfloat16)])
+def test_nf4_matmul_and_transpose(m, k, n, dtype):
+    x, weight, bias, _, _, dy = _lora_inputs(m, k, n, 1, dtype, True, seed=m + n)
+    q = nf4.quantize(weight, 64, True)
+    _check("y", tk.nf4_matmul(x, q, bias), ref.nf4_matmul(x.double(), q, bias.double()), ref.nf4_matmul(x, q, bias), dtype)
+    _check("dx", tk.nf4_matmul_t(dy, q), ref.nf4_matmul_t(dy.double(), q), ref.nf4_matmul_t(dy, q), dtype)
+
+
+# ---------------------------------------------------------------------------- backend contract
+
+
+def test_supports_rejects_what_the_kernels_do_not_handle():
+    x = torch.randn(4, 64, device=DEVICE)
+    q = nf4.quantize(torch.randn(8, 64, device=DEVICE), 64, True)
+    assert tk.supports("nf4_matmul", x, q, None) is None
+    assert "float64" in tk.supports("nf4_matmul", x.double(), q, None)
+    assert "blocksize" in tk.supports("nf4_matmul", x, nf4.quantize(torch.randn(8, 64, device=DEVICE), 128, True), None)
+    assert "float64" in tk.supports("nf4_dequantize", q, torch.float64)
+    assert tk.supports("nf4_dequantize", q, torch.bfloat16) is None
+    ok, reason = tk.availability()
+    assert ok, reason
+
+
+def test_ops_dispatch_to_triton_with_autograd(backend):
+    """The public op with LORAKERN_BACKEND=triton: forward and all gradients equal the reference's."""
+    import lorakern.ops as ops
+
+    backend("triton")
+    m, k, n, r = 7, 96, 40, 8
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(m, k, n, r, torch.float32, True, seed=11)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, lora_A, lora_B)]
+    seed = _seed(42)
+    y = ops.lora_linear(*leaves, scaling=2.0, dropout_p=0.2, seed=seed)
+    y.backward(dy)
+    leaves64 = [t.double().requires_grad_(True) for t in (x, weight, bias, lora_A, lora_B)]
+    y64 = ref.lora_linear(*leaves64, scaling=2.0, dropout_p=0.2, seed=seed)
+    y64.backward(dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", "weight", "bias", "lora_A", "lora_B"), leaves, leaves64):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5, msg=lambda s: f"grad {name}: {s}")
+
+
+# ---------------------------------------------------------------------------- GPU, real shapes
+
+gpu = pytest.mark.gpu
+
+
+def _gpu_check(name, got, want32, tol):
+    err = _rel_err(got, want32.double())
+    assert torch.isfinite(got).all(), f"{name}: NaN/inf"
+    assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,n,k", [(8192, 4096, 4096), (2048, 14336, 4096), (512, 4096, 14336), (4096, 1024, 4096)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gpu_lora_and_qlora_bf16_realistic(m, n, k, quantized):
+    dtype, r, s, p = torch.bfloat16, 16, 2.0, 0.1
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(m, k, n, r, dtype, True, seed=1)
+    seed = _seed(7)
+    f32 = lambda *ts: [None if t is None else t.float() for t in ts]  # noqa: E731
+    if quantized:
+        q = nf4.quantize(weight, 64, True)
+        y, xa = tk.qlora_linear_fwd(x, q, bias, lora_A, lora_B, s, p, seed)
+        want = ref.qlora_linear_fwd(*f32(x), q, *f32(bias, lora_A, lora_B), s, p, seed)
+        grads = tk.qlora_linear_bwd(dy, x, xa, q, lora_A, lora_B, s, p, seed, True)
+        want_grads = ref.qlora_linear_bwd(*f32(dy, x, xa), q, *f32(lora_A, lora_B), s, p, seed, True)
+        names = ("dx", "d_lora_A", "d_lora_B")
+    else:
+        y, xa = tk.lora_linear_fwd(x, weight, bias, lora_A, lora_B, s, p, seed)
+        want = ref.lora_linear_fwd(*f32(x, weight, bias, lora_A, lora_B), s, p, seed)
+        grads = tk.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, s, p, seed, True, m <= 2048)
+        want_grads = ref.lora_linear_bwd(*f32(dy, x, xa, weight, lora_A, lora_B), s, p, seed, True, m <= 2048)
+        names = ("dx", "dweight", "d_lora_A", "d_lora_B")
+    # bf16 output rounding alone is 2^-9 relative; long reductions (K = 14336) in fp32 add little.
+    _gpu_check("y", y, want[0], 2e-2)
+    _gpu_check("xa", xa, want[1], 2e-2)
+    for name, g, w in zip(names, grads, want_grads):
+        if w is not None:
+            _gpu_check(name, g, w, 2e-2)
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336)])
+def test_gpu_nf4_gemv_lora_realistic(m, n, k):
+    dtype, r = torch.bfloat16, 16
+    x, weight, bias, lora_A, lora_B, _ = _lora_inputs(m, k, n, r, dtype, False, seed=m)
+    q = nf4.quantize(weight, 64, True)
+    y, xa = tk.qlora_linear_fwd(x, q, None, lora_A, lora_B, 1.5, 0.0, _seed(0))
+    want = ref.qlora_linear_fwd(x.float(), q, None, lora_A.float(), lora_B.float(), 1.5, 0.0, _seed(0))
+    _gpu_check("y", y, want[0], 2e-2)
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 14336), (14336, 4096), (1024, 4096)])
+def test_gpu_nf4_dequantize_realistic(shape):
+    q = nf4.quantize(torch.randn(*shape, device="cuda"), 64, True)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        torch.testing.assert_close(tk.nf4_dequantize(q, dtype).float(), nf4.dequantize(q, dtype).float(),
+                                   rtol=EPS[dtype], atol=0)
+
