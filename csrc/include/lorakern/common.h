@@ -45,10 +45,30 @@ LK_HD uint32_t nf4_nibble(const uint8_t* packed, int64_t i) {
   return (i & 1) ? (byte & 15u) : (byte >> 4);
 }
 
-// The fp32 absmax of block b. Double quant: code[absmax_q[b]] * nested[b / 256] + offset.
+// a * b and a + b rounded separately. nvcc contracts `a * b + c` into one FMA
+// (single rounding) by default, which changes the last bit and breaks
+// bit-exactness with the reference, whose multiply and add are two torch ops.
+LK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+LK_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// The fp32 absmax of block b. Double quant: code[absmax_q[b]] * nested[b / 256] + offset,
+// multiply and add rounded separately as in lorakern.formats.nf4.decode_absmax.
 LK_HD float nf4_block_absmax_dq(const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code,
                                 float offset, int64_t b) {
-  return nested_code[absmax_q[b]] * nested_absmax[b >> 8] + offset;
+  return add_rn(mul_rn(nested_code[absmax_q[b]], nested_absmax[b >> 8]), offset);
 }
 
 // Dropout hash (see lorakern/reference/dropout.py): a bijective 32-bit finaliser.
