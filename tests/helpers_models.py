@@ -114,7 +114,7 @@ FAMILIES = {
     "gemma": (gemma, "model.layers.0.mlp.gate_proj", "lm_head"),
     "phi3": (phi3, "model.layers.0.self_attn.qkv_proj", "lm_head"),
     "gpt2": (gpt2, "transformer.h.0.attn.c_attn", "lm_head"),
-    "gpt_neox": (gpt_neox, "gpt_neox.layers.0.attention.query_key_value", "embed_out"),
+    "gpt_neox": (gpt_neox, "gpt_neox.layers.0.attention.query_key_value", "lm_head"),
     "opt": (opt, "model.decoder.layers.0.self_attn.q_proj", "lm_head"),
     "bert": (bert, "bert.encoder.layer.0.attention.self.query", "classifier"),
     "plain": (plain, "blocks.0.up", None),

@@ -1,0 +1,245 @@
+"""apply_lora / merge_lora on every supported model family and on plain torch modules."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakern
+from lorakern.nn import LoRALinear, QLoRALinear
+from lorakern.patch import lora_modules
+from lorakern.patch.targets import is_conv1d
+
+from helpers_models import FAMILIES, PlainMLP, example_input, logits, randomize_adapters
+
+
+def _linear_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_all_linear_patches_every_linear_but_the_head(family):
+    build, inner, head = FAMILIES[family]
+    model = build()
+    base = copy.deepcopy(model)
+    expected = [n for n in _linear_names(model) if n != head]
+    names = lorakern.apply_lora(model, r=4, alpha=8)
+    assert names == expected and inner in names
+    if head is not None:
+        assert not isinstance(model.get_submodule(head), (LoRALinear, QLoRALinear))
+    assert set(lora_modules(model)) == set(names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
+    ids = example_input()
+    with torch.no_grad():  # B = 0: the patched model computes exactly what the base did
+        assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+def test_gpt2_conv1d_is_transposed_and_merged_back_in_conv1d_layout(tmp_path):
+    build, _, _ = FAMILIES["gpt2"]
+    model = build()
+    conv = model.transformer.h[0].attn.c_attn
+    lorakern.apply_lora(model, ["c_attn", "c_fc"], r=4)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and torch.equal(layer.weight, conv.weight.t())
+    randomize_adapters(model)
+    ids = example_input()
+    with torch.no_grad():
+        patched = logits(model, ids)
+        lorakern.merge_lora(model)
+        assert is_conv1d(model.transformer.h[0].attn.c_attn)
+        assert torch.allclose(logits(model, ids), patched, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)  # the merged checkpoint loads as a plain GPT-2
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(logits(reloaded, ids), patched, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "opt", "plain"])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_merge_lora_gives_plain_layers_with_the_same_outputs(family, quantize):
+    model = FAMILIES[family][0]()
+    names = lorakern.apply_lora(model, r=4, quantize=quantize)
+    randomize_adapters(model)
+    ids = example_input()
+    with torch.no_grad():
+        patched = logits(model, ids)
+        merged = lorakern.merge_lora(model)
+        assert merged is model and not lora_modules(model)
+        assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+        torch.testing.assert_close(logits(model, ids), patched, atol=2e-5, rtol=2e-5)
+    lorakern.apply_lora(model, r=2)  # a merged model can be patched again
+
+
+def test_list_and_regex_targets_follow_peft_semantics():
+    model = FAMILIES["llama"][0]()
+    names = lorakern.apply_lora(copy.deepcopy(model), ["q_proj", "self_attn.v_proj"])
+    assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    names = lorakern.apply_lora(copy.deepcopy(model), r"model\.layers\.1\..*_proj")
+    assert names and all(n.startswith("model.layers.1.") for n in names) and len(names) == 7
+    # a plain string is a full-match regex, as in PEFT: "q_proj" alone matches no qualified name
+    with pytest.raises(ValueError, match="regex 'q_proj' matched no module"):
+        lorakern.apply_lora(copy.deepcopy(model), "q_proj")
+    names = lorakern.apply_lora(copy.deepcopy(model), "all-linear", exclude=["mlp.down_proj", "o_proj"])
+    assert len(names) == 10 and not any(n.endswith(("down_proj", "o_proj")) for n in names)
+
+
+def test_unmatched_targets_are_listed():
+    model = FAMILIES["llama"][0]()
+    with pytest.raises(ValueError, match=r"\['qproj', 'c_attn'\]"):
+        lorakern.apply_lora(model, ["q_proj", "qproj", "c_attn"])
+    assert not lora_modules(model), "a failed call must not leave the model half patched"
+
+
+@pytest.mark.parametrize("target, kind", [(["embed_tokens"], "Embedding"), (["input_layernorm"], "RMSNorm"),
+                                          (["self_attn"], "Attention")])
+def test_explicit_unsupported_target_names_module_and_type(target, kind):
+    model = FAMILIES["llama"][0]()
+    with pytest.raises(TypeError, match=f"{target[0]}.*{kind}"):
+        lorakern.apply_lora(model, target)
+
+
+def test_second_apply_is_an_error():
+    model = PlainMLP()
+    lorakern.apply_lora(model, ["up"])
+    with pytest.raises(RuntimeError, match="already has LoRA"):
+        lorakern.apply_lora(model, ["down"])
+
+
+def test_quantize_meta_model_is_a_clear_error():
+    with torch.device("meta"):
+        model = PlainMLP()
+    with pytest.raises(ValueError, match="meta device"):
+        lorakern.apply_lora(model, quantize="nf4")
+    names = lorakern.apply_lora(model)  # dense LoRA on a meta model is fine (materialize later)
+    assert names
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="quantize"):
+        lorakern.apply_lora(PlainMLP(), quantize="int8")
+    with pytest.raises(TypeError, match="target_modules"):
+        lorakern.apply_lora(PlainMLP(), [])
+    with pytest.raises(ValueError, match="compute_dtype"):
+        lorakern.apply_lora(PlainMLP(), compute_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="model"):
+        lorakern.apply_lora("not a model")
+
+
+def test_multihead_attention_out_proj():
+    model = nn.Sequential(nn.Linear(16, 16))
+    model.append(nn.MultiheadAttention(16, 2))
+    assert lorakern.apply_lora(copy.deepcopy(model)) == ["0"]  # out_proj is read directly by MHA: not a target
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        lorakern.apply_lora(model, ["out_proj"])
+
+
+def test_modules_to_save_stay_trainable():
+    model = FAMILIES["bert"][0]()
+    names = lorakern.apply_lora(model, ["query", "value"], modules_to_save=["classifier"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert len(trainable) == 2 + 2 * len(names)
+    with pytest.raises(ValueError, match="both targets and in modules_to_save"):
+        lorakern.apply_lora(FAMILIES["bert"][0](), ["query", "classifier"], modules_to_save=["classifier"])
+
+
+def test_nf4_patching_frees_full_precision_weights():
+    """Memory of the patched layers' tensors: about 4.13 bits per quantized weight plus the adapters."""
+    model = PlainMLP(dim=256)
+    r = 4
+    shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head"}
+    names = lorakern.apply_lora(model, r=r, quantize="nf4", exclude=["head"])
+    assert set(names) == set(shapes)
+    weights = sum(s.numel() for s in shapes.values())
+    adapters = sum(4 * r * (s[0] + s[1]) for s in shapes.values())
+    held = 0
+    for name in names:
+        module = model.get_submodule(name)
+        held += sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())
+                    if t is not module.bias)
+    # per layer, whatever its size: the 256-entry float32 dynamic map and the float32 offset
+    fixed = len(names) * (256 * 4 + 4)
+    bits = 8 * (held - adapters - fixed) / weights
+    # 4 (codes) + 8/64 (uint8 absmax per block) + 32/(64*256) (float32 scale per 256 blocks) = 4.127
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-9), bits
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 and p.numel() >= 256 * 256
+                   for n, p in model.named_parameters() if n != "head.weight" and "lora" not in n)
+
+
+def test_eval_and_generate_do_not_change_training_gradients():
+    """An eval forward / generate between steps leaves the next step's LoRA gradients unchanged.
+
+    (bitsandbytes 0.50.2 repacks a 4-bit weight on the first eval forward on AVX-512-BF16 CPUs
+    and its later training forwards lose the LoRA gradient; nothing here changes a layout.)
+    """
+    model = FAMILIES["llama"][0]()
+    lorakern.apply_lora(model, r=4, quantize="nf4")
+    randomize_adapters(model)
+    ids = example_input()
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+        model.generate(ids[:, :3], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    after = lora_grads()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_hf_gradient_checkpointing_gives_the_same_grads(use_reentrant):
+    model = FAMILIES["llama"][0]()
+    lorakern.apply_lora(model, r=4, dropout=0.1)
+    randomize_adapters(model)
+    ids = example_input()
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(3)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    ckpt = grads()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # about 30 s of inductor compilation on 2 CPU cores
+def test_torch_compile_fullgraph_forward_backward():
+    model = FAMILIES["llama"][0]()
+    lorakern.apply_lora(model, r=4, dropout=0.1)
+    randomize_adapters(model)
+    model.train()
+    ids = example_input()
+
+    def step(m):
+        torch.manual_seed(0)
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = step(model)
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    # fallback_random: inductor draws the dropout seed with torch's eager generator, as eager did
+    with torch._inductor.config.patch(fallback_random=True):
+        loss, grads = step(compiled)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for name in eager_grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
