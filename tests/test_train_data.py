@@ -1,0 +1,193 @@
+"""Data preparation: loading, bad-record reports, cleaning, templates, masking, packing, splits."""
+
+import json
+
+import pytest
+
+from lorakern.train.data import (IGNORE_INDEX, Collator, DataError, Example, clean_records, format_chat,
+                                 load_records, pack_examples, prepare_dataset, split_records, tokenize_chat,
+                                 tokenize_records)
+from lorakern.train.tiny import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return str(path)
+
+
+def test_field_names_and_chat_records(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"prompt": "p", "completion": "c"},
+        {"question": "q", "answer": "a", "system": "be brief"},
+        {"input": "i", "response": "r"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]},
+    ])
+    data = load_records(path)
+    assert not data.issues
+    assert data.chats[0] == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert data.chats[1][0]["content"] == "p" and data.chats[1][1]["content"] == "c"
+    assert data.chats[2][0] == {"role": "system", "content": "be brief"}
+    assert data.chats[3] == [{"role": "user", "content": "i"}, {"role": "assistant", "content": "r"}]
+    assert [m["role"] for m in data.chats[4]] == ["user", "assistant", "user", "assistant"]
+    assert data.sources == [(path, i) for i in range(1, 6)]
+
+
+def test_bad_rows_reported_with_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "ok", "response": "fine"},
+        "{not json",
+        {"prompt": "no response"},
+        {"prompt": 3, "response": "x"},
+        "",
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        "[1, 2]",
+        {"prompt": "ok2", "response": "fine2"},
+    ])
+    data = load_records(path)
+    assert len(data) == 2
+    lines = {i.line: i.reason for i in data.issues}
+    assert sorted(lines) == [2, 3, 4, 6, 7, 8]
+    assert "invalid JSON" in lines[2]
+    assert "no response field" in lines[3]
+    assert "'prompt' must be a string" in lines[4]
+    assert "last message must have role 'assistant'" in lines[6]
+    assert "'robot'" in lines[7]
+    assert "expected a JSON object" in lines[8]
+    assert all(i.file == path for i in data.issues)
+    with pytest.raises(DataError, match=r"6 bad record\(s\)") as err:
+        load_records(path, strict=True)
+    assert f"{path}:2: invalid JSON" in str(err.value)
+
+
+def test_json_and_csv_files(tmp_path):
+    jpath = tmp_path / "d.json"
+    jpath.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c"}]))
+    data = load_records(str(jpath))
+    assert len(data) == 1 and data.issues[0].line == 2
+    cpath = tmp_path / "d.csv"
+    cpath.write_text('instruction,output\n"multi\nline prompt",yes\nonly,\n')
+    data = load_records(str(cpath))
+    assert data.chats[0][0]["content"] == "multi\nline prompt"
+    cleaned = clean_records(data)
+    assert len(cleaned) == 1 and "empty assistant message" in cleaned.issues[0].reason
+    (tmp_path / "x.txt").write_text("prompt,response\n")
+    with pytest.raises(DataError, match="unsupported extension"):
+        load_records(str(tmp_path / "x.txt"))
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        load_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_clean_strips_dedups_and_reports(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "  same  ", "response": "x\n"},
+        {"prompt": "same", "response": "x"},
+        {"prompt": "   ", "response": "x"},
+        {"prompt": "other", "response": "y", "system": "  "},
+    ])
+    data = clean_records(load_records(path))
+    assert data.chats == [[{"role": "user", "content": "same"}, {"role": "assistant", "content": "x"}],
+                          [{"role": "user", "content": "other"}, {"role": "assistant", "content": "y"}]]
+    reasons = {i.line: i.reason for i in data.issues}
+    assert reasons[2] == f"duplicate of {path}:1; dropped"
+    assert "empty user message" in reasons[3]
+
+
+@pytest.mark.parametrize("template", ["chatml", None])
+def test_labels_cover_exactly_the_replies(template):
+    tok = tiny_tokenizer() if template else tiny_tokenizer(chat_template=None)
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "A2!"}]
+    ex = tokenize_chat(tok, chat)
+    full = format_chat(tok, chat)
+    assert tok.decode(ex.input_ids) == full
+    assert len(ex.labels) == len(ex.input_ids)
+    # the prompt fed at generation time is a token prefix of the training example
+    prompt = tok(format_chat(tok, chat[:-1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[:len(prompt)] == prompt
+    assert ex.labels[len(prompt):] == ex.input_ids[len(prompt):]  # the last reply is learned whole
+    eos, end = tok.eos_token, "\n" if template else "\n\n"
+    assert tok.decode([t for t in ex.labels[:len(prompt)] if t != IGNORE_INDEX]) == f"A1{eos}{end}"
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == f"A1{eos}{end}A2!{eos}{end}"
+    if not template:
+        assert "### Assistant:\n" in full
+
+
+def test_overlong_rows_reported_not_silently_cut(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "short", "response": "ok"},
+                                              {"prompt": "x" * 200, "response": "long one"}])
+    data = load_records(path)
+    kept, issues = tokenize_records(tok, data, max_length=100, overlong="drop")
+    assert len(kept) == 1 and issues[0].line == 2 and "> max_length 100" in issues[0].reason
+    kept, issues = tokenize_records(tok, data, max_length=100, overlong="truncate")
+    # the reply sits after the 200 prompt characters: nothing to learn survives, so it is dropped too
+    assert len(kept) == 1 and len(issues) == 2 and "no trainable tokens" in issues[1].reason
+    full = len(tokenize_chat(tok, data.chats[1]))
+    kept, issues = tokenize_records(tok, data, max_length=full - 3, overlong="truncate")
+    assert len(kept) == 2 and len(kept[1]) == full - 3 and len(issues) == 1
+    assert kept[1].labels[-1] != IGNORE_INDEX
+    with pytest.raises(DataError, match="max_length 100"):
+        tokenize_records(tok, data, max_length=100, overlong="error")
+    with pytest.raises(ValueError, match="overlong must be"):
+        tokenize_records(tok, data, max_length=100, overlong="cut")
+
+
+def test_split_is_deterministic_and_independent_of_row_order(tmp_path):
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(50)]
+    a = load_records(write_jsonl(tmp_path / "a.jsonl", rows))
+    b = load_records(write_jsonl(tmp_path / "b.jsonl", rows[::-1]))
+    train_a, val_a, test_a = split_records(a, 0.1, 0.2, seed=3)
+    train_b, val_b, test_b = split_records(b, 0.1, 0.2, seed=3)
+    assert (len(train_a), len(val_a), len(test_a)) == (35, 5, 10)
+    for x, y in ((train_a, train_b), (val_a, val_b), (test_a, test_b)):
+        assert sorted(map(json.dumps, x.chats)) == sorted(map(json.dumps, y.chats))
+    assert split_records(a, 0.1, 0.2, seed=3)[2].chats == test_a.chats
+    assert split_records(a, 0.1, 0.2, seed=4)[2].chats != test_a.chats
+    everything = {json.dumps(c) for part in (train_a, val_a, test_a) for c in part.chats}
+    assert len(everything) == 50
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_records(a, 1.5, 0.0)
+
+
+def test_packing_keeps_every_example_whole():
+    examples = [Example(list(range(n)), [IGNORE_INDEX] * (n - 1) + [1]) for n in (5, 9, 1, 7, 3, 8, 2, 5)]
+    packed = pack_examples(examples, max_length=10)
+    assert all(len(p) <= 10 for p in packed)
+    assert sum(len(p) for p in packed) == sum(len(e) for e in examples)
+    assert sum(p.num_labels for p in packed) == sum(e.num_labels for e in examples)
+    assert len(packed) == 4  # 40 tokens in bins of 10: first-fit decreasing fills every bin here
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_examples([Example([1] * 11, [1] * 11)], 10)
+
+
+def test_collator_pads_right_and_masks():
+    batch = Collator(pad_token_id=0, pad_to_multiple_of=4)([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
+
+
+def test_prepare_dataset_end_to_end(tok, tmp_path):
+    rows = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(40)]
+    rows += ["{broken", {"prompt": "question 0", "response": "answer 0"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = prepare_dataset(tok, path, max_length=128, val_fraction=0.1, test_fraction=0.1, seed=0, packing=True)
+    assert len(data.validation) == 4 and len(data.test) == 4
+    assert sum(e.num_labels for e in data.train) == sum(
+        e.num_labels for e in tokenize_records(tok, data.raw["train"], 128)[0])
+    assert all(len(e) <= 128 for e in data.train) and len(data.train) <= 16  # ~45 tokens each: 2 per sequence
+    report = data.report()
+    assert "2 record(s) skipped" in report and "invalid JSON" in report and "duplicate" in report
+    with pytest.raises(DataError):
+        prepare_dataset(tok, path, strict=True)
