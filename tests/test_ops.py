@@ -66,27 +66,37 @@ def test_opcheck(case, backend_name, backend):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("trainable_base", [False, True])
 def test_lora_linear_matches_reference_autograd(backend_name, dropout_p, trainable_base, backend):
+    """Through the op's autograd, every backend matches the float64 reference composition."""
     backend(backend_name)
-    x, w, b, a, bb = _lora_args(torch.float64)
+    dtype = torch.float64 if backend_name == "reference" else torch.float32
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    x, w, b, a, bb = _lora_args(dtype)
     x = x.reshape(7, 1, 65).expand(7, 3, 65)  # non-contiguous, batched input
     leaves = [t.clone().requires_grad_() for t in (x, w, b, a, bb)]
     leaves[1].requires_grad_(trainable_base)
     seed = torch.tensor([42])
     y = ops.lora_linear(*leaves, 0.5, dropout_p, seed)
-    want_leaves = [t.clone().requires_grad_(t.requires_grad) for t in leaves]
+    want_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     want = ref.lora_linear(*want_leaves, 0.5, dropout_p, seed)
-    torch.testing.assert_close(y, want)
-    dy = torch.randn_like(y)
-    need = [t for t in leaves if t.requires_grad]
-    got = torch.autograd.grad(y, need, dy)
+    torch.testing.assert_close(y.double(), want, **tol)
+    dy = torch.randn_like(want)
+    got = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy.to(dtype))
     exp = torch.autograd.grad(want, [t for t in want_leaves if t.requires_grad], dy)
+    assert len(got) == (5 if trainable_base else 4)
     for gg, ee in zip(got, exp):
-        torch.testing.assert_close(gg, ee)
+        torch.testing.assert_close(gg.double(), ee, **tol)
 
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-def test_gradcheck_through_ops(backend_name, backend):
-    backend(backend_name)
+def test_forced_backend_rejecting_dtype_is_an_error(backend):
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("cpu backend not built")
+    backend("cpu")
+    with pytest.raises(ops.BackendUnavailable, match="LORAKERN_BACKEND=cpu: lora_linear_fwd not supported here"):
+        ops.lora_linear(*_lora_args(torch.float64))
+
+
+def test_gradcheck_through_ops(backend):
+    backend("reference")  # gradcheck needs float64, which only the reference runs
     x, w, b, a, bb = (t.requires_grad_() for t in _lora_args(torch.float64, m=3, k=9, n=5, r=2))
     seed = torch.tensor([8])
     assert torch.autograd.gradcheck(lambda *t: ops.lora_linear(*t, 1.5, 0.2, seed), (x, w, b, a, bb))
