@@ -155,8 +155,8 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         offset = absmax.mean()
         qabsmax, nested = _nf4.quantize_blockwise_8bit(absmax - offset, _nf4.dynamic_map(), NESTED_BLOCKSIZE)
         return NF4Weight(packed, qabsmax, nested, _nf4.dynamic_map(), offset.reshape(1), tuple(w.shape), blocksize, w.dtype)
-    empty = torch.empty(0, dtype=torch.float32)
-    return NF4Weight(packed, absmax, empty, empty, torch.zeros(1), tuple(w.shape), blocksize, w.dtype)
+    return NF4Weight(packed, absmax, _nf4._empty_f32("cpu"), _nf4._empty_f32("cpu"), torch.zeros(1), tuple(w.shape),
+                     blocksize, w.dtype)
 
 
 def nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
