@@ -11,6 +11,7 @@
 //   nf4_gemv         y[M, N] = x W^T + bias + scaling * xa B^T for M <= 16
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 
 #include "lorakern/common.h"
@@ -76,7 +77,7 @@ template <DType D>
 LK_HD void dequant_emit(const DequantArgs& a, int64_t tile, int tid, const DequantShared& s) {
   using T = typename Elem<D>::T;
   T* out = static_cast<T*>(a.out);
-#pragma unroll
+LK_UNROLL
   for (int i = 0; i < kDequantWordsPerThread; ++i) {
     const int w = tid + kDequantThreads * i;
     const int64_t v = tile * kDequantTileValues + 8 * static_cast<int64_t>(w);
@@ -84,7 +85,7 @@ LK_HD void dequant_emit(const DequantArgs& a, int64_t tile, int tid, const Dequa
     const uint32_t word = s.packed[w >> 2].w[w & 3];
     const float am = s.absmax[w >> 3];
     float vals[8];
-#pragma unroll
+LK_UNROLL
     for (int j = 0; j < 8; ++j) vals[j] = mul_rn(s.code[word_nibble(word, j)], am);
     if (a.vec_out && v + 8 <= a.q.numel) {
       store8_vec<D>(out, v, vals);
@@ -134,16 +135,16 @@ LK_HD void lora_down_thread(const LoraDownArgs& a, int jgroup, int split, int ti
   const int64_t k1 = k0 + a.kchunk < a.k ? k0 + a.kchunk : a.k;
   for (int64_t k = k0 + tid; k < k1; k += kLoraThreads) {
     float av[kLoraRanksPerCta];
-#pragma unroll
+LK_UNROLL
     for (int jj = 0; jj < kLoraRanksPerCta; ++jj) av[jj] = j0 + jj < a.r ? Elem<D>::load(load_ro(lora_a + (j0 + jj) * a.k + k)) : 0.0f;
-#pragma unroll
+LK_UNROLL
     for (int m = 0; m < MT; ++m) {
       if (m >= a.m) break;
       const int64_t i = m * a.k + k;
       float xv = Elem<D>::load(load_ro(x + i));
       // drop(x) as the reference computes it: x * keep, times 1/(1-p), rounded to x's dtype.
       if (a.dropout) xv = dropout_keep(key, i, a.threshold) ? round_to<D>(xv * a.keep_scale) : 0.0f;
-#pragma unroll
+LK_UNROLL
       for (int jj = 0; jj < kLoraRanksPerCta; ++jj) acc[m][jj] = fmaf(xv, av[jj], acc[m][jj]);
     }
   }
@@ -202,14 +203,14 @@ LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* co
   using T = typename Elem<D>::T;
   const T* x = static_cast<const T*>(a.x);
   const int64_t row0 = n * a.k;
-#pragma unroll
+LK_UNROLL
   for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
   if constexpr (kVec) {
     const int64_t nblk = a.k / kNf4BlockAlign;
     // Not unrolled: unrolling hoists the x loads of several blocks and doubles
     // the registers (32 -> 67 at M = 1 on sm_80), halving occupancy; the 64 warps
     // of an SM already keep enough weight bytes in flight.
-#pragma unroll 1
+LK_NO_UNROLL
     for (int64_t c = lane; c < nblk; c += 32) {
       const int64_t v0 = row0 + kNf4BlockAlign * c;
       const uint8_t* p = a.w.packed + (v0 >> 1);
@@ -217,34 +218,34 @@ LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* co
       const Vec16 hi = load_vec16(p + 16);
       const float am = nf4_absmax(a.w, v0 >> a.w.log2_blocksize);
       float part[MT];
-#pragma unroll
+LK_UNROLL
       for (int m = 0; m < MT; ++m) part[m] = 0.0f;
-#pragma unroll
+LK_UNROLL
       for (int wi = 0; wi < 8; ++wi) {
         const uint32_t word = wi < 4 ? lo.w[wi] : hi.w[wi - 4];
         float wv[8];
-#pragma unroll
+LK_UNROLL
         for (int j = 0; j < 8; ++j) wv[j] = code[word_nibble(word, j)];
-#pragma unroll
+LK_UNROLL
         for (int m = 0; m < MT; ++m) {
           // Rows past M re-read row 0 (an L1 hit) into a sum nobody stores:
           // cheaper than a branch in the innermost loop.
           const int64_t xm = m < a.m ? m : 0;
           float xv[8];
           load8<D, true>(x, xm * a.k + kNf4BlockAlign * c + 8 * wi, xv);
-#pragma unroll
+LK_UNROLL
           for (int j = 0; j < 8; ++j) part[m] = fmaf(wv[j], xv[j], part[m]);
         }
       }
-#pragma unroll
+LK_UNROLL
       for (int m = 0; m < MT; ++m) acc[m] = fmaf(am, part[m], acc[m]);
     }
   } else {
-#pragma unroll 1
+LK_NO_UNROLL
     for (int64_t k = lane; k < a.k; k += 32) {
       const int64_t v = row0 + k;
       const float wv = mul_rn(code[nf4_nibble(a.w.packed, v)], nf4_absmax(a.w, v >> a.w.log2_blocksize));
-#pragma unroll
+LK_UNROLL
       for (int m = 0; m < MT; ++m) {
         const int64_t xm = m < a.m ? m : 0;
         acc[m] = fmaf(wv, Elem<D>::load(load_ro(x + xm * a.k + k)), acc[m]);
@@ -256,7 +257,7 @@ LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* co
     const T* b = static_cast<const T*>(a.lora_b) + n * a.r;
     for (int j = lane; j < a.r; j += 32) {
       const float bj = a.scaling * Elem<D>::load(load_ro(b + j));
-#pragma unroll
+LK_UNROLL
       for (int m = 0; m < MT; ++m) {
         const int xm = m < a.m ? m : 0;
         acc[m] = fmaf(xa[xm * a.r + j], bj, acc[m]);
@@ -265,7 +266,7 @@ LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* co
   }
   if (lane == 0 && a.bias != nullptr) {
     const float bv = Elem<D>::load(load_ro(static_cast<const T*>(a.bias) + n));
-#pragma unroll
+LK_UNROLL
     for (int m = 0; m < MT; ++m) acc[m] += bv;
   }
 }

@@ -17,6 +17,16 @@
 #include <cuda_fp16.h>
 #endif
 
+// Loop unrolling hints for the device pass only: host compilers (g++ -Wall,
+// also when nvcc drives them on a .cpp file) warn about the unknown pragma.
+#if defined(__CUDA_ARCH__)
+#define LK_UNROLL _Pragma("unroll")
+#define LK_NO_UNROLL _Pragma("unroll 1")
+#else
+#define LK_UNROLL
+#define LK_NO_UNROLL
+#endif
+
 namespace lorakern {
 
 // dtype codes shared with Python (lorakern/kernels/cuda.py) and the bindings.
@@ -65,13 +75,13 @@ LK_HD float bits_to_float(uint32_t u) {
 #endif
 }
 
-// fp32 -> bf16, round to nearest even (torch's rule; NaN -> canonical quiet NaN 0x7FC0).
+// fp32 -> bf16, round to nearest even (torch's rule; any NaN -> torch's 0x7FC0).
 LK_HD uint16_t float_to_bf16_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
   const uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>(0x7FC0u | ((u >> 16) & 0x8000u));
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 #endif
 }
@@ -194,7 +204,7 @@ LK_HD void load8(const typename Elem<D>::T* base, int64_t i, float out[8]) {
   using T = typename Elem<D>::T;
   if constexpr (kVec && sizeof(T) == 2) {
     const Vec16 v = load_vec16(base + i);
-#pragma unroll
+LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       out[2 * j] = Elem<D>::load(static_cast<T>(v.w[j] & 0xFFFFu));
       out[2 * j + 1] = Elem<D>::load(static_cast<T>(v.w[j] >> 16));
@@ -202,13 +212,13 @@ LK_HD void load8(const typename Elem<D>::T* base, int64_t i, float out[8]) {
   } else if constexpr (kVec) {
     const Vec16 a = load_vec16(base + i);
     const Vec16 b = load_vec16(base + i + 4);
-#pragma unroll
+LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       out[j] = bits_to_float(a.w[j]);
       out[4 + j] = bits_to_float(b.w[j]);
     }
   } else {
-#pragma unroll
+LK_UNROLL
     for (int j = 0; j < 8; ++j) out[j] = Elem<D>::load(load_ro(base + i + j));
   }
 }
@@ -219,7 +229,7 @@ template <DType D>
 LK_HD void store8_vec(typename Elem<D>::T* base, int64_t i, const float v[8]) {
   if constexpr (D == DType::kFloat32) {
     Vec16 a, b;
-#pragma unroll
+LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       a.w[j] = float_to_bits(v[j]);
       b.w[j] = float_to_bits(v[4 + j]);
@@ -228,7 +238,7 @@ LK_HD void store8_vec(typename Elem<D>::T* base, int64_t i, const float v[8]) {
     store_vec16(base + i + 4, b);
   } else {
     Vec16 a;
-#pragma unroll
+LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       a.w[j] = static_cast<uint32_t>(Elem<D>::store(v[2 * j])) | (static_cast<uint32_t>(Elem<D>::store(v[2 * j + 1])) << 16);
     }

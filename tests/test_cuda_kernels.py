@@ -1,0 +1,444 @@
+"""The CUDA backend (csrc/cuda, lorakern.kernels.cuda).
+
+Without a GPU:
+* tests/host/nf4_host.cpp runs the ``__host__ __device__`` code of the kernels
+  on the CPU (built with g++ under ASan/UBSan): NF4 codes and nibbles, absmax
+  decode, mix32 / dropout, fp32 -> bf16 / fp16 rounding, and the dequantize,
+  LoRA down-projection and GEMV kernel bodies under a loop emulation of the
+  grid. Its outputs are compared here with lorakern.formats / lorakern.reference.
+* every csrc/cuda/*.cu compiles for sm_80 and sm_90a with warnings and spills as
+  errors (.ci/cuda_check.sh), when nvcc is present;
+* the built module imports without a driver and its first call says why CUDA is unusable.
+
+With a GPU (``pytest -m gpu``): the real kernels against the reference at model
+shapes (4096 x 4096, 4096 x 14336) and odd ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorakern.formats import nf4
+from lorakern.reference import dropout as ref_dropout
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_SRC = ROOT / "tests" / "host" / "nf4_host.cpp"
+INCLUDE = ROOT / "csrc" / "include"
+HOST_FLAGS = ["-std=c++17", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-fsanitize=address,undefined",
+              "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+# --------------------------------------------------------------------------- host program
+
+
+def _host_sources_digest() -> str:
+    h = hashlib.sha1(" ".join(HOST_FLAGS).encode())
+    for p in [HOST_SRC, *sorted(INCLUDE.glob("lorakern/*.h"))]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def host_bin() -> Path:
+    """tests/host/nf4_host.cpp built with sanitizers (cached in build/ by source hash)."""
+    gxx = shutil.which(os.environ.get("CXX", "g++"))
+    if gxx is None:
+        pytest.skip("g++ not found: host tests of the CUDA kernel code need a C++17 compiler")
+    out = ROOT / "build" / "host_tests" / _host_sources_digest() / "nf4_host"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        r = subprocess.run([gxx, *HOST_FLAGS, f"-I{INCLUDE}", str(HOST_SRC), "-o", str(tmp)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.fail(f"building {HOST_SRC.name} failed:\n{r.stderr[-4000:]}")
+        tmp.rename(out)
+    return out
+
+
+def run_host(binary: Path, cmd: str, d: Path, *args) -> None:
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    r = subprocess.run([str(binary), cmd, str(d), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, f"nf4_host {cmd} {args} exited with {r.returncode}:\n{r.stderr[-4000:]}"
+
+
+def write(d: Path, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tofile(d / name)
+
+
+def read(d: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
+    np_dtype = {torch.uint8: np.uint8, torch.int32: np.int32, torch.int16: np.int16, torch.float32: np.float32}
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.from_numpy(np.fromfile(d / name, dtype=np.int16)).view(dtype)
+    return torch.from_numpy(np.fromfile(d / name, dtype=np_dtype[dtype]))
+
+
+def write_weight(d: Path, q: nf4.NF4Weight) -> None:
+    write(d, "packed.u8", q.packed)
+    if q.double_quant:
+        write(d, "absmax.u8", q.absmax)
+        write(d, "nested.f32", q.nested_absmax)
+        write(d, "code.f32", q.nested_code)
+        write(d, "offset.f32", q.offset)
+    else:
+        write(d, "absmax.f32", q.absmax)
+
+
+def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    g, w = got.view(INT_VIEW[got.dtype]), want.view(INT_VIEW[want.dtype])
+    bad = (g != w).nonzero().flatten()
+    assert bad.numel() == 0, (f"{what}: {bad.numel()} of {g.numel()} elements differ; first at {bad[:5].tolist()}: "
+                              f"got {got[bad[:5]].tolist()} want {want[bad[:5]].tolist()}")
+
+
+# ----------------------------------------------------------------------- device math
+
+
+def test_host_codes_match_the_nf4_table(host_bin, tmp_path):
+    run_host(host_bin, "codes", tmp_path)
+    assert_bits_equal(read(tmp_path, "codes.u32", torch.int32).view(torch.float32), nf4.NF4_CODE, "nf4_code")
+
+
+def test_host_nibbles_of_every_byte(host_bin, tmp_path):
+    # Every byte value, in an order where each 32-bit word mixes them.
+    packed = torch.cat([torch.arange(256, dtype=torch.uint8), torch.randperm(256).to(torch.uint8)])
+    write(tmp_path, "packed.u8", packed)
+    run_host(host_bin, "nibbles", tmp_path)
+    want = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)  # the format: first value in the high nibble
+    assert torch.equal(read(tmp_path, "nib.u8", torch.uint8), want)
+    assert torch.equal(read(tmp_path, "word_nib.u8", torch.uint8), want)
+
+
+def test_host_absmax_decode_is_bit_exact(host_bin, tmp_path):
+    # 1000 blocks: three full nested blocks of 256 and a partial one.
+    q = nf4.quantize(torch.randn(1000 * 64) * torch.rand(1000).repeat_interleave(64) * 3, 64, True)
+    write_weight(tmp_path, q)
+    run_host(host_bin, "absmax", tmp_path, q.nblocks)
+    assert_bits_equal(read(tmp_path, "absmax.f32", torch.float32), nf4.decode_absmax(q), "absmax")
+
+
+def test_host_mix32_matches_reference(host_bin, tmp_path):
+    edge = torch.tensor([0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xDEADBEEF], dtype=torch.int64)
+    x = torch.cat([edge, torch.randint(0, 2**32, (5000,), dtype=torch.int64)])
+    x.numpy().astype(np.uint32).tofile(tmp_path / "in.u32")
+    run_host(host_bin, "mix32", tmp_path)
+    got = read(tmp_path, "out.u32", torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(got, ref_dropout.mix32(x))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**31 - 1, -5, 2**40 + 7])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_host_dropout_mask_matches_reference(host_bin, tmp_path, seed, p):
+    rows, cols = 7, 65
+    run_host(host_bin, "dropout", tmp_path, seed, repr(p), rows, cols)
+    want = ref_dropout.dropout_mask(torch.tensor([seed], dtype=torch.int64), rows, cols, p)
+    got = read(tmp_path, "keep.u8", torch.uint8).reshape(rows, cols).bool()
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {rows * cols} mask bits differ"
+
+
+def test_host_float_rounding_matches_torch(host_bin, tmp_path):
+    # Random bit patterns (every exponent, subnormals, inf) plus rounding ties and fp16 edges.
+    bits = torch.randint(-(2**31), 2**31, (200000,), dtype=torch.int64).to(torch.int32)
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 6.1035156e-05, 5.9604645e-08, 2.9802322e-08,
+                          2.9802326e-08, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-11, 1.0 + 3 * 2**-11,
+                          float("inf"), -float("inf"), 3.4028235e38], dtype=torch.float32)
+    x = torch.cat([bits.view(torch.float32), edges])
+    x = x[~torch.isnan(x)]
+    write(tmp_path, "in.f32", x)
+    write(tmp_path, "h.u16", torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16))
+    run_host(host_bin, "convert", tmp_path)
+    assert_bits_equal(read(tmp_path, "bf16.u16", torch.bfloat16), x.to(torch.bfloat16), "float -> bfloat16")
+    assert_bits_equal(read(tmp_path, "f16.u16", torch.float16), x.to(torch.float16), "float -> float16")
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    got, want = read(tmp_path, "h2f.f32", torch.float32), halves.float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert_bits_equal(got[~nan], want[~nan], "float16 -> float")
+
+
+# -------------------------------------------------------------------- emulated kernels
+
+
+def _weight(numel: int, blocksize: int, double_quant: bool) -> nf4.NF4Weight:
+    w = torch.randn(numel) * (1.0 + torch.rand(numel))
+    return nf4.quantize(w, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("numel,blocksize,double_quant,shift_in,shift_out", [
+    (1, 64, True, 0, 0),
+    (63, 64, True, 0, 0),
+    (65, 64, False, 0, 0),
+    (8191, 64, True, 0, 0),          # one value short of a full 8192-value tile
+    (8192 + 64 * 3 + 5, 64, True, 0, 0),
+    (64 * 600 + 33, 64, True, 1, 3),  # misaligned packed bytes and output: the scalar paths
+    (4096 * 5 + 17, 128, True, 0, 0),
+    (4096 * 3, 4096, False, 0, 1),
+])
+def test_host_dequantize_kernel_is_bit_exact(host_bin, tmp_path, dtype, numel, blocksize, double_quant, shift_in, shift_out):
+    q = _weight(numel, blocksize, double_quant)
+    write_weight(tmp_path, q)
+    run_host(host_bin, "dequant", tmp_path, numel, blocksize, int(double_quant), DTYPE_CODE[dtype], shift_in, shift_out)
+    assert_bits_equal(read(tmp_path, "out.bin", dtype), nf4.dequantize(q, dtype).reshape(-1), "dequantize")
+
+
+def test_host_dequantize_decodes_every_byte(host_bin, tmp_path):
+    # Packed bytes need not come from quantize: every (high, low) nibble pair, many times.
+    q = _weight(64 * 300, 64, True)
+    q = q._replace(packed=torch.arange(q.packed.numel(), dtype=torch.int64).mul(7).remainder(256).to(torch.uint8))
+    write_weight(tmp_path, q)
+    run_host(host_bin, "dequant", tmp_path, q.numel, 64, 1, 0, 0, 0)
+    assert_bits_equal(read(tmp_path, "out.bin", torch.float32), nf4.dequantize(q, torch.float32).reshape(-1), "dequantize")
+
+
+# Relative error bound per dtype, applied to sum |terms| (fp32 accumulation; x, A,
+# B and the result rounded to the dtype, xa rounded to the dtype before B).
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _gemv_inputs(m, n, k, r, dtype, bias, blocksize=64, double_quant=True):
+    q = _weight(n * k, blocksize, double_quant)
+    q = q._replace(shape=(n, k))
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    lora_a = (torch.randn(r, k) / k**0.5).to(dtype) if r else None
+    lora_b = torch.randn(n, r).to(dtype) if r else None
+    return q, x, b, lora_a, lora_b
+
+
+def _expected(q, x, bias, lora_a, lora_b, scaling, p, seed):
+    """Reference (y, xa) in float64 from the dtype inputs, and error scales sum |terms| for each."""
+    w = nf4.dequantize(q, torch.float64)
+    xd = x.double()
+    y, mag = xd @ w.t(), xd.abs() @ w.abs().t()
+    if bias is not None:
+        y, mag = y + bias.double(), mag + bias.double().abs()
+    xa = xa_mag = None
+    if lora_a is not None:
+        xdrop = ref_dropout.apply_dropout(x, torch.tensor([seed]), p).double()  # the mask, in x's dtype, as the reference
+        xa, xa_mag = xdrop @ lora_a.double().t(), xdrop.abs() @ lora_a.double().abs().t()
+        y = y + scaling * (xa @ lora_b.double().t())
+        mag = mag + abs(scaling) * ((xa.abs() + xa_mag * TOL[x.dtype]) @ lora_b.double().abs().t())
+    return y, mag, xa, xa_mag
+
+
+def _assert_close(got, want, mag, dtype, what):
+    err = (got.double() - want).abs()
+    bound = TOL[dtype] * mag + 1e-30
+    bad = (err > bound) | ~torch.isfinite(got.double())
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {got.numel()} elements off; worst at "
+                           f"{divmod(int((err / bound).argmax()), got.shape[-1])}: got {got.flatten()[(err / bound).argmax()].item()} "
+                           f"want {want.flatten()[(err / bound).argmax()].item()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,r,bias,p,vec", [
+    (1, 9, 4096, 16, True, 0.0, True),
+    (1, 33, 64, 0, False, 0.0, True),
+    (2, 17, 128, 5, True, 0.25, True),
+    (3, 5, 192, 8, False, 0.0, False),   # K % 64 == 0 but the nibble-at-a-time path
+    (7, 13, 63, 4, True, 0.1, False),    # odd K: rows start mid-byte
+    (16, 6, 65, 33, True, 0.5, False),
+    (5, 7, 1088, 3, False, 0.0, True),   # M -> the 16-row kernel, 17 blocks per row
+])
+def test_host_gemv_kernel_matches_reference(host_bin, tmp_path, dtype, m, n, k, r, bias, p, vec):
+    q, x, b, lora_a, lora_b = _gemv_inputs(m, n, k, r, dtype, bias)
+    scaling, seed = 0.75, 2024 + m
+    write_weight(tmp_path, q)
+    write(tmp_path, "x.bin", x)
+    if b is not None:
+        write(tmp_path, "bias.bin", b)
+    if r:
+        write(tmp_path, "lora_a.bin", lora_a)
+        write(tmp_path, "lora_b.bin", lora_b)
+    run_host(host_bin, "gemv", tmp_path, m, n, k, r, 64, 1, DTYPE_CODE[dtype], int(bias), repr(scaling), repr(p), seed, int(vec))
+    y_want, mag, xa_want, xa_mag = _expected(q, x, b, lora_a, lora_b, scaling, p, seed)
+    _assert_close(read(tmp_path, "y.bin", dtype).reshape(m, n), y_want, mag, dtype, "y")
+    if r:
+        _assert_close(read(tmp_path, "xa.bin", dtype).reshape(m, r), xa_want, xa_mag, dtype, "xa")
+
+
+# ------------------------------------------------------------------------ CUDA build
+
+
+def _nvcc() -> str | None:
+    for c in (os.environ.get("LORAKERN_NVCC"), os.environ.get("CUDA_HOME") and os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"),
+              shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+@pytest.mark.slow  # 50-90 s on the 2-core CI machine (user time ~23 s; 2 archs x 2 files + bindings)
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_sources_compile_without_warnings_or_spills():
+    r = subprocess.run(["bash", str(ROOT / ".ci" / "cuda_check.sh"), "compile"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, f".ci/cuda_check.sh compile failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+def _built_module():
+    try:
+        from lorakern import _cuda
+    except ImportError as e:
+        pytest.skip(f"lorakern._cuda not built ({e})")
+    return _cuda
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA driver")
+def test_module_imports_without_driver_and_first_call_says_why():
+    _cuda = _built_module()
+    with pytest.raises(RuntimeError, match="CUDA is not usable here: cudaGetDeviceCount"):
+        _cuda.nf4_dequantize(packed=16, absmax=16, nested_absmax=16, nested_code=16, offset=16, double_quant=True,
+                             numel=64, blocksize=64, out=16, out_dtype=0, device=0, stream=0)
+
+
+def test_module_checks_arguments_before_touching_the_device():
+    _cuda = _built_module()
+    base = dict(packed=16, absmax=16, nested_absmax=16, nested_code=16, offset=16, double_quant=True, numel=64,
+                blocksize=64, out=16, out_dtype=2, device=0, stream=0)
+    for change, message in [(dict(blocksize=32), "blocksize must be a power of two in \\[64, 4096\\], got 32"),
+                            (dict(numel=0), "numel must be positive"), (dict(out_dtype=5), "out_dtype must be a dtype code"),
+                            (dict(nested_code=0), "nested_code is a null pointer"),
+                            (dict(offset=18), "offset .* is not aligned to 4 bytes")]:
+        with pytest.raises(ValueError, match=message):
+            _cuda.nf4_dequantize(**{**base, **change})
+    gemv = dict(x=16, x_dtype=2, m=1, n=4, k=64, packed=16, absmax=16, nested_absmax=16, nested_code=16, offset=16,
+                double_quant=True, blocksize=64, bias=0, y=16, r=0, lora_a=0, lora_b=0, scaling=1.0, dropout_p=0.0,
+                seed=0, xa_out=0, workspace=0, device=0, stream=0)
+    for change, message in [(dict(m=17), "M \\(rows of x\\) must be in \\[1, 16\\], got 17"), (dict(m=0), "M \\(rows"),
+                            (dict(r=300), "r \\(LoRA rank\\) must be in \\[0, 256\\]"),
+                            (dict(r=4, lora_b=16, lora_a=16, seed=16, xa_out=16, workspace=16, dropout_p=1.0), "dropout_p"),
+                            (dict(r=4, lora_b=16, seed=16, xa_out=16, workspace=16), "lora_a is a null pointer")]:
+        with pytest.raises(ValueError, match=message):
+            _cuda.nf4_gemv(**{**gemv, **change})
+    assert _cuda.lora_workspace_floats(1, 4096, 16) > 0 and _cuda.lora_workspace_floats(4, 4096, 0) == 0
+
+
+def test_supports_declines_what_the_kernels_do_not_run():
+    from lorakern.kernels import cuda as backend
+
+    q = nf4.quantize(torch.randn(8, 64))
+    assert "CUDA tensors" in backend.supports("nf4_dequantize", q, torch.bfloat16)
+    ok, reason = backend.availability()
+    assert ok == (backend._cuda is not None and torch.cuda.is_available()) and reason
+
+
+# --------------------------------------------------------------------------------- GPU
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_backend():
+    from lorakern.kernels import cuda as backend
+
+    ok, reason = backend.availability()
+    if not ok:
+        pytest.fail(f"CUDA backend unavailable on a GPU machine: {reason}")
+    return backend
+
+
+def _poison_allocator(nbytes: int) -> None:
+    """Leave NaN bytes in the blocks the caching allocator hands out next, so unwritten outputs show."""
+    junk = torch.full((nbytes // 4 + 64,), float("nan"), device="cuda")
+    del junk
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,blocksize,double_quant", [
+    ((4096, 4096), 64, True), ((4096, 14336), 64, True), ((14336, 4096), 64, False),
+    ((1, 63), 64, True), ((33, 65), 64, False), ((4097, 17), 128, True), ((3, 5, 7), 64, True),
+])
+def test_gpu_dequantize_bit_exact(dtype, shape, blocksize, double_quant):
+    backend = _cuda_backend()
+    q = nf4.quantize(torch.randn(shape, device="cuda"), blocksize, double_quant)
+    _poison_allocator(q.numel * dtype.itemsize)
+    got = backend.nf4_dequantize(q, dtype)
+    torch.cuda.synchronize()
+    assert got.shape == torch.Size(shape) and got.dtype == dtype
+    assert_bits_equal(got.reshape(-1).cpu(), nf4.dequantize(q, dtype).reshape(-1).cpu(), "dequantize")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_dequantize_misaligned_views():
+    backend = _cuda_backend()
+    q = nf4.quantize(torch.randn(1000, 72, device="cuda"))
+    buf = torch.empty(q.packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    buf[1:] = q.packed
+    q2 = q._replace(packed=buf[1:])  # starts one byte past an allocation: the byte-load path
+    assert_bits_equal(backend.nf4_dequantize(q2, torch.bfloat16).reshape(-1).cpu(),
+                      nf4.dequantize(q, torch.bfloat16).reshape(-1).cpu(), "dequantize (misaligned)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,r,bias,p", [
+    (1, 4096, 4096, 16, True, 0.0),
+    (1, 4096, 14336, 16, False, 0.0),
+    (1, 14336, 4096, 64, False, 0.1),
+    (16, 4096, 4096, 8, True, 0.0),
+    (7, 33, 65, 4, True, 0.5),
+    (1, 129, 63, 1, False, 0.0),
+    (3, 7, 4095, 256, True, 0.2),
+    (5, 11, 64, 0, True, 0.0),
+])
+def test_gpu_gemv_matches_reference(dtype, m, n, k, r, bias, p):
+    backend = _cuda_backend()
+    torch.manual_seed(m * 1000 + n + k)
+    q, x, b, lora_a, lora_b = _gemv_inputs(m, n, k, r, dtype, bias)
+    q, x = q.to("cuda"), x.cuda()
+    b = None if b is None else b.cuda()
+    seed = torch.tensor([77 + m], dtype=torch.int64, device="cuda")
+    scaling = 0.5
+    _poison_allocator((m * n + m * max(r, 1)) * dtype.itemsize)
+    if r:
+        y, xa = backend.qlora_linear_fwd(x, q, b, lora_a.cuda(), lora_b.cuda(), scaling, p, seed)
+    else:
+        y, xa = backend.nf4_matmul(x, q, b), None
+    torch.cuda.synchronize()
+    y_want, mag, xa_want, xa_mag = _expected(q.to("cpu"), x.cpu(), None if b is None else b.cpu(), lora_a, lora_b,
+                                             scaling, p, 77 + m)
+    _assert_close(y.cpu(), y_want, mag, dtype, "y")
+    if r:
+        _assert_close(xa.cpu(), xa_want, xa_mag, dtype, "xa")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_registry_picks_cuda_for_small_m_only():
+    from lorakern.ops import _registry
+
+    mod = _cuda_backend()
+    q = nf4.quantize(torch.randn(64, 128, device="cuda"))
+    x16, x17 = torch.randn(16, 128, device="cuda"), torch.randn(17, 128, device="cuda")
+    assert mod.supports("nf4_matmul", x16, q, None) is None
+    assert "1..16 rows" in mod.supports("nf4_matmul", x17, q, None)
+    assert _registry.pick("nf4_matmul", "cuda", (x17, q, None)) is not mod
+    with pytest.raises(ValueError, match="1 <= M <= 16"):
+        mod.nf4_matmul(x17, q, None)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_runs_on_torch_current_stream():
+    backend = _cuda_backend()
+    q = nf4.quantize(torch.randn(2048, 2048, device="cuda"))
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        got = backend.nf4_dequantize(q, torch.float32)
+    s.synchronize()
+    assert_bits_equal(got.reshape(-1).cpu(), nf4.dequantize(q, torch.float32).reshape(-1).cpu(), "dequantize on a side stream")
