@@ -1,4 +1,12 @@
-"""Tiny models for patching tests: every supported family from a small config (hidden 32-64, 2 layers, vocab 128).
+"""Tiny models for patching tests: every supported family from a small config (hidden 64, 2 layers, vocab 128).
+
+Every in_features is a multiple of 64: bitsandbytes 0.50.2 dequantizes NF4 wrongly
+on CPU when in_features is not a multiple of the block size (a [40, 32] weight
+decodes with the absmax of the wrong block, errors up to 1.5 for N(0, 1) weights,
+although its packed bytes equal ours), and the QLoRA tests compare against it.
+
+Model-level dropout is off everywhere so that train mode and eval mode compute the
+same function (comparisons with PEFT run in train mode, see test_peft_interop).
 
 Each builder returns a model in eval mode with a fixed seed, so two calls give
 identical weights. ``FAMILIES`` maps a family name to (builder, example input
@@ -42,63 +50,67 @@ def _causal(config_cls, model_cls, **kw):
 def llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _causal(LlamaConfig, LlamaForCausalLM, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return _causal(LlamaConfig, LlamaForCausalLM, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)(seed)
 
 
 def qwen2(seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return _causal(Qwen2Config, Qwen2ForCausalLM, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return _causal(Qwen2Config, Qwen2ForCausalLM, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)(seed)
 
 
 def mistral(seed=0):
     from transformers import MistralConfig, MistralForCausalLM
 
-    return _causal(MistralConfig, MistralForCausalLM, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return _causal(MistralConfig, MistralForCausalLM, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)(seed)
 
 
 def gemma(seed=0):
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    return _causal(GemmaConfig, GemmaForCausalLM, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)(seed)
+    return _causal(GemmaConfig, GemmaForCausalLM, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)(seed)
 
 
 def phi3(seed=0):
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    return _causal(Phi3Config, Phi3ForCausalLM, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return _causal(Phi3Config, Phi3ForCausalLM, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)(seed)
 
 
 def gpt2(seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return _causal(GPT2Config, GPT2LMHeadModel, n_embd=32, n_layer=2, n_head=4, n_positions=64)(seed)
+    return _causal(GPT2Config, GPT2LMHeadModel, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)(seed)
 
 
 def gpt_neox(seed=0):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    return _causal(GPTNeoXConfig, GPTNeoXForCausalLM, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, max_position_embeddings=64)(seed)
+    return _causal(GPTNeoXConfig, GPTNeoXForCausalLM, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=64, hidden_dropout=0.0,
+                   attention_dropout=0.0)(seed)
 
 
 def opt(seed=0):
     from transformers import OPTConfig, OPTForCausalLM
 
-    return _causal(OPTConfig, OPTForCausalLM, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                   word_embed_proj_dim=32, max_position_embeddings=64)(seed)
+    return _causal(OPTConfig, OPTForCausalLM, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                   word_embed_proj_dim=64, max_position_embeddings=64, dropout=0.0,
+                   attention_dropout=0.0)(seed)
 
 
 def bert(seed=0):
     from transformers import BertConfig, BertForSequenceClassification
 
-    return _causal(BertConfig, BertForSequenceClassification, hidden_size=32, intermediate_size=64,
-                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, num_labels=3)(seed)
+    return _causal(BertConfig, BertForSequenceClassification, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, num_labels=3,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)(seed)
 
 
 def plain(seed=0):
@@ -129,6 +141,15 @@ def example_input(seed: int = 1, batch: int = 2, length: int = 9) -> torch.Tenso
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def loss_of(model: nn.Module, ids: torch.Tensor, family: str) -> torch.Tensor:
+    """Next-token loss for the language models, a 3-class loss for the BERT classifier."""
+    if family == "bert":
+        return model(ids, labels=torch.arange(ids.shape[0]) % 3).loss
+    if family == "plain":
+        return nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    return model(ids, labels=ids).loss
 
 
 def randomize_adapters(model: nn.Module, seed: int = 2, std: float = 0.2) -> None:

@@ -1,0 +1,295 @@
+"""lorakern against PEFT (and PEFT + bitsandbytes NF4) on every supported model family.
+
+With identical adapter weights the two compute the same outputs, a few optimizer
+steps move the loss identically, and adapters travel both ways through PEFT's
+on-disk format. Comparisons run in train mode with model dropout off: the
+bitsandbytes 4-bit layer takes a different (repacking) path in eval mode on
+AVX-512-BF16 CPUs.
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lorakern
+from lorakern.patch import AdapterError, lora_modules
+
+from helpers_models import FAMILIES, example_input, logits, loss_of, randomize_adapters
+
+peft = pytest.importorskip("peft")
+
+HF_FAMILIES = [f for f in FAMILIES if f != "plain"]
+# float32 everywhere: same math, different summation order (PEFT runs base and adapter as separate GEMMs)
+ATOL, RTOL = 2e-5, 2e-5
+
+
+def _peft_model(base, names, r=4, alpha=8, **kw):
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0, **kw)
+    return peft.get_peft_model(base, config)
+
+
+def _peft_layer(peft_model, name):
+    return peft_model.base_model.model.get_submodule(name)
+
+
+def _copy_adapters_to_peft(ours, peft_model):
+    with torch.no_grad():
+        for name, module in lora_modules(ours).items():
+            layer = _peft_layer(peft_model, name)
+            layer.lora_A["default"].weight.copy_(module.lora_A)
+            layer.lora_B["default"].weight.copy_(module.lora_B)
+
+
+def _bnb_from(qlora_module):
+    """A bitsandbytes Linear4bit holding exactly the NF4 bytes of a QLoRALinear (loaded from its state dict)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    sd = {k: v for k, v in qlora_module.state_dict().items() if not k.startswith("lora_")}
+    n, k = qlora_module.out_features, qlora_module.in_features
+    layer = bnb.nn.Linear4bit(k, n, bias="bias" in sd, compute_dtype=torch.float32, quant_type="nf4", device="cpu")
+    stats = {key[len("weight."):]: v for key, v in sd.items() if key.startswith("weight.")}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=layer)
+    if "bias" in sd:
+        layer.bias = nn.Parameter(sd["bias"].clone(), requires_grad=False)
+    return layer
+
+
+def _pair(family, quantize):
+    """(lorakern model, PEFT model) with the same base and identical, nonzero adapters, in train mode."""
+    base = FAMILIES[family][0]()
+    ours = copy.deepcopy(base)
+    names = lorakern.apply_lora(ours, r=4, alpha=8, quantize=quantize)
+    randomize_adapters(ours)
+    theirs = copy.deepcopy(base)
+    if quantize == "nf4":
+        for name in names:  # the PEFT side gets bitsandbytes layers with the very same NF4 bytes
+            parent, _, leaf = name.rpartition(".")
+            setattr(theirs.get_submodule(parent) if parent else theirs, leaf, _bnb_from(ours.get_submodule(name)))
+    fan_in_fan_out = family == "gpt2" and quantize is None
+    theirs = _peft_model(theirs, names, fan_in_fan_out=fan_in_fan_out)
+    _copy_adapters_to_peft(ours, theirs)
+    return ours.train(), theirs.train(), names
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_outputs_and_training_match_peft(family, quantize):
+    ours, theirs, names = _pair(family, quantize)
+    ids = example_input()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
+
+    params_ours = [p for p in ours.parameters() if p.requires_grad]
+    params_theirs = [p for p in theirs.parameters() if p.requires_grad]
+    assert len(params_ours) == len(params_theirs) == 2 * len(names)
+    opt_ours = torch.optim.AdamW(params_ours, lr=1e-2)
+    opt_theirs = torch.optim.AdamW(params_theirs, lr=1e-2)
+    losses = []
+    batch = example_input(seed=10)
+    for _ in range(3):
+        pair = []
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            loss = loss_of(model, batch, family)
+            loss.backward()
+            opt.step()
+            pair.append(loss.item())
+        losses.append(pair)
+    for ours_loss, theirs_loss in losses:
+        assert ours_loss == pytest.approx(theirs_loss, rel=1e-4, abs=1e-5), losses
+    assert losses[-1][0] < losses[0][0], f"three steps did not reduce the loss: {losses}"
+    for name in names:  # after training the adapters themselves agree
+        layer = _peft_layer(theirs, name)
+        torch.testing.assert_close(ours.get_submodule(name).lora_B, layer.lora_B["default"].weight,
+                                   atol=1e-4, rtol=1e-3)
+
+
+def test_bf16_model_matches_peft_within_bf16_rounding():
+    base = FAMILIES["llama"][0]().to(torch.bfloat16)
+    ours = copy.deepcopy(base)
+    names = lorakern.apply_lora(ours, r=4, alpha=8)
+    randomize_adapters(ours)
+    theirs = _peft_model(copy.deepcopy(base), names)
+    _copy_adapters_to_peft(ours, theirs)
+    ids = example_input()
+    with torch.no_grad():
+        a, b = logits(ours, ids).float(), logits(theirs, ids).float()
+    # both keep adapters in float32; PEFT adds the adapter term in float32, lorakern in bf16 (eps 2^-8)
+    assert (a - b).abs().max() <= 0.03 * b.abs().max()
+
+
+# ------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "bert"])
+def test_lorakern_to_peft_to_lorakern(family, tmp_path):
+    build = FAMILIES[family][0]
+    ours = build()
+    lorakern.apply_lora(ours, r=4, alpha=8)
+    randomize_adapters(ours)
+    ids = example_input()
+    with torch.no_grad():
+        expected = logits(ours, ids)
+    lorakern.save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["fan_in_fan_out"] == (family == "gpt2")
+    keys = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.") for k in keys)
+
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(theirs, ids), expected, atol=ATOL, rtol=RTOL)
+    theirs.save_pretrained(tmp_path / "theirs")
+
+    again = build()
+    lorakern.load_adapter(again, tmp_path / "theirs")
+    with torch.no_grad():
+        assert torch.equal(logits(again, ids), expected)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(use_rslora=True), dict(init_lora_weights="gaussian"),
+                                     dict(modules_to_save=["lm_head"])])
+def test_peft_adapter_loads_here(options, tmp_path):
+    build = FAMILIES["llama"][0]
+    theirs = _peft_model(build(), ["q_proj", "v_proj", "down_proj"], r=8, alpha=16, task_type="CAUSAL_LM", **options)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    ids = example_input()
+    with torch.no_grad():
+        expected = logits(theirs.eval(), ids)
+    ours = build()
+    names = lorakern.load_adapter(ours, tmp_path)
+    assert len(names) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, ids), expected, atol=ATOL, rtol=RTOL)
+    if "modules_to_save" in options:
+        assert ours.lm_head.weight.requires_grad
+        lorakern.save_adapter(ours, tmp_path / "again")  # and the head travels on
+        assert "base_model.model.lm_head.weight" in load_file(tmp_path / "again" / "adapter_model.safetensors")
+
+
+def test_peft_adapter_on_an_nf4_base(tmp_path):
+    build = FAMILIES["qwen2"][0]
+    theirs = _peft_model(build(), ["q_proj", "o_proj", "up_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    dense = build()
+    lorakern.load_adapter(dense, tmp_path)
+    quantized = build()
+    lorakern.load_adapter(quantized, tmp_path, quantize="nf4")
+    ids = example_input()
+    with torch.no_grad():
+        a, b = logits(quantized, ids), logits(dense, ids)
+    # NF4 rounding of the base: about 10% relative error per weight, averaged down in the logits
+    assert (a - b).abs().max() <= 0.1 * b.abs().max()
+    for name, module in lora_modules(quantized).items():
+        assert torch.equal(module.lora_A, dense.get_submodule(name).lora_A)
+
+
+def test_load_into_an_already_patched_model(tmp_path):
+    build = FAMILIES["llama"][0]
+    ours = build()
+    lorakern.apply_lora(ours, ["q_proj", "v_proj"], r=4, alpha=8)
+    randomize_adapters(ours)
+    lorakern.save_adapter(ours, tmp_path)
+    target = build()
+    lorakern.apply_lora(target, ["q_proj", "v_proj"], r=4, alpha=8)
+    lorakern.load_adapter(target, tmp_path)
+    ids = example_input()
+    with torch.no_grad():
+        assert torch.equal(logits(target, ids), logits(ours, ids))
+    other_rank = build()
+    lorakern.apply_lora(other_rank, ["q_proj", "v_proj"], r=2, alpha=8)
+    with pytest.raises(AdapterError, match="r=2"):
+        lorakern.load_adapter(other_rank, tmp_path)
+    fewer = build()
+    lorakern.apply_lora(fewer, ["q_proj"], r=4, alpha=8)
+    with pytest.raises(AdapterError, match="match no LoRA layer"):
+        lorakern.load_adapter(fewer, tmp_path)
+
+
+def test_save_uses_leaf_names_only_when_they_are_exact(tmp_path):
+    model = FAMILIES["bert"][0]()
+    lorakern.apply_lora(model, ["attention.output.dense"], r=2)  # leaf "dense" would also hit other layers
+    lorakern.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(2)]
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    lorakern.save_adapter(model, tmp_path, adapter_name="second")
+    assert os.path.isfile(tmp_path / "second" / "adapter_config.json")
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = FAMILIES["llama"][0]()
+    lorakern.apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    lorakern.save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def _edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(use_dora=True), "use_dora"),
+    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    (dict(alpha_pattern={"q_proj": 2}), "alpha_pattern"),
+    (dict(layers_to_transform=[0]), "layers_to_transform"),
+    (dict(peft_type="IA3"), "peft_type"),
+    (dict(bias="all"), "bias"),
+    (dict(r=0), "r must be"),
+])
+def test_unsupported_configs_are_refused(saved, changes, match):
+    _edit_config(saved, **changes)
+    model = FAMILIES["llama"][0]()
+    with pytest.raises(AdapterError, match=match):
+        lorakern.load_adapter(model, saved)
+    assert not lora_modules(model)
+
+
+def test_missing_files(saved, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lorakern.load_adapter(FAMILIES["llama"][0](), empty)
+    os.rename(saved / "adapter_model.safetensors", saved / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        lorakern.load_adapter(FAMILIES["llama"][0](), saved)
+
+
+def test_bad_weights(saved):
+    path = saved / "adapter_model.safetensors"
+    good = load_file(path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def load_with(tensors):
+        save_file(tensors, path)
+        lorakern.load_adapter(FAMILIES["llama"][0](), saved)
+
+    with pytest.raises(AdapterError, match="shape"):
+        load_with({**good, key: torch.zeros(3, 64)})
+    with pytest.raises(AdapterError, match="no weights for"):
+        load_with({k: v for k, v in good.items() if k != key})
+    with pytest.raises(AdapterError, match="match no LoRA layer"):
+        load_with({**good, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)})
+
+
+def test_save_errors(tmp_path):
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lorakern.save_adapter(FAMILIES["plain"][0](), tmp_path)
