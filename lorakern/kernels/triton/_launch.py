@@ -4,6 +4,9 @@ Autotuned kernels are built lazily, on the first launch, for the architecture
 of the device in use, so importing this package never initialises CUDA.
 Under ``TRITON_INTERPRET=1`` every kernel gets one small config: benchmarking
 configs in the interpreter would take minutes and prove nothing.
+``LORAKERN_TRITON_AUTOTUNE=0`` uses the first (default) config of each list
+instead of autotuning: tests that check results at many shapes then compile each
+kernel variant once instead of once per config.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import os
 
 import torch
 import triton
+import triton.testing
 
 from ...formats.nf4 import NF4_CODE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("LORAKERN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def interpreting() -> bool:
@@ -80,16 +85,17 @@ def _cfg(warps: int, stages: int, **blocks) -> triton.Config:
 # memory per block, sm_80 163 KiB: with bf16 operands a 128x256x64 tile needs 48 KiB
 # per stage, so sm_90 takes 4 stages of it where sm_80 takes 3 of BLOCK_K = 32.
 # The 16- and 32-row tiles serve decode-sized batches (M <= 32) without padding waste.
+# The first entry of every list is the default when autotuning is off; it fits fp32 operands too.
 _GEMM_TILES = {
-    90: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+    90: [(128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
          (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 64, 128, 4, 4)],
-    80: [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (256, 128, 32, 8, 3), (64, 128, 32, 4, 4),
+    80: [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 128, 32, 4, 4),
          (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (32, 128, 64, 4, 3), (16, 64, 128, 4, 3)],
 }
 
 # NF4 GEMV tiles (BLOCK_N, BLOCK_K, warps): each program streams BLOCK_N rows of 4-bit weights;
 # 16-128 rows keep 32-256 programs in flight for N = 1024..14336 on 132 SMs.
-_GEMV_TILES = [(16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 8), (64, 256, 8), (128, 64, 8)]
+_GEMV_TILES = [(32, 256, 4), (16, 256, 4), (32, 128, 4), (64, 128, 8), (64, 256, 8), (128, 64, 8)]
 
 # Transposed-operand GEMM (gradients, reduction over M): (BLOCK_J, BLOCK_L, BLOCK_M, warps, stages).
 _TN_TILES = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
@@ -97,6 +103,10 @@ _TN_TILES = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128,
 
 # Skinny GEMM (x A^T, dy B: N = r): (BLOCK_M, BLOCK_K, warps, stages).
 _SKINNY_TILES = [(64, 128, 4, 3), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]
+
+
+def _tuned_or_default(configs: list[triton.Config]) -> list[triton.Config]:
+    return configs if AUTOTUNE else configs[:1]
 
 
 def _arch() -> int:
@@ -107,25 +117,39 @@ def _arch() -> int:
 def gemm_configs() -> list[triton.Config]:
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
-    return [_cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in _GEMM_TILES[_arch()]]
+    return _tuned_or_default([_cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in _GEMM_TILES[_arch()]])
+
+
+def gemm_configs_unpipelined() -> list[triton.Config]:
+    """The GEMM tiles with one pipeline stage, for NF4 weights whose K is not a multiple of
+    the blocksize: their per-weight gathers (6 bytes of indices and scales per weight), when
+    multi-buffered, need up to 260 KB of shared memory for a 128x128 fp32 tile on sm_80."""
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in gemm_configs()]
 
 
 def gemv_configs() -> list[triton.Config]:
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_N=16, BLOCK_K=128)]
-    return [_cfg(w, 2, BLOCK_N=n, BLOCK_K=k) for n, k, w in _GEMV_TILES]
+    return _tuned_or_default([_cfg(w, 2, BLOCK_N=n, BLOCK_K=k) for n, k, w in _GEMV_TILES])
 
 
 def tn_configs() -> list[triton.Config]:
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_J=16, BLOCK_L=32, BLOCK_M=16)]
-    return [_cfg(w, s, BLOCK_J=j, BLOCK_L=l, BLOCK_M=m) for j, l, m, w, s in _TN_TILES]
+    return _tuned_or_default([_cfg(w, s, BLOCK_J=j, BLOCK_L=l, BLOCK_M=m) for j, l, m, w, s in _TN_TILES])
 
 
 def skinny_configs() -> list[triton.Config]:
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_M=16, BLOCK_K=32)]
-    return [_cfg(w, s, BLOCK_M=m, BLOCK_K=k) for m, k, w, s in _SKINNY_TILES]
+    return _tuned_or_default([_cfg(w, s, BLOCK_M=m, BLOCK_K=k) for m, k, w, s in _SKINNY_TILES])
+
+
+def _autotune_bench(kernel_call, quantiles):
+    # 5 ms warm-up and 20 ms of timing per config instead of triton's 25 + 100: a new
+    # shape is tuned in ~0.3 s over 8 configs instead of ~1 s, and the tiles that win
+    # do so by more than the noise of a 20 ms run.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 class Tuned:
@@ -142,7 +166,7 @@ class Tuned:
         arch = 0 if INTERPRET else _arch()
         kernel = self._kernels.get(arch)
         if kernel is None:
-            kernel = triton.autotune(configs=self.configs(), key=self.key)(self.fn)
+            kernel = triton.autotune(configs=self.configs(), key=self.key, do_bench=_autotune_bench)(self.fn)
             self._kernels[arch] = kernel
         return kernel[grid]
 

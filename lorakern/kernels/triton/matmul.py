@@ -27,8 +27,8 @@ import triton.language as tl
 
 from ...formats.nf4 import NF4Weight
 from ._device import cast, dot, dropout_keep, dropout_key, nf4_decode, nf4_rows
-from ._launch import (Tuned, device_guard, dot_precision, gemm_configs, m_bucket, nf4_code, rank_block, skinny_configs,
-                      sm_count, tn_configs, upcast_dot)
+from ._launch import (Tuned, device_guard, dot_precision, gemm_configs, gemm_configs_unpipelined, m_bucket, nf4_code,
+                      rank_block, skinny_configs, sm_count, tn_configs, upcast_dot)
 
 
 @triton.jit
@@ -236,8 +236,11 @@ def _tn_kernel(
              cast(acc, c_ptr.dtype.element_ty), mask=mask_j[:, None] & mask_l[None, :])
 
 
-_lora_fwd = Tuned(_lora_fwd_kernel, gemm_configs, key=["M_KEY", "N", "K", "W_NF4", "NF4_ALIGNED", "HAS_LORA"])
-_lora_dx = Tuned(_lora_dx_kernel, gemm_configs, key=["M_KEY", "N", "K", "W_NF4", "NF4_ALIGNED", "HAS_LORA"])
+_GEMM_KEY = ["M_KEY", "N", "K", "W_NF4", "HAS_LORA"]
+_lora_fwd = Tuned(_lora_fwd_kernel, gemm_configs, key=_GEMM_KEY)
+_lora_dx = Tuned(_lora_dx_kernel, gemm_configs, key=_GEMM_KEY)
+_lora_fwd_unaligned = Tuned(_lora_fwd_kernel, gemm_configs_unpipelined, key=_GEMM_KEY)
+_lora_dx_unaligned = Tuned(_lora_dx_kernel, gemm_configs_unpipelined, key=_GEMM_KEY)
 _skinny = Tuned(_skinny_kernel, skinny_configs, key=["M_KEY", "K", "R"])
 _tn = Tuned(_tn_kernel, tn_configs, key=["M_KEY", "J", "L"])
 
@@ -275,8 +278,9 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor | None, q: NF4Weight | Non
     b_ = lora_B if has_lora else x
     w_strides = (weight.stride(0), weight.stride(1)) if q is None else (k, 1)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    kernel = _lora_fwd if q is None or nf4_flags["NF4_ALIGNED"] else _lora_fwd_unaligned
     with device_guard(x):
-        _lora_fwd[grid](
+        kernel[grid](
             x, w, bias if bias is not None else x, xa_, b_, y, *nf4_tensors,
             m, n, k, r, m_bucket(m), float(scaling),
             x.stride(0), x.stride(1), *w_strides, xa_.stride(0), xa_.stride(1), b_.stride(0), b_.stride(1),
@@ -303,8 +307,9 @@ def lora_matmul_t(dy: torch.Tensor, weight: torch.Tensor | None, q: NF4Weight | 
     threshold, keep_scale = dropout_args(dropout_p)
     w_strides = (weight.stride(0), weight.stride(1)) if q is None else (k, 1)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
+    kernel = _lora_dx if q is None or nf4_flags["NF4_ALIGNED"] else _lora_dx_unaligned
     with device_guard(dy):
-        _lora_dx[grid](
+        kernel[grid](
             dy, w, g_, a_, dx, seed if has_dropout else dy, *nf4_tensors,
             m, n, k, r, m_bucket(m), float(scaling), threshold, keep_scale,
             dy.stride(0), dy.stride(1), *w_strides, g_.stride(0), g_.stride(1), a_.stride(0), a_.stride(1),

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# One command on a bare GPU machine (no network): build, environment report,
+# tests with real Triton/CUDA kernels, GPU benchmarks. Everything lands in OUTDIR.
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]      (default benchmarks/results/gpu-<UTC date>)
+#
+# Finishes in under 10 minutes: the steps share a 560 s budget and each runs under
+# `timeout`, so a hung step costs only its own slice. A failing step does not stop
+# the later ones; the exit status is non-zero if any step failed.
+# Reads the GPU's state with nvidia-smi; never changes clocks, power limits or modes.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+PY=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET:-560}
+START=$(date +%s)
+FAILED=()
+SUMMARY="$OUTDIR/summary.md"
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# run_step NAME MAX_SECONDS CMD...: log to OUTDIR/NAME.log, limit min(MAX, what is left of the budget).
+run_step() {
+    local name=$1 max=$2
+    shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    local limit=$(( max < left ? max : left ))
+    if (( limit < 15 )); then
+        say "- $name: SKIPPED (budget spent)"
+        FAILED+=("$name")
+        return
+    fi
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+    local rc=$?
+    local secs=$(( $(date +%s) - t0 ))
+    if (( rc == 0 )); then
+        say "- $name: ok (${secs}s)"
+    else
+        [[ $rc == 124 || $rc == 137 ]] && rc="$rc (timed out after ${limit}s)"
+        say "- $name: FAILED rc=$rc (${secs}s), see $name.log"
+        FAILED+=("$name")
+    fi
+    tail -n 5 "$OUTDIR/$name.log"
+}
+
+# The local GPU's architecture for the CUDA build: compute capability 9.0 -> 90a, 8.0 -> 80, 8.6 -> 86.
+cuda_arch() {
+    local cap
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+    if [[ -z "$cap" ]]; then
+        cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+    fi
+    [[ -z "$cap" ]] && return 1
+    local arch=${cap/./}
+    [[ "${cap%%.*}" == 9 ]] && arch="${arch}a"
+    echo "$arch"
+}
+
+: >"$SUMMARY"
+say "# lorakern GPU check"
+say ""
+say "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+say "- commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
+say "- host: $(hostname), $(nproc) cores"
+say "- gpu: $(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || echo 'nvidia-smi failed')"
+say "- python: $("$PY" -c 'import sys; print(sys.version.split()[0])'), $("$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1 | tail -n 1)"
+say "- nvcc: $( (command -v nvcc >/dev/null && nvcc --version | tail -n 1) || echo 'not on PATH')"
+nvidia-smi >"$OUTDIR/nvidia-smi.txt" 2>&1 || true
+
+ARCH=$(cuda_arch) || ARCH=""
+if [[ -n "$ARCH" ]]; then
+    export LORAKERN_CUDA_ARCHS="$ARCH"
+    say "- LORAKERN_CUDA_ARCHS=$ARCH"
+else
+    say "- could not read the GPU's compute capability; building for the default archs"
+fi
+say ""
+say "## Steps"
+
+run_step install 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+run_step env 30 "$PY" -m lorakern.env
+cp "$OUTDIR/env.log" "$OUTDIR/env.txt" 2>/dev/null || true
+
+# The Triton kernel tests first (the most urgent results), with one config per kernel
+# so that each variant compiles once; then every other test that is gpu or not slow.
+export LORAKERN_TRITON_AUTOTUNE=0
+run_step test_triton 180 "$PY" -m pytest tests/test_triton_kernels.py -m "gpu or not slow" -p no:cacheprovider \
+    -o junit_family=xunit2 --junitxml="$OUTDIR/junit-triton.xml" -v -ra --durations=15
+run_step test_all 200 "$PY" -m pytest -m "gpu or not slow" --ignore=tests/test_triton_kernels.py -p no:cacheprovider \
+    -o junit_family=xunit2 --junitxml="$OUTDIR/junit.xml" -v -ra --durations=15
+unset LORAKERN_TRITON_AUTOTUNE
+
+left=$(( BUDGET - ($(date +%s) - START) - 30 ))
+run_step bench 400 "$PY" benchmarks/bench_gpu.py --out "$OUTDIR" --time-budget $(( left > 60 ? left - 60 : 30 ))
+
+say ""
+say "total: $(( $(date +%s) - START ))s; results in $OUTDIR"
+if (( ${#FAILED[@]} )); then
+    say "FAILED steps: ${FAILED[*]}"
+    exit 1
+fi
+say "all steps passed"

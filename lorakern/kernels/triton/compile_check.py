@@ -1,0 +1,140 @@
+"""Compile every Triton kernel for sm_80 / sm_90 without a GPU: ``python -m lorakern.kernels.triton.compile_check``.
+
+triton compiles to a cubin with its bundled ptxas and needs no driver, so a
+machine without a GPU can still catch type errors, unsupported constructs and
+configs whose shared memory exceeds the architecture's limit (which autotuning
+would silently skip, or which would fail at launch with autotuning off). Each
+line reports the kernel variant, the config, the shared memory used and whether
+it fits. Exit status 1 if a default config (the one used with autotuning off)
+fails, or with ``--all-configs`` if any config fails to compile at all.
+
+Run it with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _launch, gemv, matmul, nf4
+
+# Largest dynamic shared memory per block (bytes): A100 163 KiB, H100 227 KiB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+_FLOAT_PTRS = {"x_ptr", "w_ptr", "bias_ptr", "xa_ptr", "b_ptr", "y_ptr", "dy_ptr", "g_ptr", "a_ptr", "dx_ptr", "p_ptr",
+               "q_ptr", "c_ptr", "out_ptr"}
+_FP32_PTRS = {"nested_absmax_ptr", "nested_code_ptr", "code_ptr", "offset_ptr"}
+_I64_SCALARS = {"threshold", "numel"}
+_F32_SCALARS = {"scaling", "keep_scale"}
+
+
+def _signature(fn, constexprs: dict, dtype: str, nf4_weight: bool) -> dict:
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr or name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("packed_ptr", "absmax_ptr") or (name == "w_ptr" and nf4_weight):
+            sig[name] = "*u8"
+        elif name == "seed_ptr":
+            sig[name] = "*i64"
+        elif name in _FP32_PTRS:
+            sig[name] = "*fp32"
+        elif name in _FLOAT_PTRS:
+            sig[name] = f"*{dtype}"
+        elif name in _F32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if name in _I64_SCALARS else "i32"
+    return sig
+
+
+def compile_kernel(fn, arch: int, constexprs: dict, config: triton.Config | None, dtype: str = "bf16",
+                   nf4_weight: bool = False):
+    """Compile ``fn`` for sm_``arch``; returns the compiled kernel (``.metadata.shared`` in bytes)."""
+    consts = dict(constexprs)
+    options = {}
+    if config is not None:
+        consts.update(config.kwargs)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    src = ASTSource(fn=fn, signature=_signature(fn, consts, dtype, nf4_weight),
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _variants():
+    """(name, kernel, constexprs, config-list name, nf4 weight) for every kernel family."""
+    gemm = dict(DOUBLE_QUANT=True, NF4_BLOCKSIZE=64, UPCAST_DOT=False, DOT_PRECISION="tf32", BLOCK_R=16)
+    for w_nf4 in (False, True):
+        tag = "nf4" if w_nf4 else "dense"
+        yield (f"lora_fwd[{tag}]", matmul._lora_fwd_kernel,
+               dict(gemm, W_NF4=w_nf4, NF4_ALIGNED=w_nf4, HAS_BIAS=True, HAS_LORA=True), "gemm", w_nf4)
+        yield (f"lora_dx[{tag}]", matmul._lora_dx_kernel,
+               dict(gemm, W_NF4=w_nf4, NF4_ALIGNED=w_nf4, HAS_LORA=True, HAS_DROPOUT=True), "gemm", w_nf4)
+    yield ("lora_fwd[nf4,unaligned K]", matmul._lora_fwd_kernel,
+           dict(gemm, W_NF4=True, NF4_ALIGNED=False, HAS_BIAS=False, HAS_LORA=True), "gemm_unpipelined", True)
+    yield ("lora_dx[nf4,unaligned K]", matmul._lora_dx_kernel,
+           dict(gemm, W_NF4=True, NF4_ALIGNED=False, HAS_LORA=True, HAS_DROPOUT=False), "gemm_unpipelined", True)
+    flags = dict(UPCAST_DOT=False, DOT_PRECISION="tf32", BLOCK_R=16)
+    yield ("skinny[dropout]", matmul._skinny_kernel, dict(flags, HAS_DROPOUT=True), "skinny", False)
+    yield ("tn[dropout]", matmul._tn_kernel, dict(HAS_DROPOUT=True, UPCAST_DOT=False, DOT_PRECISION="tf32"), "tn", False)
+    for block_m in (1, 16):
+        yield (f"nf4_gemv[M<={block_m}]", gemv._nf4_gemv_kernel,
+               dict(DOUBLE_QUANT=True, NF4_BLOCKSIZE=64, NF4_ALIGNED=True, HAS_BIAS=True, HAS_LORA=True,
+                    BLOCK_M=block_m, BLOCK_R=16), "gemv", True)
+    yield ("nf4_dequantize", nf4._nf4_dequantize_kernel,
+           dict(BLOCKSIZE=64, DOUBLE_QUANT=True, BLOCK=nf4.DEQUANT_BYTES_PER_PROGRAM), None, True)
+
+
+def _configs(kind: str | None, arch: int, all_configs: bool) -> list:
+    if kind is None:
+        return [None]
+    tiles = {
+        "gemm": [_launch._cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in _launch._GEMM_TILES[arch]],
+        "gemm_unpipelined": [_launch._cfg(w, 1, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
+                             for m, n, k, w, s in _launch._GEMM_TILES[arch]],
+        "gemv": [_launch._cfg(w, 2, BLOCK_N=n, BLOCK_K=k) for n, k, w in _launch._GEMV_TILES],
+        "tn": [_launch._cfg(w, s, BLOCK_J=j, BLOCK_L=l, BLOCK_M=m) for j, l, m, w, s in _launch._TN_TILES],
+        "skinny": [_launch._cfg(w, s, BLOCK_M=m, BLOCK_K=k) for m, k, w, s in _launch._SKINNY_TILES],
+    }[kind]
+    return tiles if all_configs else tiles[:1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the defaults")
+    args = parser.parse_args(argv)
+    if _launch.interpreting():
+        print("TRITON_INTERPRET=1: kernels are interpreted and cannot be compiled; unset it", file=sys.stderr)
+        return 2
+    failed = 0
+    for arch in args.arch:
+        for name, fn, constexprs, kind, nf4_weight in _variants():
+            for default_index, config in enumerate(_configs(kind, arch, args.all_configs)):
+                for dtype in args.dtype:
+                    start = time.perf_counter()
+                    label = f"sm_{arch} {name:<26} {dtype:<4} {config.all_kwargs() if config else '-'}"
+                    try:
+                        shared = compile_kernel(fn, arch, constexprs, config, dtype, nf4_weight).metadata.shared
+                    except Exception as e:  # report every failing variant, then exit non-zero
+                        print(f"FAIL {label}: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}", flush=True)
+                        failed += 1
+                        continue
+                    fits = shared <= SHARED_LIMIT[arch]
+                    # A config over the shared-memory limit is only an error when it is the default.
+                    if not fits and default_index == 0:
+                        failed += 1
+                    status = "ok  " if fits else ("FAIL" if default_index == 0 else "skip")
+                    print(f"{status} {label}: shared {shared} B, {time.perf_counter() - start:.1f}s", flush=True)
+    print(f"{failed} failure(s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
