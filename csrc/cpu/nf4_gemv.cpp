@@ -29,6 +29,14 @@ inline void accumulate_scalar(const NF4View& q, const GemvArgs& g, int64_t row, 
   }
 }
 
+// Columns of x per pass: the MT rows of an x chunk (MT * kc * 4 bytes <= 24 KiB)
+// stay in L1 while the 16 W rows of a thread's chunk stream past them, instead of
+// MT * K * 4 bytes (128 KiB at M = 8, K = 4096) cycling through L2 for each W row.
+inline int64_t k_chunk(int mt, int64_t K) {
+  const int64_t kc = (int64_t{6144} / mt) & ~int64_t{255};
+  return mt <= 2 || kc >= K ? K : std::max<int64_t>(256, kc);
+}
+
 }  // namespace
 
 void nf4_gemv_rows_scalar(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
@@ -55,13 +63,15 @@ LK_AVX512 void gemv_rows_512(const NF4View& q, const GemvArgs& g, int64_t n0, in
   for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
   const __m512 code_v = _mm512_load_ps(code);
   const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t i = 0; i < (n1 - n0) * MT; ++i) acc[i] = 0.0f;
+  const int64_t kc = k_chunk(MT, g.K);
+  for (int64_t k0 = 0; k0 < g.K; k0 += kc)
   for (int64_t row = n0; row < n1; ++row) {
     __m512 s[MT][NA];
     for (int m = 0; m < MT; ++m)
       for (int j = 0; j < NA; ++j) s[m][j] = _mm512_setzero_ps();
     float* out = acc + (row - n0) * MT;
-    for (int m = 0; m < MT; ++m) out[m] = 0.0f;
-    BlockWalker walk(q, row * g.K, g.K);
+    BlockWalker walk(q, row * g.K + k0, std::min(kc, g.K - k0));
     int64_t e, n, done;
     float am;
     while (walk.next(e, n, am, done)) {
@@ -108,13 +118,15 @@ LK_AVX2 void gemv_rows_256(const NF4View& q, const GemvArgs& g, int64_t n0, int6
   for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
   const __m256 code_lo = _mm256_load_ps(code), code_hi = _mm256_load_ps(code + 8);
   const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t i = 0; i < (n1 - n0) * MT; ++i) acc[i] = 0.0f;
+  const int64_t kc = k_chunk(MT, g.K);
+  for (int64_t k0 = 0; k0 < g.K; k0 += kc)
   for (int64_t row = n0; row < n1; ++row) {
     __m256 s[MT][NA];
     for (int m = 0; m < MT; ++m)
       for (int j = 0; j < NA; ++j) s[m][j] = _mm256_setzero_ps();
     float* out = acc + (row - n0) * MT;
-    for (int m = 0; m < MT; ++m) out[m] = 0.0f;
-    BlockWalker walk(q, row * g.K, g.K);
+    BlockWalker walk(q, row * g.K + k0, std::min(kc, g.K - k0));
     int64_t e, n, done;
     float am;
     while (walk.next(e, n, am, done)) {
@@ -160,8 +172,8 @@ template <std::size_t... I>
 constexpr std::array<RowsFn, sizeof...(I)> table_256(std::index_sequence<I...>) {
   return {&gemv_rows_256<static_cast<int>(I) + 1>...};
 }
-constexpr auto kRows512 = table_512(std::make_index_sequence<kGemvMaxM>());
-constexpr auto kRows256 = table_256(std::make_index_sequence<kGemvMaxM>());
+constexpr auto kRows512 = table_512(std::make_index_sequence<8>());
+constexpr auto kRows256 = table_256(std::make_index_sequence<8>());
 
 }  // namespace
 
@@ -176,19 +188,30 @@ void nf4_gemv(const NF4View& q, const GemvArgs& g, Isa isa) {
   // 16 output features per chunk: small enough to balance 2-64 threads at N = 576,
   // large enough that the per-chunk epilogue is noise.
   constexpr int64_t kChunk = 16;
+  constexpr int64_t kRowsPerPass = 8;
   const int64_t nchunks = (g.N + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kChunk, n1 = std::min(g.N, n0 + kChunk);
     float acc[kChunk * kGemvMaxM];
-    switch (isa) {
-      case Isa::avx512: nf4_gemv_rows_avx512(q, g, n0, n1, acc); break;
-      case Isa::avx2: nf4_gemv_rows_avx2(q, g, n0, n1, acc); break;
-      default: nf4_gemv_rows_scalar(q, g, n0, n1, acc); break;
+    // At most 8 rows of x per pass over the chunk's W rows (which stay in L2): 16
+    // accumulators plus the decode registers spill, and M = 16 in one pass ran at
+    // half the FMA rate of two passes of 8 (0.087 vs 0.046 ns per MAC on one core).
+    for (int64_t m0 = 0; m0 < g.M; m0 += kRowsPerPass) {
+      GemvArgs part = g;
+      part.x = g.x + m0 * g.K;
+      part.M = std::min(kRowsPerPass, g.M - m0);
+      float* part_acc = acc + m0 * kChunk;
+      switch (isa) {
+        case Isa::avx512: nf4_gemv_rows_avx512(q, part, n0, n1, part_acc); break;
+        case Isa::avx2: nf4_gemv_rows_avx2(q, part, n0, n1, part_acc); break;
+        default: nf4_gemv_rows_scalar(q, part, n0, n1, part_acc); break;
+      }
     }
     for (int64_t row = n0; row < n1; ++row) {
       for (int64_t m = 0; m < g.M; ++m) {
-        float v = acc[(row - n0) * g.M + m];
+        const int64_t m0 = m - m % kRowsPerPass, rows = std::min(kRowsPerPass, g.M - m0);
+        float v = acc[m0 * kChunk + (row - n0) * rows + (m - m0)];
         if (g.bias != nullptr) v += load_as_f32(g.bias, g.bias_dtype, row);
         if (g.xas != nullptr) {
           float lora = 0.0f;

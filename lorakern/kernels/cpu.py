@@ -5,7 +5,7 @@ Same functions and signatures as :mod:`lorakern.reference` (2-D inputs). What ru
 * ``nf4_quantize`` / ``nf4_dequantize``: C++ (OpenMP over blocks; scalar, AVX2 and
   AVX-512 paths picked at run time; ``LORAKERN_CPU_ISA=scalar|avx2|avx512`` forces one).
   Bit-identical to :mod:`lorakern.formats.nf4`.
-* NF4 matmul, ``M <= 16`` (decode): one fused C++ GEMV that reads the 4-bit weight
+* NF4 matmul, small ``M`` (decode; see ``GEMV_MAX_M``): one fused C++ GEMV that reads the 4-bit weight
   once, decodes it in registers and adds bias and the LoRA term in the same pass.
 * NF4 matmul, larger ``M`` (training): C++ decodes one cache-sized panel of W into a
   reusable buffer and torch's GEMM multiplies it straight into a slice of the output,
@@ -40,20 +40,29 @@ ISA_ENV_VAR = "LORAKERN_CPU_ISA"
 ISA_NAMES = ("scalar", "avx2", "avx512")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# Up to this many rows of x the fused GEMV beats decode-a-panel + GEMM: at
-# 16 x 4096 x 4096 bf16 the GEMV takes ~2.6 ms, the panel path ~4 ms (2 cores, Zen 4).
-GEMV_MAX_M = 16
+# Up to this many rows of x the fused GEMV beats decode-a-panel + torch GEMM.
+# Measured at K = N = 4096 on one Zen 4 core: fp32 GEMV 2.7 / 3.8 / 11.2 ms at
+# M = 1 / 4 / 16 against 6.0 / 9.3 / 13.9 ms for panels; bf16 GEMV 1.7 / 3.5 /
+# 6.2 ms at M = 1 / 4 / 8 against 3.6 / 4.1 / 4.6 ms (torch's bf16 GEMM runs the
+# avx512_bf16 dot products the fp32-accumulating GEMV does not use).
+GEMV_MAX_M = {torch.float32: 16, torch.bfloat16: 4, torch.float16: 16}
 
-# Panel sizes, measured at 512 x 4096 x 4096 bf16 on 2 Zen 4 cores (32 MiB L3,
-# 1 MiB L2 per core); see benchmarks/bench_cpu.py.  Forward: 256 rows of W
-# (2 MiB bf16 at K = 4096) ran within 3% of torch.mm on the dense weight; 64 rows
-# lost ~10% to GEMM edge effects, 1024 rows gained nothing. Backward: 256 columns.
-FWD_PANEL_ROWS = 256
-BWD_PANEL_COLS = 256
+# Decoded panel size, in weight elements (8 MiB in bf16): 1024 rows of W at
+# K = 4096. Measured at 512 x 4096 x 4096 bf16, one Zen 4 core, fwd + bwd vs the
+# dense frozen layer: 256-row panels 1.18-1.23x, 1024 rows 1.13x, 2048 rows 1.09x,
+# the whole weight 1.05x (noisy: +-5%). Every panel is a separate GEMM call with its
+# own setup and packing of x, which small panels pay N / rows times; 1024 rows
+# caps the scratch buffer at a quarter of a 4096 x 4096 weight.
+PANEL_ELEMENTS = 1024 * 4096
+
+
+def _panel_rows(n: int, k: int) -> int:
+    """Rows (forward) or columns (backward) of W per decoded panel: PANEL_ELEMENTS / width, at least 64."""
+    return min(n, max(64, PANEL_ELEMENTS // k))
 
 
 # Decoded panels live in a per-thread scratch buffer reused across calls: a fresh
-# 2 MiB tensor costs 512 page faults per call (~2 ms on the 2-core VM the numbers
+# 8 MiB tensor costs 2048 page faults per call (several ms on the VM the numbers
 # above come from). Panels never leave this module.
 _scratch = threading.local()
 
@@ -192,7 +201,7 @@ def _panel_forward(x, q, view, bias, xa=None, lora_B=None, scaling=0.0) -> torch
     n = q.shape[0]
     code, path = _DTYPE_CODE[x.dtype], isa()
     y = torch.empty((m, n), dtype=x.dtype)
-    rows = min(FWD_PANEL_ROWS, n)
+    rows = _panel_rows(n, k)
     buf = _panel_buffer(rows * k, x.dtype).view(rows, k)
     for n0 in range(0, n, rows):
         p = min(rows, n - n0)
@@ -217,7 +226,7 @@ def _panel_backward(dy, q, view, g=None, lora_A=None, scaling=0.0, dropout=None)
     k = q.shape[1]
     code, path = _DTYPE_CODE[dy.dtype], isa()
     dx = torch.empty((m, k), dtype=dy.dtype)
-    cols = min(BWD_PANEL_COLS, k)
+    cols = _panel_rows(k, n)
     buf = _panel_buffer(n * cols, dy.dtype)
     for k0 in range(0, k, cols):
         p = min(cols, k - k0)
@@ -241,7 +250,7 @@ def nf4_matmul(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None) -> torc
     """y [M, N] = x [M, K] @ dequant(q)^T + bias [N]; x fp32/bf16/fp16."""
     view = _view(q)
     x = _check_x(x, q.shape[1])
-    if x.shape[0] <= GEMV_MAX_M:
+    if x.shape[0] <= GEMV_MAX_M[x.dtype]:
         return _gemv(x, q, view, bias)
     return _panel_forward(x, q, view, bias)
 
@@ -319,7 +328,7 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
     view = _view(q)
     x = _check_x(x, q.shape[1])
     xa = torch.mm(_dropped(x, _dropout_params(seed, dropout_p)), lora_A.t())
-    if x.shape[0] <= GEMV_MAX_M:
+    if x.shape[0] <= GEMV_MAX_M[x.dtype]:
         return _gemv(x, q, view, bias, xa, lora_B, scaling), xa
     return _panel_forward(x, q, view, bias, xa, lora_B, scaling), xa
 

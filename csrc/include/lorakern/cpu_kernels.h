@@ -63,7 +63,7 @@ struct GemvArgs {
 };
 constexpr int64_t kGemvMaxM = 16;
 void nf4_gemv(const NF4View& q, const GemvArgs& a, Isa isa);
-// One output row n of the GEMV into acc[M] (fp32 dot products only); per ISA.
+// Rows [n0, n1) of the GEMV into acc[(n - n0) * M + m] (fp32 dot products only), M <= 8; per ISA.
 void nf4_gemv_rows_scalar(const NF4View& q, const GemvArgs& a, int64_t n0, int64_t n1, float* acc);
 void nf4_gemv_rows_avx2(const NF4View& q, const GemvArgs& a, int64_t n0, int64_t n1, float* acc);
 void nf4_gemv_rows_avx512(const NF4View& q, const GemvArgs& a, int64_t n0, int64_t n1, float* acc);

@@ -21,30 +21,35 @@ constexpr int64_t kGroup = 32;
 class BlockWalker {
  public:
   BlockWalker(const NF4View& q, int64_t e0, int64_t count)
-      : q_(q), e0_(e0), e_(e0), end_(e0 + count), nblocks_((q.numel + q.blocksize - 1) / q.blocksize) {}
+      : q_(q), e0_(e0), e_(e0), end_(e0 + count), nblocks_((q.numel + q.blocksize - 1) / q.blocksize),
+        b_(e0 / q.blocksize), block_end_((e0 / q.blocksize + 1) * q.blocksize),
+        last_block_(count > 0 ? (e0 + count - 1) / q.blocksize : 0) {}
 
   // The next piece: elements [e, e + n) with absmax a, `done` elements after e0. False at the end.
+  // Pieces after the first start on a block boundary, so the block index is a counter
+  // (no 64-bit division per 64-element block). Only the blocks of this run are decoded.
   bool next(int64_t& e, int64_t& n, float& a, int64_t& done) {
     if (e_ >= end_) return false;
-    const int64_t b = e_ / q_.blocksize;
-    if (b < am_b0_ || b >= am_b0_ + am_n_) {
-      am_b0_ = b;
-      am_n_ = std::min(kBatch, nblocks_ - b);
+    if (b_ >= am_b0_ + am_n_) {
+      am_b0_ = b_;
+      am_n_ = std::min(kBatch, last_block_ + 1 - b_);
       decode_absmax(q_, am_b0_, am_n_, am_);
     }
-    const int64_t seg_end = std::min((b + 1) * q_.blocksize, end_);
+    const int64_t seg_end = std::min(block_end_, end_);
     e = e_;
     n = seg_end - e_;
-    a = am_[b - am_b0_];
+    a = am_[b_ - am_b0_];
     done = e_ - e0_;
     e_ = seg_end;
+    ++b_;
+    block_end_ += q_.blocksize;
     return true;
   }
 
  private:
   static constexpr int64_t kBatch = 256;
   const NF4View& q_;
-  int64_t e0_, e_, end_, nblocks_;
+  int64_t e0_, e_, end_, nblocks_, b_, block_end_, last_block_;
   int64_t am_b0_ = 0, am_n_ = 0;
   float am_[kBatch];
 };

@@ -1,0 +1,298 @@
+"""CPU benchmarks: lorakern's C++ backend against torch dense, bitsandbytes and PEFT, in one run.
+
+    python -m pytest benchmarks/bench_cpu.py --benchmark-enable -q
+
+Every group times lorakern and its baselines side by side on the same inputs and
+writes the medians, ratios, GB/s and % of the copy bandwidth measured in the same
+run to benchmarks/results/cpu.md (and cpu.json). Bandwidth-bound cases rotate
+through several weights whose total exceeds the 32 MiB L3, so the numbers are
+DRAM numbers, not cache numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+import pytest
+import torch
+
+import lorakern.ops as ops
+from lorakern.kernels import cpu as cpu_backend
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+if cpu_backend._C is None:
+    pytest.skip("lorakern._C is not built", allow_module_level=True)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROTATE_BYTES = 96 * 2**20  # 3x the L3: each timed call reads weights from DRAM
+RANK, ALPHA = 16, 32
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DECODE_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1, 576, 1536)]
+TRAIN_SHAPES = [(512, 4096, 4096), (2048, 576, 1536)]
+WEIGHT_SHAPES = [(4096, 4096), (1536, 576)]
+
+RESULTS: list[dict] = []
+
+
+def rounds_for(flops_or_bytes: float, big: float, small_rounds: int = 40, big_rounds: int = 5) -> int:
+    """Fewer rounds for the big cases so the whole run stays under ~10 minutes on 2 cores."""
+    return big_rounds if flops_or_bytes >= big else small_rounds
+
+
+def run(benchmark, fn, group: str, impl: str, rounds: int, nbytes: float = 0.0, flops: float = 0.0):
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl)
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.disabled:
+        return
+    RESULTS.append(dict(group=group, impl=impl, median_s=benchmark.stats.stats.median, rounds=rounds, bytes=nbytes,
+                        flops=flops))
+
+
+class Rotation:
+    """Cycles through ``items`` on each call (several weights, so the working set exceeds L3)."""
+
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def n_copies(bytes_each: int) -> int:
+    return max(1, min(64, math.ceil(ROTATE_BYTES / bytes_each)))
+
+
+def bnb_quantize(w: torch.Tensor):
+    return bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+
+
+# -------------------------------------------------------------------------- copy bandwidth
+
+
+def test_copy_bandwidth(benchmark):
+    src = torch.randn(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    run(benchmark, lambda: dst.copy_(src), "copy 256 MiB fp32", "torch copy_", 10, nbytes=2 * src.numel() * 4)
+
+
+# ------------------------------------------------------------------------------ dequantize
+
+
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("impl", ["lorakern", "bitsandbytes"])
+def test_dequantize(benchmark, shape, dname, impl):
+    dtype = DTYPES[dname]
+    n, k = shape
+    numel = n * k
+    copies = n_copies(numel * (dtype.itemsize + 1))
+    group = f"dequantize {n}x{k} -> {dname}"
+    nbytes = numel // 2 + numel // 64 + numel * dtype.itemsize
+    weights = [torch.randn(n, k, dtype=dtype) for _ in range(copies)]
+    if impl == "lorakern":
+        rot = Rotation([ops.nf4_quantize(w) for w in weights])
+        fn = lambda: ops.nf4_dequantize(rot.next(), dtype)
+    else:
+        rot = Rotation([bnb_quantize(w) for w in weights])
+        fn = lambda: bnb.functional.dequantize_4bit(*rot.next())
+    del weights
+    run(benchmark, fn, group, impl, rounds_for(numel, 2**24, 30, 15), nbytes=nbytes)
+
+
+# ------------------------------------------------------------------ NF4 forward (decode)
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("impl", ["lorakern", "bitsandbytes", "torch dense"])
+def test_nf4_forward(benchmark, shape, dname, impl):
+    """y = x W^T with a frozen NF4 weight (decode-sized M); dense = the unquantized GEMV for reference."""
+    m, k, n = shape
+    dtype = DTYPES[dname]
+    x = torch.randn(m, k, dtype=dtype)
+    io = (m * k + m * n) * dtype.itemsize
+    group = f"nf4 forward {m}x{k}x{n} {dname}"
+    with torch.no_grad():
+        if impl == "torch dense":
+            rot = Rotation([torch.randn(n, k, dtype=dtype) for _ in range(n_copies(n * k * dtype.itemsize))])
+            fn = lambda: torch.nn.functional.linear(x, rot.next())
+            nbytes = n * k * dtype.itemsize + io
+        elif impl == "lorakern":
+            rot = Rotation([ops.nf4_quantize(torch.randn(n, k)) for _ in range(n_copies(n * k // 2))])
+            fn = lambda: ops.nf4_matmul(x, rot.next())
+            nbytes = rot.items[0].nbytes() + io
+        else:
+            rot = Rotation([bnb_quantize(torch.randn(n, k, dtype=dtype)) for _ in range(n_copies(n * k // 2))])
+            fn = lambda: bnb.matmul_4bit(x, rot.items[rot.i][0].t(), rot.next()[1])
+            nbytes = n * k // 2 + n * k // 64 + io
+    run(benchmark, fn, group, impl, rounds_for(m * n * k, 2**26, 40, 15), nbytes=nbytes)
+
+
+# ------------------------------------------------------------------- training fwd + bwd
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft_model(base: torch.nn.Module, dtype):
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["lin"], lora_dropout=0.0)
+    model = peft.get_peft_model(_Wrap(base), cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)  # adapters in the compute dtype, as lorakern keeps them
+    return model
+
+
+def _lora_params(n, k, dtype):
+    a = (torch.randn(RANK, k) / math.sqrt(k)).to(dtype).requires_grad_()
+    b = (torch.randn(n, RANK) * 0.01).to(dtype).requires_grad_()
+    return a, b
+
+
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("impl", ["lorakern", "torch dense frozen", "peft on bnb Linear4bit"])
+def test_qlora_train_step(benchmark, shape, dname, impl):
+    """QLoRA layer forward + backward (dx, dA, dB) vs a frozen dense layer (dx only) and PEFT + bitsandbytes."""
+    m, k, n = shape
+    dtype = DTYPES[dname]
+    torch.manual_seed(0)
+    w = torch.randn(n, k, dtype=dtype) * 0.02
+    x = torch.randn(m, k, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, dtype=dtype)
+    group = f"qlora fwd+bwd r={RANK} {m}x{k}x{n} {dname}"
+    if impl == "lorakern":
+        q = ops.nf4_quantize(w)
+        a, b = _lora_params(n, k, dtype)
+        seed = torch.zeros(1, dtype=torch.int64)
+        fn = lambda: torch.autograd.grad(ops.qlora_linear(x, q, None, a, b, ALPHA / RANK, 0.0, seed), [x, a, b], dy)
+    elif impl == "torch dense frozen":
+        fn = lambda: torch.autograd.grad(torch.nn.functional.linear(x, w), [x], dy)
+    else:
+        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+        lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+        model = _peft_model(lin.to("cpu"), dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        fn = lambda: torch.autograd.grad(model(x), [x, *params], dy)
+    run(benchmark, fn, group, impl, rounds_for(m * n * k, 2**31, 10, 4), flops=4.0 * m * n * k)
+
+
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("impl", ["lorakern", "torch dense frozen", "peft on nn.Linear"])
+def test_lora_train_step(benchmark, shape, dname, impl):
+    """LoRA layer forward + backward on a dense frozen base vs the frozen layer alone and PEFT."""
+    m, k, n = shape
+    dtype = DTYPES[dname]
+    torch.manual_seed(0)
+    w = torch.randn(n, k, dtype=dtype) * 0.02
+    x = torch.randn(m, k, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, dtype=dtype)
+    group = f"lora fwd+bwd r={RANK} {m}x{k}x{n} {dname}"
+    if impl == "lorakern":
+        a, b = _lora_params(n, k, dtype)
+        seed = torch.zeros(1, dtype=torch.int64)
+        fn = lambda: torch.autograd.grad(ops.lora_linear(x, w, None, a, b, ALPHA / RANK, 0.0, seed), [x, a, b], dy)
+    elif impl == "torch dense frozen":
+        fn = lambda: torch.autograd.grad(torch.nn.functional.linear(x, w), [x], dy)
+    else:
+        lin = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+        lin.weight.data.copy_(w)
+        model = _peft_model(lin, dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        fn = lambda: torch.autograd.grad(model(x), [x, *params], dy)
+    run(benchmark, fn, group, impl, rounds_for(m * n * k, 2**31, 10, 4), flops=4.0 * m * n * k)
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def _machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        model = info.get("Model name", "?").strip()
+        cores = info.get("CPU(s)", "?").strip()
+        l3 = info.get("L3 cache", "?").strip()
+        return f"{model}, {cores} CPUs, L3 {l3}, {torch.get_num_threads()} torch threads"
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor()
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc/cpu", "lorakern/kernels/cpu.py"],
+                               capture_output=True, text=True, cwd=HERE).stdout.strip()
+        return rev + (" (cpu sources modified)" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def write_report(results: list[dict], path_md: str, path_json: str) -> None:
+    copy = [r for r in results if r["impl"] == "torch copy_"]
+    copy_bw = copy[0]["bytes"] / copy[0]["median_s"] if copy else float("nan")
+    header = [
+        "# lorakern CPU benchmarks",
+        "",
+        "Generated by `python -m pytest benchmarks/bench_cpu.py --benchmark-enable`. Median wall time per call; "
+        "`vs lorakern` = that row's time / lorakern's time (above 1: lorakern is faster). GB/s counts the bytes a "
+        "call must move (4-bit codes + absmax + activations + output); % copy is against the torch copy_ bandwidth "
+        "measured in the same run. Training rows: GFLOP/s counts the two base GEMMs (4 M N K).",
+        "",
+        f"- machine: {_machine()}",
+        f"- versions: torch {torch.__version__}, bitsandbytes {_version('bitsandbytes')}, peft {_version('peft')}, "
+        f"lorakern {_version('lorakern')}",
+        f"- git commit: {_commit()}",
+        f"- copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s",
+        "",
+        "| group | impl | median ms | vs lorakern | GB/s | % copy | GFLOP/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = []
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["group"], []).append(r)
+    for group, rs in groups.items():
+        mine = next((r for r in rs if r["impl"] == "lorakern"), None)
+        for r in rs:
+            t = r["median_s"]
+            ratio = f"{t / mine['median_s']:.2f}x" if mine else ""
+            gbs = r["bytes"] / t / 1e9 if r["bytes"] else None
+            gb_cell = f"{gbs:.1f}" if gbs else ""
+            pct_cell = f"{100 * gbs * 1e9 / copy_bw:.0f}%" if gbs else ""
+            flop_cell = f"{r['flops'] / t / 1e9:.0f}" if r["flops"] else ""
+            rows.append(f"| {group} | {r['impl']} | {t * 1e3:.3f} | {ratio} | {gb_cell} | {pct_cell} | {flop_cell} |")
+    with open(path_md, "w", encoding="utf-8") as f:
+        f.write("\n".join(header + rows) + "\n")
+    with open(path_json, "w", encoding="utf-8") as f:
+        json.dump(dict(machine=_machine(), commit=_commit(), copy_bandwidth=copy_bw, results=results), f, indent=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    if RESULTS:
+        write_report(RESULTS, os.path.join(HERE, "results", "cpu.md"), os.path.join(HERE, "results", "cpu.json"))
