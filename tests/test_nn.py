@@ -388,3 +388,33 @@ def test_state_dict_interoperates_with_bitsandbytes():
     theirs = _bnb_linear4bit(sd, 128, 40).train()
     assert_close_rel(theirs(x), mine(x), 1e-5, "our state dict loaded in bitsandbytes")
     assert torch.equal(mine.weight.reshape(-1), layer.weight.reshape(-1)), "packed bytes differ from bitsandbytes"
+
+
+# ------------------------------------------------------------------------ torch.compile
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_compile_fullgraph_module_with_autocast_and_dropout(cls):
+    """Dynamo traces the whole forward (autocast query, dtype casts, seed draw, custom op) without a break.
+
+    aot_eager runs the traced graph with eager kernels, so this checks capture and the
+    fake implementations quickly; test_patch compiles a whole model with inductor.
+    """
+    m = cls.from_linear(make_linear(64, 40), r=4, dropout=0.2).train()
+    randomize_b(m)
+    x = torch.randn(3, 64, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results = []
+            for fn in (m, compiled):
+                torch.manual_seed(4)
+                x.grad, m.lora_A.grad = None, None
+                y = fn(x)
+                y.float().square().sum().backward()
+                results.append((y, x.grad, m.lora_A.grad))
+        (y0, dx0, da0), (y1, dx1, da1) = results
+        assert y1.dtype == (torch.bfloat16 if autocast else torch.float32)
+        for got, want in ((y1, y0), (dx1, dx0), (da1, da0)):
+            torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
