@@ -152,7 +152,8 @@ def test_lorakern_to_peft_to_lorakern(family, tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(use_rslora=True), dict(init_lora_weights="gaussian"),
-                                     dict(modules_to_save=["lm_head"])])
+                                     dict(modules_to_save=["lm_head"]), dict(layers_to_transform=[1]),
+                                     dict(exclude_modules=["model.layers.0.mlp.down_proj"])])
 def test_peft_adapter_loads_here(options, tmp_path):
     build = FAMILIES["llama"][0]
     theirs = _peft_model(build(), ["q_proj", "v_proj", "down_proj"], r=8, alpha=16, task_type="CAUSAL_LM", **options)
@@ -166,7 +167,8 @@ def test_peft_adapter_loads_here(options, tmp_path):
         expected = logits(theirs.eval(), ids)
     ours = build()
     names = lorakern.load_adapter(ours, tmp_path)
-    assert len(names) == 6
+    assert sorted(names) == sorted(n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A"))
+    assert len(names) == {"layers_to_transform": 3, "exclude_modules": 5}.get(next(iter(options), None), 6)
     with torch.no_grad():
         torch.testing.assert_close(logits(ours, ids), expected, atol=ATOL, rtol=RTOL)
     if "modules_to_save" in options:
@@ -218,6 +220,14 @@ def test_load_into_an_already_patched_model(tmp_path):
         lorakern.load_adapter(fewer, tmp_path)
 
 
+def test_save_through_compile_wrapper_uses_the_model_paths(tmp_path):
+    model = FAMILIES["llama"][0]()
+    lorakern.apply_lora(model, ["q_proj"], r=2)
+    lorakern.save_adapter(torch.compile(model), tmp_path)  # wrapping compiles nothing until called
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" and len(keys) == 4
+
+
 def test_save_uses_leaf_names_only_when_they_are_exact(tmp_path):
     model = FAMILIES["bert"][0]()
     lorakern.apply_lora(model, ["attention.output.dense"], r=2)  # leaf "dense" would also hit other layers
@@ -251,7 +261,7 @@ def _edit_config(directory, **changes):
     (dict(use_dora=True), "use_dora"),
     (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
     (dict(alpha_pattern={"q_proj": 2}), "alpha_pattern"),
-    (dict(layers_to_transform=[0]), "layers_to_transform"),
+    (dict(use_qalora=True), "use_qalora"),
     (dict(peft_type="IA3"), "peft_type"),
     (dict(bias="all"), "bias"),
     (dict(r=0), "r must be"),
@@ -286,8 +296,12 @@ def test_bad_weights(saved):
         load_with({**good, key: torch.zeros(3, 64)})
     with pytest.raises(AdapterError, match="no weights for"):
         load_with({k: v for k, v in good.items() if k != key})
-    with pytest.raises(AdapterError, match="match no LoRA layer"):
+    with pytest.raises(AdapterError, match="no weights for"):
         load_with({**good, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)})
+    with pytest.raises(AdapterError, match="match no LoRA layer"):
+        load_with({**good, "base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(4, 64)})
+    with pytest.raises(AdapterError, match="does not have"):
+        load_with({**good, "base_model.model.model.layers.7.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)})
 
 
 def test_save_errors(tmp_path):

@@ -49,8 +49,6 @@ _UNSUPPORTED = {
     "use_dora": (False, None),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
-    "layers_to_transform": (None,),
-    "layers_pattern": (None, [], ""),
     "layer_replication": (None,),
     "lora_bias": (False, None),
     "target_parameters": (None, []),
@@ -66,10 +64,18 @@ class AdapterError(ValueError):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / FSDP-style wrappers keep the user's model in .module
-    while type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
-        model = model.module
-    return model
+    """The user's model inside (DistributedData)Parallel (``.module``) or torch.compile (``._orig_mod``).
+
+    Adapter keys are module paths of the user's model; a wrapper would add its own prefix.
+    """
+    while True:
+        kind = type(model).__name__
+        if kind in ("DistributedDataParallel", "DataParallel") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif kind == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _task_type(model: nn.Module) -> Optional[str]:
@@ -193,12 +199,14 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
                  compute_dtype: Optional[torch.dtype] = None) -> list[str]:
     """Load a PEFT-format LoRA adapter from ``directory`` into ``model``; return the adapted layer names.
 
-    An unpatched model is first patched with the config's target_modules,
-    exclude_modules, modules_to_save, r, lora_alpha, lora_dropout and use_rslora
-    (``quantize="nf4"`` puts the adapter on an NF4 base). A patched model must
+    An unpatched model is first patched on exactly the layers that have
+    ``lora_A`` / ``lora_B`` tensors in the file (the layers PEFT's target_modules,
+    exclude_modules and layers_to_transform selected when it saved), with the
+    config's r, lora_alpha, lora_dropout, use_rslora and modules_to_save;
+    ``quantize="nf4"`` puts the adapter on an NF4 base. A patched model must
     already have exactly the adapter's layers, ranks and scaling. Then every
-    tensor is copied in; any key that does not correspond to a layer, a missing
-    layer, or a shape mismatch is an :class:`AdapterError` naming it.
+    tensor is copied in; a key that belongs to no layer, a layer without
+    weights, or a shape mismatch is an :class:`AdapterError` naming it.
     """
     model = _unwrap(model)
     config = read_adapter_config(directory)
@@ -208,9 +216,16 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     modules_to_save = [e for e in config.get("modules_to_save") or [] if any(name_matches(n, e) for n in names)] or None
 
     if not lora_modules(model):
-        apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                   dropout=float(config.get("lora_dropout", 0.0)), quantize=quantize,
-                   exclude=config.get("exclude_modules") or None, modules_to_save=modules_to_save,
+        # The layers that have weights in the file are the adapter, exactly: PEFT's matching
+        # (target_modules, exclude_modules, layers_to_transform) already chose them when it saved.
+        targets = _adapted_paths(weights)
+        if not targets:
+            raise AdapterError(f"{directory}: {WEIGHTS_NAME} holds no '*.lora_A.weight' / '*.lora_B.weight' tensors")
+        absent = [t for t in targets if t not in names]
+        if absent:
+            raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: {absent[:5]}")
+        apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"],
+                   dropout=float(config.get("lora_dropout", 0.0)), quantize=quantize, modules_to_save=modules_to_save,
                    use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype)
     elif quantize is not None or compute_dtype is not None:
         raise ValueError("quantize / compute_dtype apply only when load_adapter patches an unpatched model")
@@ -239,6 +254,16 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
             if sub:
                 model.get_submodule(name).load_state_dict(sub, strict=True)
     return list(modules)
+
+
+def _adapted_paths(weights: dict) -> list[str]:
+    """Module paths that have LoRA tensors in an adapter file, in file order, without duplicates."""
+    paths = {}
+    for key in weights:
+        for suffix in _LORA_SUFFIXES:
+            if key.startswith(PREFIX) and key.endswith(suffix):
+                paths[key[len(PREFIX):-len(suffix)]] = None
+    return list(paths)
 
 
 def _check_layers(modules: dict, config: dict, directory: str) -> None:
