@@ -442,3 +442,24 @@ def test_gpu_runs_on_torch_current_stream():
         got = backend.nf4_dequantize(q, torch.float32)
     s.synchronize()
     assert_bits_equal(got.reshape(-1).cpu(), nf4.dequantize(q, torch.float32).reshape(-1).cpu(), "dequantize on a side stream")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_public_ops_run_the_cuda_kernels(monkeypatch):
+    from lorakern import ops
+
+    _cuda_backend()
+    monkeypatch.setenv("LORAKERN_BACKEND", "cuda")  # a forced backend raises instead of falling back
+    q = nf4.quantize(torch.randn(96, 320, device="cuda"))
+    assert_bits_equal(ops.nf4_dequantize(q, torch.bfloat16).reshape(-1).cpu(),
+                      nf4.dequantize(q, torch.bfloat16).reshape(-1).cpu(), "ops.nf4_dequantize")
+    x = torch.randn(2, 3, 320, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(96, device="cuda", dtype=torch.bfloat16)
+    lora_a = torch.randn(8, 320, device="cuda", dtype=torch.bfloat16) / 20
+    lora_b = torch.randn(96, 8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():  # backward has no CUDA kernel; forcing the backend would make it raise
+        y = ops.qlora_linear(x, q, bias, lora_a, lora_b, 2.0, 0.0)
+    y_want, mag, _, _ = _expected(q.to("cpu"), x.reshape(6, 320).cpu(), bias.cpu(), lora_a.cpu(), lora_b.cpu(), 2.0, 0.0, 0)
+    assert y.shape == (2, 3, 96)
+    _assert_close(y.reshape(6, 96).cpu(), y_want, mag, torch.bfloat16, "ops.qlora_linear")

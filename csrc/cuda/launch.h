@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -22,9 +23,23 @@ inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw_cuda_error(what, err);
 }
 
+// LORAKERN_CUDA_SYNC=1 synchronizes after every launch, so a fault inside a
+// kernel (an illegal address, say) is reported with that kernel's name rather
+// than by whichever CUDA call happens to run next.
+inline bool sync_after_launch() {
+  static const bool on = [] {
+    const char* v = std::getenv("LORAKERN_CUDA_SYNC");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
 // After a <<<...>>> launch: configuration errors and missing kernel images
 // (e.g. a GPU architecture the module was not built for) show up here.
-inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+inline void check_launch(const char* kernel, cudaStream_t stream) {
+  check_cuda(cudaGetLastError(), kernel);
+  if (sync_after_launch()) check_cuda(cudaStreamSynchronize(stream), kernel);
+}
 
 // x / W / LoRA operands of the GEMV launch beyond GemvArgs.
 struct LoraLaunch {

@@ -35,7 +35,7 @@ void launch_nf4_dequantize(const DequantArgs& args, DType dtype, cudaStream_t st
       nf4_dequantize_kernel<DType::kBFloat16><<<grid, kDequantThreads, 0, stream>>>(args);
       break;
   }
-  check_launch("nf4_dequantize_kernel launch");
+  check_launch("nf4_dequantize_kernel", stream);
 }
 
 }  // namespace lorakern

@@ -113,7 +113,7 @@ void launch_typed(const GemvArgs& args, const LoraLaunch* lora, cudaStream_t str
     down.keep_scale = static_cast<float>(1.0 / (1.0 - static_cast<double>(lora->dropout_p)));
     const dim3 grid((args.r + kLoraRanksPerCta - 1) / kLoraRanksPerCta, ksplit);
     lora_down_kernel<MT, D><<<grid, kLoraThreads, 0, stream>>>(down);
-    check_launch("lora_down_kernel launch");
+    check_launch("lora_down_kernel", stream);
   }
   int device = 0, sms = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -127,7 +127,7 @@ void launch_typed(const GemvArgs& args, const LoraLaunch* lora, cudaStream_t str
   const size_t shared = (16 + static_cast<size_t>(args.m) * args.r) * sizeof(float);
   nf4_gemv_kernel<MT, D><<<grid, kGemvThreads, shared, stream>>>(args, lora ? lora->workspace : nullptr, ksplit,
                                                                   lora ? lora->xa_out : nullptr);
-  check_launch("nf4_gemv_kernel launch");
+  check_launch("nf4_gemv_kernel", stream);
 }
 
 template <DType D>

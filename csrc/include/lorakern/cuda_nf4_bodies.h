@@ -154,6 +154,7 @@ LK_UNROLL
 // to hide latency: r = 16, K = 4096 gives 4 x 8 = 32), capped so that every
 // GEMV CTA reads at most ~2048 partial floats when summing them.
 inline int lora_ksplit(int m, int64_t k, int r) {
+  if (m < 1 || r < 1) return 1;
   const int64_t want = (k + 511) / 512;
   int64_t cap = 2048 / (static_cast<int64_t>(m) * r);
   if (cap < 1) cap = 1;
