@@ -243,3 +243,24 @@ def test_torch_compile_fullgraph_forward_backward():
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     for name in eager_grads:
         torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_patched_model_state_dict_round_trip_and_deepcopy(quantize):
+    """Full checkpoints of a patched model (what a trainer saves) load into a freshly patched one."""
+    build = FAMILIES["llama"][0]
+    model = build()
+    lorakern.apply_lora(model, r=4, quantize=quantize)
+    randomize_adapters(model)
+    ids = example_input()
+    with torch.no_grad():
+        expected = logits(model, ids)
+    fresh = build(seed=5)
+    lorakern.apply_lora(fresh, r=4, quantize=quantize)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(logits(fresh, ids), expected)
+        assert torch.equal(logits(twin, ids), expected)
+    if quantize:
+        assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in model.state_dict()
