@@ -230,6 +230,7 @@ def test_supports_rejects_what_the_kernels_do_not_handle():
     assert "blocksize" in tk.supports("nf4_matmul", x, nf4.quantize(torch.randn(8, 64, device=DEVICE), 128, True), None)
     assert "float64" in tk.supports("nf4_dequantize", q, torch.float64)
     assert tk.supports("nf4_dequantize", q, torch.bfloat16) is None
+    assert "empty" in tk.supports("nf4_matmul", x[:0], q, None)
     ok, reason = tk.availability()
     assert ok, reason
 
@@ -316,3 +317,17 @@ def test_gpu_nf4_dequantize_realistic(shape):
         torch.testing.assert_close(tk.nf4_dequantize(q, dtype).float(), nf4.dequantize(q, dtype).float(),
                                    rtol=EPS[dtype], atol=0)
 
+
+
+@pytest.mark.slow
+def test_default_configs_compile_for_sm80_and_sm90():
+    """Every kernel variant compiles with its default config for sm_80 and sm_90 and fits in
+    shared memory (triton's bundled ptxas needs no GPU). Runs in a subprocess: kernels defined
+    under TRITON_INTERPRET=1 cannot be compiled. ~3 minutes on 2 cores."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "lorakern.kernels.triton.compile_check", "--arch", "80", "90"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

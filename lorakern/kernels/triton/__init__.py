@@ -65,6 +65,8 @@ def supports(op: str, *args) -> str | None:
     """None when the kernels handle ``op(*args)``, else the reason (the registry then falls back)."""
     from ...formats.nf4 import NF4Weight
 
+    if args and isinstance(args[0], torch.Tensor) and args[0].numel() == 0:
+        return f"empty input of shape {tuple(args[0].shape)} (nothing to launch)"
     for a in args:
         if isinstance(a, torch.dtype) and a not in _DTYPES:
             return f"output dtype {a} (kernels produce float16, bfloat16, float32)"

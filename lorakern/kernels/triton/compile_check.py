@@ -85,7 +85,7 @@ def _variants():
     for block_m in (1, 16):
         yield (f"nf4_gemv[M<={block_m}]", gemv._nf4_gemv_kernel,
                dict(DOUBLE_QUANT=True, NF4_BLOCKSIZE=64, NF4_ALIGNED=True, HAS_BIAS=True, HAS_LORA=True,
-                    BLOCK_M=block_m, BLOCK_R=16), "gemv", True)
+                    UPCAST_DOT=False, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_R=16), "gemv", True)
     yield ("nf4_dequantize", nf4._nf4_dequantize_kernel,
            dict(BLOCKSIZE=64, DOUBLE_QUANT=True, BLOCK=nf4.DEQUANT_BYTES_PER_PROGRAM), None, True)
 
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the defaults")
+    parser.add_argument("--only", default="", help="check only the kernel variants whose name contains this")
     args = parser.parse_args(argv)
     if _launch.interpreting():
         print("TRITON_INTERPRET=1: kernels are interpreted and cannot be compiled; unset it", file=sys.stderr)
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
     failed = 0
     for arch in args.arch:
         for name, fn, constexprs, kind, nf4_weight in _variants():
+            if args.only not in name:
+                continue
             for default_index, config in enumerate(_configs(kind, arch, args.all_configs)):
                 for dtype in args.dtype:
                     start = time.perf_counter()

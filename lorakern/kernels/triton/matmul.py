@@ -256,7 +256,8 @@ def dropout_args(dropout_p: float) -> tuple[int, float]:
 def _nf4_args(q: NF4Weight | None, like: torch.Tensor):
     if q is None:
         return (like, like, like, like, like), dict(W_NF4=False, DOUBLE_QUANT=False, NF4_BLOCKSIZE=64, NF4_ALIGNED=False)
-    tensors = (q.absmax, q.nested_absmax, q.nested_code, nf4_code(q.device), q.offset)
+    # The kernels index these as flat contiguous arrays (checkpoints may hold strided views).
+    tensors = tuple(t.contiguous() for t in (q.absmax, q.nested_absmax, q.nested_code, nf4_code(q.device), q.offset))
     aligned = q.shape[1] % q.blocksize == 0
     return tensors, dict(W_NF4=True, DOUBLE_QUANT=q.double_quant, NF4_BLOCKSIZE=q.blocksize, NF4_ALIGNED=aligned)
 
@@ -270,6 +271,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor | None, q: NF4Weight | Non
     m, k = x.shape
     n = q.shape[0] if q is not None else weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bias = bias.contiguous() if bias is not None else None
     w = q.packed if q is not None else weight
     nf4_tensors, nf4_flags = _nf4_args(q, x)
     has_lora = xa is not None

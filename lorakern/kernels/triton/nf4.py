@@ -40,7 +40,8 @@ def nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     numel = q.numel
     grid = (triton.cdiv(numel, 2 * DEQUANT_BYTES_PER_PROGRAM),)
     with device_guard(out):
-        _nf4_dequantize_kernel[grid](q.packed, q.absmax, q.nested_absmax, q.nested_code, nf4_code(q.device), q.offset, out,
+        _nf4_dequantize_kernel[grid](q.packed, *(t.contiguous() for t in (q.absmax, q.nested_absmax, q.nested_code)),
+                                     nf4_code(q.device), q.offset.contiguous(), out,
                                      numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant,
                                      BLOCK=DEQUANT_BYTES_PER_PROGRAM)
     return out
