@@ -26,12 +26,15 @@ Strategies (:func:`wrap_model`):
 * ``ddp``: ``DistributedDataParallel``; only parameters with ``requires_grad``
   are bucketed and all-reduced (LoRA: the adapters; full: everything).
 * ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``, torch >= 2.6). Each
-  transformer block is one unit, then the rest of the model; every parameter,
-  the frozen base included (dense weights and the packed uint8 NF4 weights of
-  :class:`~lorakern.nn.QLoRALinear`), is split along dim 0 across ranks, so the
-  parameter bytes per rank fall as about 1/W. Buffers (NF4 absmax, rotary
-  tables) stay whole on every rank: with double quantization they are about 3%
-  of the packed weight.
+  transformer block is one unit, then the body of the model (embeddings, final
+  norm) is the root unit. Every parameter in them, the frozen base included
+  (dense weights and the packed uint8 NF4 weights of
+  :class:`~lorakern.nn.QLoRALinear`), is split along dim 0 across ranks, so
+  their bytes per rank fall as 1/W. What stays whole on every rank: buffers
+  (NF4 absmax: about 3% of the packed weight with double quantization; rotary
+  tables) and the output head of a Hugging Face causal LM (with an input
+  embedding tied to it), which the chunked loss calls a rank-dependent number
+  of times (see :func:`wrap_model`); it must be frozen, as LoRA and QLoRA leave it.
 * ``none``: the model unchanged (one process).
 
 Checkpoints. Rank 0 writes the usual single-process checkpoint
@@ -266,18 +269,25 @@ def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_
     if body is None:
         fully_shard(model, mp_policy=policy)
     else:
-        # causal_lm_loss runs the body, then the head on labelled rows only, never
-        # model.forward; so body and head are each their own root unit instead of
-        # one root around both (whose hooks would not fire). A head tied to the
-        # input embedding stays whole on every rank (one shared tensor cannot live
-        # in two units) and must then be frozen: its gradient would not be reduced.
-        tied = [p for p in head.parameters() if any(p is q for q in body.parameters())]
-        if any(p.requires_grad for p in tied):
-            raise ValueError("strategy='fsdp' cannot train an output head tied to the input embedding "
-                             "(tie_word_embeddings); freeze it (LoRA / QLoRA do) or use strategy='ddp'")
-        fully_shard(body, mp_policy=policy, ignored_params=set(tied) or None)
-        if not tied and any(True for _ in head.parameters()):
-            fully_shard(head, mp_policy=policy)
+        # causal_lm_loss runs the body once per micro-batch, then the head once per
+        # chunk of labelled rows, never model.forward. The body is the root unit.
+        # The head stays whole on every rank: its call count differs between ranks
+        # (it follows each rank's label count), and a sharded head would all-gather
+        # a different number of times on each rank and deadlock. It is frozen under
+        # LoRA / QLoRA, so it needs no gradient reduction; a tied input embedding
+        # shares its tensor and stays whole too.
+        trainable_head = [n for n, p in head.named_parameters() if p.requires_grad]
+        if trainable_head:
+            raise ValueError(f"strategy='fsdp' keeps the output head replicated and cannot train it "
+                             f"({', '.join(trainable_head)} require grad): freeze it (LoRA / QLoRA do) or "
+                             f"use strategy='ddp'")
+        tied = {p for p in head.parameters() if any(p is q for q in body.parameters())}
+        if mixed_precision is not None:
+            # The whole head runs in its own dtype: hand it hidden states in that dtype.
+            head_dtype = next(head.parameters()).dtype
+            policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
+                                          output_dtype=head_dtype)
+        fully_shard(body, mp_policy=policy, ignored_params=tied or None)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum, not mean (see the module docstring). A divide factor of 1 is sent as

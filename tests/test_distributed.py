@@ -1,0 +1,239 @@
+"""Data-parallel training (lorakern.train.distributed): DDP and FSDP2 on CPU with gloo, two processes.
+
+One torchrun launch runs every two-process case of tests/dist_scripts/train_tiny.py
+(LoRA and QLoRA under DDP with gradient accumulation, QLoRA under FSDP2 with
+untied and tied heads, gradient checkpointing with bf16 mixed precision, a
+resume of a one-process checkpoint, a per-rank memory measurement); the
+one-process baselines and the resume of the two-process checkpoint run in this
+process. A two-process step must equal a one-process step over the same global
+batch: the gradient norms (before clipping) are compared too, since AdamW would
+hide a gradient off by a constant factor (e.g. averaged instead of summed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakern.train import distributed as D
+from lorakern.train.sampler import World
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "dist_scripts"))
+import train_tiny  # noqa: E402
+
+STEPS, SAVE_AT = 6, 3
+# Float32 on both sides; the only differences are summation order (gradients
+# summed across ranks, loss sums, padding to a shorter batch): measured max
+# relative difference 2e-7 on the losses.
+RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(plan: list, tmp, nproc: int = 2, timeout: float = 240.0) -> dict:
+    plan_path, result_path = tmp / "plan.json", tmp / "result.json"
+    plan_path.write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           os.path.join(ROOT, "tests", "dist_scripts", "train_tiny.py"), str(plan_path), str(result_path)]
+    # gloo on the loopback interface only (it would otherwise pick the one the host name resolves to).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo")
+    for key in D.RENDEZVOUS_VARS:
+        env.pop(key, None)
+    # The timeout ends a hung collective instead of the test session.
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        (tmp / "torchrun.log").write_text(proc.stdout + proc.stderr)
+        errors = [line for line in proc.stderr.splitlines()
+                  if line.startswith("[rank") and ("Error" in line or "error" in line) or "what()" in line]
+        raise AssertionError(f"torchrun failed (rc {proc.returncode}), log in {tmp / 'torchrun.log'}:\n" +
+                             "\n".join(errors[-20:]))
+    return json.loads(result_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    one = D.DistributedWorld()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {
+            "lora": train_tiny.run(one, "lora", "lora", "none", STEPS, batch_size=2, grad_accum=2),
+            "qlora": train_tiny.run(one, "qlora", "qlora", "none", STEPS, batch_size=2, grad_accum=2,
+                                    save_dir=str(tmp / "ckpt_1"), save_at=SAVE_AT, adapter_dir=str(tmp / "adapter_1")),
+            "qlora_tied": train_tiny.run(one, "qlora_tied", "qlora", "none", STEPS, batch_size=2, grad_accum=2,
+                                         tied=True),
+        }
+        plan = [
+            # batch 1 x accumulation 2 x 2 ranks = the one-process batch 2 x accumulation 2
+            dict(name="ddp_lora", method="lora", strategy="ddp", steps=STEPS, batch_size=1, grad_accum=2),
+            dict(name="ddp_qlora", method="qlora", strategy="ddp", steps=STEPS, batch_size=1, grad_accum=2),
+            dict(name="fsdp_qlora", method="qlora", strategy="fsdp", steps=STEPS, batch_size=1, grad_accum=2,
+                 save_dir=str(tmp / "ckpt_2"), save_at=SAVE_AT, adapter_dir=str(tmp / "adapter_2")),
+            dict(name="fsdp_qlora_tied", method="qlora", strategy="fsdp", steps=STEPS, batch_size=2, grad_accum=1,
+                 tied=True),
+            dict(name="fsdp_resume_1", method="qlora", strategy="fsdp", steps=STEPS, batch_size=2, grad_accum=1,
+                 resume=str(tmp / "ckpt_1" / f"checkpoint-{SAVE_AT}")),
+            dict(name="fsdp_gc_bf16", method="qlora", strategy="fsdp", steps=STEPS, batch_size=1, grad_accum=2,
+                 grad_ckpt=True, mixed_precision="bf16"),
+            dict(name="fsdp_memory", method="qlora", strategy="fsdp", steps=1, batch_size=1, hidden=256),
+        ]
+        double = _torchrun(plan, tmp)
+        resumed = {"resume_2": train_tiny.run(one, "resume_2", "qlora", "none", STEPS, batch_size=4, grad_accum=1,
+                                              resume=str(tmp / "ckpt_2" / f"checkpoint-{SAVE_AT}"))}
+    finally:
+        torch.set_num_threads(threads)
+    return {**single, **double, **resumed, "tmp": tmp}
+
+
+def _close(a, b, rtol=RTOL):
+    assert len(a) == len(b), (a, b)
+    t, r = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    diff = ((t - r).abs() / r.abs()).max().item()
+    assert torch.allclose(t, r, rtol=rtol, atol=0), f"max relative difference {diff:.2e}\n{a}\n{b}"
+
+
+@pytest.mark.parametrize("name,reference", [("ddp_lora", "lora"), ("ddp_qlora", "qlora"), ("fsdp_qlora", "qlora"),
+                                            ("fsdp_qlora_tied", "qlora_tied")])
+def test_two_processes_match_one(runs, name, reference):
+    assert len(runs[name]["losses"]) == STEPS
+    _close(runs[name]["losses"], runs[reference]["losses"])
+    _close(runs[name]["grad_norms"], runs[reference]["grad_norms"])
+    # The curve must move, or matching it would prove little.
+    assert runs[reference]["losses"][-1] != runs[reference]["losses"][0]
+
+
+def test_fsdp_keeps_nf4_weights_uint8_and_sharded(runs):
+    for name in ("fsdp_qlora", "fsdp_gc_bf16", "fsdp_qlora_tied"):
+        assert runs[name]["nf4_weight_dtype"] == "torch.uint8", name
+        assert runs[name]["sharded_local_bytes"] < runs[name]["sharded_full_bytes"], name
+
+
+def test_fsdp_gradient_checkpointing_bf16_mixed_precision(runs):
+    # Parameters gathered in bf16 (adapters included), gradients reduced in fp32:
+    # a bf16 forward, so agreement to bf16 precision (2^-8 relative, a few roundings).
+    _close(runs["fsdp_gc_bf16"]["losses"], runs["qlora"]["losses"], rtol=2e-2)
+    assert all(torch.isfinite(torch.tensor(runs["fsdp_gc_bf16"]["grad_norms"])))
+
+
+def test_fsdp_parameter_memory_halves(runs):
+    r = runs["fsdp_memory"]
+    full, per_rank = r["full_bytes"], r["local_bytes"]
+    sharded_full, sharded_local = r["sharded_full_bytes"], r["sharded_local_bytes"]
+    replicated = full - sharded_full  # buffers (NF4 absmax, rotary) and the output head
+    # Sharded parameters split along dim 0; rank 0 gets the larger half of odd rows.
+    assert sharded_full / 2 <= sharded_local <= sharded_full / 2 + 4096
+    for local in per_rank:
+        assert abs(local - (sharded_full / 2 + replicated)) <= 4096, (local, sharded_full, replicated)
+    # With hidden 256 the blocks dominate: each rank holds about 1/2 of the model.
+    assert max(per_rank) / full < 0.6, (per_rank, full)
+
+
+def test_resume_two_processes_from_one_process_checkpoint(runs):
+    _close(runs["fsdp_resume_1"]["losses"], runs["qlora"]["losses"][SAVE_AT:])
+    _close(runs["fsdp_resume_1"]["grad_norms"], runs["qlora"]["grad_norms"][SAVE_AT:])
+
+
+def test_resume_one_process_from_two_process_checkpoint(runs):
+    ckpt = runs["tmp"] / "ckpt_2" / f"checkpoint-{SAVE_AT}"
+    names = set(load_file(str(ckpt / "trainable.safetensors")))
+    assert names and all(n.endswith(("lora_A", "lora_B")) and not n.startswith("module.") for n in names)
+    _close(runs["resume_2"]["losses"], runs["qlora"]["losses"][SAVE_AT:])
+    _close(runs["resume_2"]["grad_norms"], runs["qlora"]["grad_norms"][SAVE_AT:])
+
+
+def test_fsdp_adapter_file_is_the_single_process_format(runs):
+    tmp = runs["tmp"]
+    one, two = load_file(str(tmp / "adapter_1" / "adapter_model.safetensors")), \
+        load_file(str(tmp / "adapter_2" / "adapter_model.safetensors"))
+    assert sorted(one) == sorted(two) and len(one) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+    for key in one:
+        assert one[key].shape == two[key].shape and two[key].dtype == torch.float32, key
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+    cfg1 = json.loads((tmp / "adapter_1" / "adapter_config.json").read_text())
+    cfg2 = json.loads((tmp / "adapter_2" / "adapter_config.json").read_text())
+    assert cfg1 == cfg2
+
+
+def test_resume_with_another_global_batch_is_an_error(runs, tmp_path):
+    ckpt = str(runs["tmp"] / "ckpt_2" / f"checkpoint-{SAVE_AT}")
+    with pytest.raises(ValueError, match=r"global batch is 4 .* this run's is 1 .*grad_accum=4"):
+        train_tiny.run(World(), "bad", "qlora", "none", STEPS, batch_size=1, grad_accum=1, resume=ckpt)
+
+
+# ------------------------------------------------------------------ launch checks (no processes)
+
+def test_single_process_without_torchrun_variables(monkeypatch):
+    for key in D.RENDEZVOUS_VARS:
+        monkeypatch.delenv(key, raising=False)
+    world = D.init_world(device="cpu")
+    assert (world.rank, world.world_size, world.is_main, world.distributed) == (0, 1, True, False)
+    assert world.shard(list(range(5))) == [0, 1, 2, 3, 4]
+    assert world.all_reduce_sum(2.5) == 2.5 and world.broadcast_object({"a": 1}) == {"a": 1}
+    model = torch.nn.Linear(3, 3)
+    assert D.wrap_model(model, world, "fsdp") is model and D.wrap_model(model, world, "ddp") is model
+
+
+@pytest.mark.parametrize("env,missing", [
+    ({"RANK": "0"}, "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_PORT": "29500"}, "MASTER_ADDR"),
+])
+def test_partial_rendezvous_variables_name_what_is_missing(monkeypatch, env, missing):
+    for key in D.RENDEZVOUS_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(D.LaunchError, match=f"{missing} missing") as err:
+        D.init_world(device="cpu")
+    assert "torchrun --nproc_per_node=2" in str(err.value) and "--rdzv_endpoint" in str(err.value)
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "need 0 <= RANK < WORLD_SIZE"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT must be a TCP port"),
+    ({"LOCAL_RANK": "1", "RANK": "0"}, "LOCAL_RANK <= RANK"),
+])
+def test_bad_rendezvous_values(env, match):
+    base = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(D.LaunchError, match=match):
+        D.launch_env({**base, **env})
+
+
+def test_wrap_model_argument_errors():
+    model = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        D.wrap_model(model, World(), "zero3")
+    with pytest.raises(ValueError, match="mixed_precision applies to strategy='fsdp'"):
+        D.wrap_model(model, World(), "ddp", mixed_precision=torch.bfloat16)
+    with pytest.raises(D.LaunchError, match="no process group"):
+        D.wrap_model(model, World(rank=0, world_size=2), "ddp")
+
+
+def test_fsdp_on_a_torch_without_fully_shard_is_a_clear_error(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+
+    monkeypatch.delattr(fsdp, "fully_shard")
+    with pytest.raises(RuntimeError, match=r"needs FSDP2 .*torch >= 2.6.*strategy='ddp'"):
+        D._fsdp_api()
+
+
+def test_check_resume_accepts_another_world_size_with_the_same_global_batch():
+    state = {"config": {"batch_size": 2, "grad_accum": 1}, "world_size": 2}
+    D.check_resume(state, batch_size=2, grad_accum=2, world_size=1)
+    D.check_resume(state, batch_size=1, grad_accum=1, world_size=4)
+    with pytest.raises(ValueError, match="keep batch_size x grad_accum x world_size equal"):
+        D.check_resume(state, batch_size=2, grad_accum=1, world_size=1)
