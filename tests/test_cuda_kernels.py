@@ -243,17 +243,18 @@ def _assert_close(got, want, mag, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k,r,bias,p,vec", [
-    (1, 9, 4096, 16, True, 0.0, True),
-    (1, 33, 64, 0, False, 0.0, True),
-    (2, 17, 128, 5, True, 0.25, True),
-    (3, 5, 192, 8, False, 0.0, False),   # K % 64 == 0 but the nibble-at-a-time path
-    (7, 13, 63, 4, True, 0.1, False),    # odd K: rows start mid-byte
-    (16, 6, 65, 33, True, 0.5, False),
-    (5, 7, 1088, 3, False, 0.0, True),   # M -> the 16-row kernel, 17 blocks per row
+@pytest.mark.parametrize("m,n,k,r,bias,p,vec,blocksize,double_quant", [
+    (1, 9, 4096, 16, True, 0.0, True, 64, True),
+    (1, 33, 64, 0, False, 0.0, True, 64, True),
+    (2, 17, 128, 5, True, 0.25, True, 64, True),
+    (3, 5, 192, 8, False, 0.0, False, 64, True),   # K % 64 == 0 but the nibble-at-a-time path
+    (4, 3, 320, 2, True, 0.0, True, 128, False),   # a 128-value absmax block spans rows
+    (7, 13, 63, 4, True, 0.1, False, 64, True),    # odd K: rows start mid-byte
+    (16, 6, 65, 33, True, 0.5, False, 256, True),
+    (5, 7, 1088, 3, False, 0.0, True, 64, False),  # M -> the 16-row kernel, 17 blocks per row
 ])
-def test_host_gemv_kernel_matches_reference(host_bin, tmp_path, dtype, m, n, k, r, bias, p, vec):
-    q, x, b, lora_a, lora_b = _gemv_inputs(m, n, k, r, dtype, bias)
+def test_host_gemv_kernel_matches_reference(host_bin, tmp_path, dtype, m, n, k, r, bias, p, vec, blocksize, double_quant):
+    q, x, b, lora_a, lora_b = _gemv_inputs(m, n, k, r, dtype, bias, blocksize, double_quant)
     scaling, seed = 0.75, 2024 + m
     write_weight(tmp_path, q)
     write(tmp_path, "x.bin", x)
@@ -262,7 +263,8 @@ def test_host_gemv_kernel_matches_reference(host_bin, tmp_path, dtype, m, n, k, 
     if r:
         write(tmp_path, "lora_a.bin", lora_a)
         write(tmp_path, "lora_b.bin", lora_b)
-    run_host(host_bin, "gemv", tmp_path, m, n, k, r, 64, 1, DTYPE_CODE[dtype], int(bias), repr(scaling), repr(p), seed, int(vec))
+    run_host(host_bin, "gemv", tmp_path, m, n, k, r, blocksize, int(double_quant), DTYPE_CODE[dtype], int(bias),
+             repr(scaling), repr(p), seed, int(vec))
     y_want, mag, xa_want, xa_mag = _expected(q, x, b, lora_a, lora_b, scaling, p, seed)
     _assert_close(read(tmp_path, "y.bin", dtype).reshape(m, n), y_want, mag, dtype, "y")
     if r:

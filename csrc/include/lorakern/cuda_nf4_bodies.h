@@ -24,10 +24,10 @@ namespace lorakern {
 // One CTA decodes one tile of 4096 packed bytes (8192 values). Stage: each
 // thread loads 16 bytes (one LDG.128, coalesced) into shared memory and the
 // first 128 threads decode one absmax per 64 values. Emit: each thread turns
-// 4-byte words into 8 outputs, words strided by the CTA size so every output
-// store instruction of a warp covers one contiguous 512 B (bf16) or 1 KiB
-// (fp32) range. Loading 16 B per thread and storing 16 B per thread from the
-// same registers would leave consecutive lanes' stores 64-128 B apart.
+// 4-byte words into 8 outputs, words strided by the CTA size so a warp's 16-byte
+// stores fill one contiguous 512 B range (bf16, fp16; fp32: two stores fill 1 KiB).
+// Loading 16 B per thread and storing from the same registers would instead
+// leave consecutive lanes' stores 64 B (bf16) to 128 B (fp32) apart.
 
 constexpr int kDequantThreads = 256;
 constexpr int64_t kDequantTileBytes = 16 * kDequantThreads;
@@ -77,7 +77,7 @@ template <DType D>
 LK_HD void dequant_emit(const DequantArgs& a, int64_t tile, int tid, const DequantShared& s) {
   using T = typename Elem<D>::T;
   T* out = static_cast<T*>(a.out);
-LK_UNROLL
+  LK_UNROLL
   for (int i = 0; i < kDequantWordsPerThread; ++i) {
     const int w = tid + kDequantThreads * i;
     const int64_t v = tile * kDequantTileValues + 8 * static_cast<int64_t>(w);
@@ -85,7 +85,7 @@ LK_UNROLL
     const uint32_t word = s.packed[w >> 2].w[w & 3];
     const float am = s.absmax[w >> 3];
     float vals[8];
-LK_UNROLL
+    LK_UNROLL
     for (int j = 0; j < 8; ++j) vals[j] = mul_rn(s.code[word_nibble(word, j)], am);
     if (a.vec_out && v + 8 <= a.q.numel) {
       store8_vec<D>(out, v, vals);
@@ -135,16 +135,16 @@ LK_HD void lora_down_thread(const LoraDownArgs& a, int jgroup, int split, int ti
   const int64_t k1 = k0 + a.kchunk < a.k ? k0 + a.kchunk : a.k;
   for (int64_t k = k0 + tid; k < k1; k += kLoraThreads) {
     float av[kLoraRanksPerCta];
-LK_UNROLL
+    LK_UNROLL
     for (int jj = 0; jj < kLoraRanksPerCta; ++jj) av[jj] = j0 + jj < a.r ? Elem<D>::load(load_ro(lora_a + (j0 + jj) * a.k + k)) : 0.0f;
-LK_UNROLL
+    LK_UNROLL
     for (int m = 0; m < MT; ++m) {
       if (m >= a.m) break;
       const int64_t i = m * a.k + k;
       float xv = Elem<D>::load(load_ro(x + i));
       // drop(x) as the reference computes it: x * keep, times 1/(1-p), rounded to x's dtype.
       if (a.dropout) xv = dropout_keep(key, i, a.threshold) ? round_to<D>(xv * a.keep_scale) : 0.0f;
-LK_UNROLL
+      LK_UNROLL
       for (int jj = 0; jj < kLoraRanksPerCta; ++jj) acc[m][jj] = fmaf(xv, av[jj], acc[m][jj]);
     }
   }
@@ -204,14 +204,14 @@ LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* co
   using T = typename Elem<D>::T;
   const T* x = static_cast<const T*>(a.x);
   const int64_t row0 = n * a.k;
-LK_UNROLL
+  LK_UNROLL
   for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
   if constexpr (kVec) {
     const int64_t nblk = a.k / kNf4BlockAlign;
     // Not unrolled: unrolling hoists the x loads of several blocks and doubles
     // the registers (32 -> 67 at M = 1 on sm_80), halving occupancy; the 64 warps
     // of an SM already keep enough weight bytes in flight.
-LK_NO_UNROLL
+    LK_NO_UNROLL
     for (int64_t c = lane; c < nblk; c += 32) {
       const int64_t v0 = row0 + kNf4BlockAlign * c;
       const uint8_t* p = a.w.packed + (v0 >> 1);
@@ -219,34 +219,34 @@ LK_NO_UNROLL
       const Vec16 hi = load_vec16(p + 16);
       const float am = nf4_absmax(a.w, v0 >> a.w.log2_blocksize);
       float part[MT];
-LK_UNROLL
+      LK_UNROLL
       for (int m = 0; m < MT; ++m) part[m] = 0.0f;
-LK_UNROLL
+      LK_UNROLL
       for (int wi = 0; wi < 8; ++wi) {
         const uint32_t word = wi < 4 ? lo.w[wi] : hi.w[wi - 4];
         float wv[8];
-LK_UNROLL
+        LK_UNROLL
         for (int j = 0; j < 8; ++j) wv[j] = code[word_nibble(word, j)];
-LK_UNROLL
+        LK_UNROLL
         for (int m = 0; m < MT; ++m) {
           // Rows past M re-read row 0 (an L1 hit) into a sum nobody stores:
           // cheaper than a branch in the innermost loop.
           const int64_t xm = m < a.m ? m : 0;
           float xv[8];
           load8<D, true>(x, xm * a.k + kNf4BlockAlign * c + 8 * wi, xv);
-LK_UNROLL
+          LK_UNROLL
           for (int j = 0; j < 8; ++j) part[m] = fmaf(wv[j], xv[j], part[m]);
         }
       }
-LK_UNROLL
+      LK_UNROLL
       for (int m = 0; m < MT; ++m) acc[m] = fmaf(am, part[m], acc[m]);
     }
   } else {
-LK_NO_UNROLL
+    LK_NO_UNROLL
     for (int64_t k = lane; k < a.k; k += 32) {
       const int64_t v = row0 + k;
       const float wv = mul_rn(code[nf4_nibble(a.w.packed, v)], nf4_absmax(a.w, v >> a.w.log2_blocksize));
-LK_UNROLL
+      LK_UNROLL
       for (int m = 0; m < MT; ++m) {
         const int64_t xm = m < a.m ? m : 0;
         acc[m] = fmaf(wv, Elem<D>::load(load_ro(x + xm * a.k + k)), acc[m]);
@@ -258,7 +258,7 @@ LK_UNROLL
     const T* b = static_cast<const T*>(a.lora_b) + n * a.r;
     for (int j = lane; j < a.r; j += 32) {
       const float bj = a.scaling * Elem<D>::load(load_ro(b + j));
-LK_UNROLL
+      LK_UNROLL
       for (int m = 0; m < MT; ++m) {
         const int xm = m < a.m ? m : 0;
         acc[m] = fmaf(xa[xm * a.r + j], bj, acc[m]);
@@ -267,7 +267,7 @@ LK_UNROLL
   }
   if (lane == 0 && a.bias != nullptr) {
     const float bv = Elem<D>::load(load_ro(static_cast<const T*>(a.bias) + n));
-LK_UNROLL
+    LK_UNROLL
     for (int m = 0; m < MT; ++m) acc[m] += bv;
   }
 }

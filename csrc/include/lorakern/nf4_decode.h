@@ -204,7 +204,7 @@ LK_HD void load8(const typename Elem<D>::T* base, int64_t i, float out[8]) {
   using T = typename Elem<D>::T;
   if constexpr (kVec && sizeof(T) == 2) {
     const Vec16 v = load_vec16(base + i);
-LK_UNROLL
+    LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       out[2 * j] = Elem<D>::load(static_cast<T>(v.w[j] & 0xFFFFu));
       out[2 * j + 1] = Elem<D>::load(static_cast<T>(v.w[j] >> 16));
@@ -212,13 +212,13 @@ LK_UNROLL
   } else if constexpr (kVec) {
     const Vec16 a = load_vec16(base + i);
     const Vec16 b = load_vec16(base + i + 4);
-LK_UNROLL
+    LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       out[j] = bits_to_float(a.w[j]);
       out[4 + j] = bits_to_float(b.w[j]);
     }
   } else {
-LK_UNROLL
+    LK_UNROLL
     for (int j = 0; j < 8; ++j) out[j] = Elem<D>::load(load_ro(base + i + j));
   }
 }
@@ -229,7 +229,7 @@ template <DType D>
 LK_HD void store8_vec(typename Elem<D>::T* base, int64_t i, const float v[8]) {
   if constexpr (D == DType::kFloat32) {
     Vec16 a, b;
-LK_UNROLL
+    LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       a.w[j] = float_to_bits(v[j]);
       b.w[j] = float_to_bits(v[4 + j]);
@@ -238,7 +238,7 @@ LK_UNROLL
     store_vec16(base + i + 4, b);
   } else {
     Vec16 a;
-LK_UNROLL
+    LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       a.w[j] = static_cast<uint32_t>(Elem<D>::store(v[2 * j])) | (static_cast<uint32_t>(Elem<D>::store(v[2 * j + 1])) << 16);
     }
