@@ -38,7 +38,9 @@ run_step() {
     timeout -k 10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
     local rc=$?
     local secs=$(( $(date +%s) - t0 ))
-    if (( rc == 0 )); then
+    if [[ $rc == 5 && "$*" == *pytest* ]]; then
+        say "- $name: no tests selected (${secs}s)"
+    elif (( rc == 0 )); then
         say "- $name: ok (${secs}s)"
     else
         [[ $rc == 124 || $rc == 137 ]] && rc="$rc (timed out after ${limit}s)"
@@ -86,17 +88,22 @@ run_step install 150 "$PY" -m pip install --no-build-isolation --no-deps --no-in
 run_step env 30 "$PY" -m lorakern.env
 cp "$OUTDIR/env.log" "$OUTDIR/env.txt" 2>/dev/null || true
 
-# The Triton kernel tests first (the most urgent results), with one config per kernel
-# so that each variant compiles once; then every other test that is gpu or not slow.
+# Results only a GPU can give come first: the Triton kernel tests (one config per kernel,
+# so each variant compiles once), the other gpu-marked tests, the benchmarks; then the
+# rest of `pytest -m "gpu or not slow"` (the CPU tests CI also runs) with what is left.
+JUNIT=(-p no:cacheprovider -o junit_family=xunit2 -v -ra --durations=15)
 export LORAKERN_TRITON_AUTOTUNE=0
-run_step test_triton 180 "$PY" -m pytest tests/test_triton_kernels.py -m "gpu or not slow" -p no:cacheprovider \
-    -o junit_family=xunit2 --junitxml="$OUTDIR/junit-triton.xml" -v -ra --durations=15
-run_step test_all 200 "$PY" -m pytest -m "gpu or not slow" --ignore=tests/test_triton_kernels.py -p no:cacheprovider \
-    -o junit_family=xunit2 --junitxml="$OUTDIR/junit.xml" -v -ra --durations=15
+run_step test_triton 240 "$PY" -m pytest tests/test_triton_kernels.py -m "gpu or not slow" \
+    --junitxml="$OUTDIR/junit-triton.xml" "${JUNIT[@]}"
+run_step test_gpu 120 "$PY" -m pytest -m gpu --ignore=tests/test_triton_kernels.py \
+    --junitxml="$OUTDIR/junit-gpu.xml" "${JUNIT[@]}"
 unset LORAKERN_TRITON_AUTOTUNE
 
-left=$(( BUDGET - ($(date +%s) - START) - 30 ))
-run_step bench 400 "$PY" benchmarks/bench_gpu.py --out "$OUTDIR" --time-budget $(( left > 60 ? left - 60 : 30 ))
+left=$(( BUDGET - ($(date +%s) - START) ))
+bench_limit=$(( left > 200 ? left - 60 : left ))
+run_step bench "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR" --time-budget $(( bench_limit > 90 ? bench_limit - 60 : 30 ))
+run_step test_rest 300 "$PY" -m pytest -m "not gpu and not slow" --ignore=tests/test_triton_kernels.py \
+    --junitxml="$OUTDIR/junit-rest.xml" "${JUNIT[@]}"
 
 say ""
 say "total: $(( $(date +%s) - START ))s; results in $OUTDIR"

@@ -115,8 +115,8 @@ def test_nf4_dequantize(shape, double_quant, dtype):
     want = nf4.dequantize(q, dtype)
     assert got.shape == tuple(shape) and got.dtype == dtype
     # The interpreter computes exactly the reference's fp32 ops; compiled code may fuse
-    # the absmax multiply-add into one FMA (1 ulp of fp32 before the final rounding).
-    tol = 0.0 if _launch.interpreting() else EPS[dtype]
+    # the absmax multiply-add into one FMA: 1 fp32 ulp in the absmax, at most 2 ulps of dtype in the result.
+    tol = 0.0 if _launch.interpreting() else 2 * EPS[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=0)
 
 
@@ -315,7 +315,7 @@ def test_gpu_nf4_dequantize_realistic(shape):
     q = nf4.quantize(torch.randn(*shape, device="cuda"), 64, True)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         torch.testing.assert_close(tk.nf4_dequantize(q, dtype).float(), nf4.dequantize(q, dtype).float(),
-                                   rtol=EPS[dtype], atol=0)
+                                   rtol=2 * EPS[dtype], atol=0)
 
 
 

@@ -53,6 +53,19 @@ def nf4_code(device: torch.device) -> torch.Tensor:
     return NF4_CODE.to(device)
 
 
+def nf4_operands(q) -> tuple[torch.Tensor, ...]:
+    """(absmax, nested_absmax, nested_code, code table, offset) of NF4 weight ``q`` as kernel arguments.
+
+    Contiguous (kernels index them as flat arrays). Without double quantization the nested
+    tensors are empty and never read; the absmax stands in for them, since an empty CUDA
+    tensor may have a null data pointer, which triton's launcher refuses.
+    """
+    absmax = q.absmax.contiguous()
+    nested_absmax = q.nested_absmax.contiguous() if q.nested_absmax.numel() else absmax
+    nested_code = q.nested_code.contiguous() if q.nested_code.numel() else absmax
+    return absmax, nested_absmax, nested_code, nf4_code(q.device), q.offset.contiguous()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -15,12 +15,12 @@ import triton.language as tl
 
 from ...formats.nf4 import NF4Weight
 from ._device import cast, dot, nf4_decode, nf4_rows
-from ._launch import Tuned, device_guard, dot_precision, gemv_configs, nf4_code, rank_block, upcast_dot
+from ._launch import Tuned, device_guard, dot_precision, gemv_configs, nf4_operands, rank_block, upcast_dot
 
 GEMV_MAX_M = 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R"])
 def _nf4_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset_ptr,
     bias_ptr, xa_ptr, b_ptr, y_ptr,
@@ -93,12 +93,12 @@ def nf4_gemv(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, xa: torch
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with device_guard(x):
         _nf4_gemv[grid](
-            x, q.packed, *(t.contiguous() for t in (q.absmax, q.nested_absmax, q.nested_code)), nf4_code(q.device),
-            q.offset.contiguous(),
+            x, q.packed, *nf4_operands(q),
             bias if bias is not None else x, xa_, b_, y,
             m, n, k, r, float(scaling),
             x.stride(0), x.stride(1), xa_.stride(0), xa_.stride(1), b_.stride(0), b_.stride(1), y.stride(0), y.stride(1),
-            DOUBLE_QUANT=q.double_quant, NF4_BLOCKSIZE=q.blocksize, NF4_ALIGNED=k % q.blocksize == 0, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+            DOUBLE_QUANT=q.double_quant, NF4_BLOCKSIZE=q.blocksize, NF4_ALIGNED=k % q.blocksize == 0,
+            HAS_BIAS=bias is not None, HAS_LORA=has_lora,
             UPCAST_DOT=upcast_dot(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_M=1 if m == 1 else 16, BLOCK_R=rank_block(r),
         )

@@ -27,8 +27,8 @@ import triton.language as tl
 
 from ...formats.nf4 import NF4Weight
 from ._device import cast, dot, dropout_keep, dropout_key, nf4_decode, nf4_rows
-from ._launch import (Tuned, device_guard, dot_precision, gemm_configs, gemm_configs_unpipelined, m_bucket, nf4_code,
-                      rank_block, skinny_configs, sm_count, tn_configs, upcast_dot)
+from ._launch import (Tuned, device_guard, dot_precision, gemm_configs, gemm_configs_unpipelined, m_bucket,
+                      nf4_operands, rank_block, skinny_configs, sm_count, tn_configs, upcast_dot)
 
 
 @triton.jit
@@ -45,7 +45,12 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return pid_m, pid_n
 
 
-@triton.jit
+# M varies from call to call in training (sequence lengths); specializing on it (M == 1,
+# M % 16 == 0) would compile new variants mid-run for no gain in the inner loop.
+_VARYING = ["M", "M_KEY", "R"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
     absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset_ptr,
@@ -100,7 +105,7 @@ def _lora_fwd_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _lora_dx_kernel(
     dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, seed_ptr,
     absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset_ptr,
@@ -161,7 +166,7 @@ def _lora_dx_kernel(
              mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_KEY"])
 def _skinny_kernel(
     x_ptr, w_ptr, out_ptr, seed_ptr,
     M, K, R, M_KEY, threshold, keep_scale,
@@ -196,7 +201,7 @@ def _skinny_kernel(
              mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_KEY", "rows_per_split"])
 def _tn_kernel(
     p_ptr, q_ptr, c_ptr, seed_ptr,
     M, J, L, M_KEY, rows_per_split, scaling, threshold, keep_scale,
@@ -256,8 +261,7 @@ def dropout_args(dropout_p: float) -> tuple[int, float]:
 def _nf4_args(q: NF4Weight | None, like: torch.Tensor):
     if q is None:
         return (like, like, like, like, like), dict(W_NF4=False, DOUBLE_QUANT=False, NF4_BLOCKSIZE=64, NF4_ALIGNED=False)
-    # The kernels index these as flat contiguous arrays (checkpoints may hold strided views).
-    tensors = tuple(t.contiguous() for t in (q.absmax, q.nested_absmax, q.nested_code, nf4_code(q.device), q.offset))
+    tensors = nf4_operands(q)
     aligned = q.shape[1] % q.blocksize == 0
     return tensors, dict(W_NF4=True, DOUBLE_QUANT=q.double_quant, NF4_BLOCKSIZE=q.blocksize, NF4_ALIGNED=aligned)
 

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ...formats.nf4 import NF4Weight
 from ._device import cast, nf4_decode
-from ._launch import device_guard, nf4_code
+from ._launch import device_guard, nf4_operands
 
 # 1024 bytes (2048 weights) per program: 4 KiB of bf16 output each, enough loads in
 # flight to stream at bandwidth; a 4096x14336 weight is 28672 programs.
@@ -40,8 +40,7 @@ def nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     numel = q.numel
     grid = (triton.cdiv(numel, 2 * DEQUANT_BYTES_PER_PROGRAM),)
     with device_guard(out):
-        _nf4_dequantize_kernel[grid](q.packed, *(t.contiguous() for t in (q.absmax, q.nested_absmax, q.nested_code)),
-                                     nf4_code(q.device), q.offset.contiguous(), out,
+        _nf4_dequantize_kernel[grid](q.packed, *nf4_operands(q), out,
                                      numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant,
                                      BLOCK=DEQUANT_BYTES_PER_PROGRAM)
     return out
