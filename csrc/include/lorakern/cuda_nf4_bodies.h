@@ -24,16 +24,14 @@ namespace lorakern {
 // One CTA decodes one tile of 4096 packed bytes (8192 values). Stage: each
 // thread loads 16 bytes (one LDG.128, coalesced) into shared memory and the
 // first 128 threads decode one absmax per 64 values. Emit: each thread turns
-// 4-byte words into 8 outputs, words strided by the CTA size so a warp's 16-byte
-// stores fill one contiguous 512 B range (bf16, fp16; fp32: two stores fill 1 KiB).
-// Loading 16 B per thread and storing from the same registers would instead
-// leave consecutive lanes' stores 64 B (bf16) to 128 B (fp32) apart.
+// nibbles from shared memory into 16-byte output stores. Loading 16 B per
+// thread and storing from the same registers would instead leave consecutive
+// lanes' stores 64 B (bf16) to 128 B (fp32) apart.
 
 constexpr int kDequantThreads = 256;
 constexpr int64_t kDequantTileBytes = 16 * kDequantThreads;
 constexpr int64_t kDequantTileValues = 2 * kDequantTileBytes;
 constexpr int kDequantTileSlots = static_cast<int>(kDequantTileValues / kNf4BlockAlign);
-constexpr int kDequantWordsPerThread = static_cast<int>(kDequantTileBytes / 4 / kDequantThreads);
 
 struct DequantShared {
   Vec16 packed[kDequantThreads];
@@ -73,24 +71,29 @@ LK_HD void dequant_stage(const DequantArgs& a, int64_t tile, int tid, DequantSha
 
 // After the barrier: decode and store. fp32 result = code * absmax (one rounding),
 // then rounded to the output dtype: bit-identical to lorakern.formats.nf4.dequantize.
+// Each thread emits units of one 16-byte store (8 values, 4 for fp32), units
+// strided by the CTA size, so a warp's stores fill 512 contiguous bytes.
 template <DType D>
 LK_HD void dequant_emit(const DequantArgs& a, int64_t tile, int tid, const DequantShared& s) {
   using T = typename Elem<D>::T;
+  constexpr int kVals = kValuesPer16B<D>;
+  constexpr int kUnits = static_cast<int>(kDequantTileValues / kVals / kDequantThreads);
   T* out = static_cast<T*>(a.out);
   LK_UNROLL
-  for (int i = 0; i < kDequantWordsPerThread; ++i) {
-    const int w = tid + kDequantThreads * i;
-    const int64_t v = tile * kDequantTileValues + 8 * static_cast<int64_t>(w);
+  for (int i = 0; i < kUnits; ++i) {
+    const int u = tid + kDequantThreads * i;
+    const int nib0 = kVals * u;  // first value of the unit within the tile
+    const int64_t v = tile * kDequantTileValues + nib0;
     if (v >= a.q.numel) return;
-    const uint32_t word = s.packed[w >> 2].w[w & 3];
-    const float am = s.absmax[w >> 3];
-    float vals[8];
+    const uint32_t word = s.packed[nib0 >> 5].w[(nib0 >> 3) & 3];
+    const float am = s.absmax[nib0 / kNf4BlockAlign];
+    float vals[kVals];
     LK_UNROLL
-    for (int j = 0; j < 8; ++j) vals[j] = mul_rn(s.code[word_nibble(word, j)], am);
-    if (a.vec_out && v + 8 <= a.q.numel) {
-      store8_vec<D>(out, v, vals);
+    for (int j = 0; j < kVals; ++j) vals[j] = mul_rn(s.code[word_nibble(word, (nib0 & 7) + j)], am);
+    if (a.vec_out && v + kVals <= a.q.numel) {
+      store_vec16_values<D>(out, v, vals);
     } else {
-      for (int j = 0; j < 8 && v + j < a.q.numel; ++j) out[v + j] = Elem<D>::store(vals[j]);
+      for (int j = 0; j < kVals && v + j < a.q.numel; ++j) out[v + j] = Elem<D>::store(vals[j]);
     }
   }
 }

@@ -223,27 +223,25 @@ LK_HD void load8(const typename Elem<D>::T* base, int64_t i, float out[8]) {
   }
 }
 
-// Store eight floats as dtype D at element i (16-byte stores; base 16-byte
-// aligned and i a multiple of 8).
+// Values of dtype D in one 16-byte store: 4 fp32 or 8 fp16 / bf16.
 template <DType D>
-LK_HD void store8_vec(typename Elem<D>::T* base, int64_t i, const float v[8]) {
+constexpr int kValuesPer16B = static_cast<int>(16 / sizeof(typename Elem<D>::T));
+
+// Store kValuesPer16B<D> floats as dtype D at element i with one 16-byte store
+// (base 16-byte aligned, i a multiple of kValuesPer16B<D>).
+template <DType D>
+LK_HD void store_vec16_values(typename Elem<D>::T* base, int64_t i, const float* v) {
+  Vec16 a;
   if constexpr (D == DType::kFloat32) {
-    Vec16 a, b;
     LK_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      a.w[j] = float_to_bits(v[j]);
-      b.w[j] = float_to_bits(v[4 + j]);
-    }
-    store_vec16(base + i, a);
-    store_vec16(base + i + 4, b);
+    for (int j = 0; j < 4; ++j) a.w[j] = float_to_bits(v[j]);
   } else {
-    Vec16 a;
     LK_UNROLL
     for (int j = 0; j < 4; ++j) {
       a.w[j] = static_cast<uint32_t>(Elem<D>::store(v[2 * j])) | (static_cast<uint32_t>(Elem<D>::store(v[2 * j + 1])) << 16);
     }
-    store_vec16(base + i, a);
   }
+  store_vec16(base + i, a);
 }
 
 // Nibble j (0..7) of a little-endian 32-bit word of packed NF4: byte j/2, the
