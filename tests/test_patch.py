@@ -211,10 +211,16 @@ def test_hf_gradient_checkpointing_gives_the_same_grads(use_reentrant):
 
     model.train()
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     if use_reentrant:
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
     ckpt = grads()
+    assert len(calls) == 2, "checkpointing is not active: the layer was not recomputed in backward"
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
