@@ -114,6 +114,8 @@ def test_quantize_meta_model_is_a_clear_error():
         lorakern.apply_lora(model, quantize="nf4")
     names = lorakern.apply_lora(model)  # dense LoRA on a meta model is fine (materialize later)
     assert names
+    out = model(torch.zeros(2, 3, dtype=torch.long, device="meta"))  # shape inference runs on meta
+    assert out.shape == (2, 3, 128) and out.device.type == "meta"
 
 
 def test_bad_arguments():

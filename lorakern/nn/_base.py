@@ -102,7 +102,7 @@ class LoRABase(nn.Module):
     @staticmethod
     def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         return None
 
