@@ -418,3 +418,27 @@ def test_compile_fullgraph_module_with_autocast_and_dropout(cls):
         for got, want in ((y1, y0), (dx1, dx0), (da1, da0)):
             torch.testing.assert_close(got, want)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_cuda_autocast_matches_reference(cls, dtype):
+    m = cls.from_linear(make_linear(256, 192), r=16, dropout=0.1).cuda().train()
+    randomize_b(m)
+    x = torch.randn(33, 256, device="cuda")
+    torch.manual_seed(0)
+    with torch.autocast("cuda", dtype=dtype):
+        y = m(x)
+    assert y.dtype == dtype
+    torch.manual_seed(0)
+    seed = ops.new_seed("cuda")
+    dense = m.weight if cls is LoRALinear else nf4.dequantize(m.quantized_weight().to("cuda"), torch.float64)
+    expected = reference_output(m, x, dense, seed, 0.1)
+    assert_close_rel(y, expected, RTOL[dtype], "cuda autocast y")
+    y.float().sum().backward()
+    assert m.lora_A.grad.dtype == torch.float32 and torch.isfinite(m.lora_A.grad).all()
