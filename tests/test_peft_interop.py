@@ -307,3 +307,22 @@ def test_bad_weights(saved):
 def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         lorakern.save_adapter(FAMILIES["plain"][0](), tmp_path)
+
+
+def test_save_tied_modules_to_save(tmp_path):
+    model = FAMILIES["plain"][0]()
+    model.head.weight = model.embed.weight  # tied input/output embeddings, both kept trainable
+    lorakern.apply_lora(model, ["up"], r=2, modules_to_save=["embed", "head"])
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)  # "trained" kept modules: loading must bring them over
+    lorakern.save_adapter(model, tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.head.weight"], saved["base_model.model.embed.weight"])
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+    fresh = FAMILIES["plain"][0]()
+    fresh.head.weight = fresh.embed.weight
+    lorakern.load_adapter(fresh, tmp_path)
+    ids = example_input()
+    with torch.no_grad():
+        assert torch.equal(logits(fresh, ids), logits(model, ids))

@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn import LoRALinear, QLoRALinear
 from .apply import apply_lora, lora_modules, lora_state
 from .targets import leaf_names_or_paths, name_matches
 
@@ -124,7 +123,8 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     for name in keep:
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = value.detach()
-    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+    # fresh CPU copies: safetensors refuses tensors that share memory (tied weights in modules_to_save)
+    tensors = {k: v.to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
 
     config = {
         "peft_type": "LORA",
@@ -144,11 +144,16 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         "alpha_pattern": {},
         "inference_mode": True,
     }
-    out = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+    out = os.fspath(directory) if adapter_name == "default" else os.path.join(directory, adapter_name)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, CONFIG_NAME), "w", encoding="utf-8") as f:
+    # each file is written under a temporary name and renamed: an interrupted save never
+    # leaves a truncated adapter that a later load would read
+    weights_path, config_path = os.path.join(out, WEIGHTS_NAME), os.path.join(out, CONFIG_NAME)
+    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+    os.replace(weights_path + ".tmp", weights_path)
+    with open(config_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"})
+    os.replace(config_path + ".tmp", config_path)
     return out
 
 
