@@ -170,8 +170,8 @@ def test_host_float_rounding_matches_torch(host_bin, tmp_path):
 # -------------------------------------------------------------------- emulated kernels
 
 
-def _weight(numel: int, blocksize: int, double_quant: bool) -> nf4.NF4Weight:
-    w = torch.randn(numel) * (1.0 + torch.rand(numel))
+def _weight(numel: int, blocksize: int, double_quant: bool, device="cpu") -> nf4.NF4Weight:
+    w = torch.randn(numel, device=device) * (1.0 + torch.rand(numel, device=device))
     return nf4.quantize(w, blocksize, double_quant)
 
 
@@ -209,18 +209,17 @@ def test_host_dequantize_decodes_every_byte(host_bin, tmp_path):
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _gemv_inputs(m, n, k, r, dtype, bias, blocksize=64, double_quant=True):
-    q = _weight(n * k, blocksize, double_quant)
-    q = q._replace(shape=(n, k))
-    x = torch.randn(m, k).to(dtype)
-    b = torch.randn(n).to(dtype) if bias else None
-    lora_a = (torch.randn(r, k) / k**0.5).to(dtype) if r else None
-    lora_b = torch.randn(n, r).to(dtype) if r else None
+def _gemv_inputs(m, n, k, r, dtype, bias, blocksize=64, double_quant=True, device="cpu"):
+    q = _weight(n * k, blocksize, double_quant, device)._replace(shape=(n, k))
+    x = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    lora_a = (torch.randn(r, k, device=device) / k**0.5).to(dtype) if r else None
+    lora_b = torch.randn(n, r, device=device).to(dtype) if r else None
     return q, x, b, lora_a, lora_b
 
 
 def _expected(q, x, bias, lora_a, lora_b, scaling, p, seed):
-    """Reference (y, xa) in float64 from the dtype inputs, and error scales sum |terms| for each."""
+    """Reference (y, xa) in float64 from the dtype inputs, and error scales sum |terms| for each (on x's device)."""
     w = nf4.dequantize(q, torch.float64)
     xd = x.double()
     y, mag = xd @ w.t(), xd.abs() @ w.abs().t()
@@ -228,7 +227,7 @@ def _expected(q, x, bias, lora_a, lora_b, scaling, p, seed):
         y, mag = y + bias.double(), mag + bias.double().abs()
     xa = xa_mag = None
     if lora_a is not None:
-        xdrop = ref_dropout.apply_dropout(x, torch.tensor([seed]), p).double()  # the mask, in x's dtype, as the reference
+        xdrop = ref_dropout.apply_dropout(x, torch.tensor([seed], device=x.device), p).double()  # the mask, in x's dtype, as the reference
         xa, xa_mag = xdrop @ lora_a.double().t(), xdrop.abs() @ lora_a.double().abs().t()
         y = y + scaling * (xa @ lora_b.double().t())
         mag = mag + abs(scaling) * ((xa.abs() + xa_mag * TOL[x.dtype]) @ lora_b.double().abs().t())
@@ -403,22 +402,20 @@ def test_gpu_dequantize_misaligned_views():
 def test_gpu_gemv_matches_reference(dtype, m, n, k, r, bias, p):
     backend = _cuda_backend()
     torch.manual_seed(m * 1000 + n + k)
-    q, x, b, lora_a, lora_b = _gemv_inputs(m, n, k, r, dtype, bias)
-    q, x = q.to("cuda"), x.cuda()
-    b = None if b is None else b.cuda()
+    # Inputs and the float64 reference on the GPU: at 4096 x 14336 the CPU would
+    # spend seconds per case quantizing and dequantizing.
+    q, x, b, lora_a, lora_b = _gemv_inputs(m, n, k, r, dtype, bias, device="cuda")
     seed = torch.tensor([77 + m], dtype=torch.int64, device="cuda")
     scaling = 0.5
     _poison_allocator((m * n + m * max(r, 1)) * dtype.itemsize)
     if r:
-        y, xa = backend.qlora_linear_fwd(x, q, b, lora_a.cuda(), lora_b.cuda(), scaling, p, seed)
+        y, xa = backend.qlora_linear_fwd(x, q, b, lora_a, lora_b, scaling, p, seed)
     else:
         y, xa = backend.nf4_matmul(x, q, b), None
-    torch.cuda.synchronize()
-    y_want, mag, xa_want, xa_mag = _expected(q.to("cpu"), x.cpu(), None if b is None else b.cpu(), lora_a, lora_b,
-                                             scaling, p, 77 + m)
-    _assert_close(y.cpu(), y_want, mag, dtype, "y")
+    y_want, mag, xa_want, xa_mag = _expected(q, x, b, lora_a, lora_b, scaling, p, 77 + m)
+    _assert_close(y, y_want, mag, dtype, "y")
     if r:
-        _assert_close(xa.cpu(), xa_want, xa_mag, dtype, "xa")
+        _assert_close(xa, xa_want, xa_mag, dtype, "xa")
 
 
 @pytest.mark.gpu
