@@ -63,6 +63,7 @@ class QLoRALinear(LoRABase):
             raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
         self.blocksize, self.quant_dtype, self.compute_dtype = q.blocksize, q.dtype, compute_dtype
         self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.merged = False  # always: an NF4 base is never merged in place (see merged_linear)
         self._set_quantized(q, (n, k))
         self.bias = frozen(bias)
         self._init_adapter(k, n, r, alpha, dropout, use_rslora, init, q.device, adapter_dtype(q.dtype))
