@@ -2,6 +2,12 @@
 
     python -m pytest benchmarks/bench_cpu.py --benchmark-enable -q
 
+On a shared machine, time CPU seconds of one thread instead of wall time (other
+processes' load then changes the numbers far less):
+
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_cpu.py --benchmark-enable \
+        --benchmark-timer=time.process_time -q
+
 Every group times lorakern and its baselines side by side on the same inputs and
 writes the medians, ratios, GB/s and % of the copy bandwidth measured in the same
 run to benchmarks/results/cpu.md (and cpu.json). Bandwidth-bound cases rotate
@@ -89,8 +95,11 @@ def test_copy_bandwidth(benchmark):
 
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("impl", ["lorakern", "bitsandbytes"])
+@pytest.mark.parametrize("impl", ["lorakern", "lorakern, preallocated out", "bitsandbytes"])
 def test_dequantize(benchmark, shape, dname, impl):
+    """Both library calls allocate their output, and on this VM first-touch page faults of
+    a fresh 32-64 MiB tensor can cost more than the decode; the preallocated row times
+    the kernel alone (the C++ call the panel matmuls use)."""
     dtype = DTYPES[dname]
     n, k = shape
     numel = n * k
@@ -101,6 +110,12 @@ def test_dequantize(benchmark, shape, dname, impl):
     if impl == "lorakern":
         rot = Rotation([ops.nf4_quantize(w) for w in weights])
         fn = lambda: ops.nf4_dequantize(rot.next(), dtype)
+    elif impl == "lorakern, preallocated out":
+        rot = Rotation([(cpu_backend._view(q), q) for q in (ops.nf4_quantize(w) for w in weights)])
+        out = torch.empty(numel, dtype=dtype)
+        code = cpu_backend._DTYPE_CODE[dtype]
+        fn = lambda: cpu_backend._C.nf4_dequantize_2d(rot.next()[0], 0, 1, 0, numel, numel, out.data_ptr(), numel, code,
+                                                      cpu_backend.isa(), numel * dtype.itemsize > 2**21)
     else:
         rot = Rotation([bnb_quantize(w) for w in weights])
         fn = lambda: bnb.functional.dequantize_4bit(*rot.next())
@@ -251,7 +266,7 @@ def _version(pkg: str) -> str:
         return "?"
 
 
-def write_report(results: list[dict], path_md: str, path_json: str) -> None:
+def write_report(results: list[dict], path_md: str, path_json: str, timer: str) -> None:
     copy = [r for r in results if r["impl"] == "torch copy_"]
     copy_bw = copy[0]["bytes"] / copy[0]["median_s"] if copy else float("nan")
     header = [
@@ -266,6 +281,7 @@ def write_report(results: list[dict], path_md: str, path_json: str) -> None:
         f"- versions: torch {torch.__version__}, bitsandbytes {_version('bitsandbytes')}, peft {_version('peft')}, "
         f"lorakern {_version('lorakern')}",
         f"- git commit: {_commit()}",
+        f"- timer: {timer}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         f"- copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s",
         "",
         "| group | impl | median ms | vs lorakern | GB/s | % copy | GFLOP/s |",
@@ -288,11 +304,12 @@ def write_report(results: list[dict], path_md: str, path_json: str) -> None:
     with open(path_md, "w", encoding="utf-8") as f:
         f.write("\n".join(header + rows) + "\n")
     with open(path_json, "w", encoding="utf-8") as f:
-        json.dump(dict(machine=_machine(), commit=_commit(), copy_bandwidth=copy_bw, results=results), f, indent=1)
+        json.dump(dict(machine=_machine(), commit=_commit(), timer=timer, copy_bandwidth=copy_bw, results=results), f, indent=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report():
+def _report(request):
     yield
     if RESULTS:
-        write_report(RESULTS, os.path.join(HERE, "results", "cpu.md"), os.path.join(HERE, "results", "cpu.json"))
+        timer = str(request.config.getoption("benchmark_timer", default="?"))
+        write_report(RESULTS, os.path.join(HERE, "results", "cpu.md"), os.path.join(HERE, "results", "cpu.json"), timer)

@@ -336,6 +336,8 @@ def test_bad_inputs_give_clear_errors(monkeypatch):
                    q.offset.data_ptr(), q.numel, 48)
     with pytest.raises(ValueError, match="M must be in"):
         _C.nf4_gemv(cpu._view(q), 0, 17, 8, 64, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        cpu.nf4_matmul(torch.randn(2, 64), q, torch.randn(8, dtype=torch.bfloat16))
     monkeypatch.setenv(cpu.ISA_ENV_VAR, "sse9")
     with pytest.raises(ValueError, match="LORAKERN_CPU_ISA"):
         cpu.nf4_dequantize(q, torch.float32)

@@ -78,11 +78,12 @@ void dequantize_2d(const NF4View& q, int64_t row0, int64_t rows, int64_t col0, i
 }
 
 void gemv(const NF4View& q, uintptr_t x, int64_t M, int64_t N, int64_t K, uintptr_t xas, uintptr_t lora_B, int b_dtype,
-          int64_t r, uintptr_t bias, int bias_dtype, uintptr_t y, int y_dtype, int64_t ldy, int isa) {
+          int64_t r, uintptr_t bias, int bias_dtype, uintptr_t y, int y_dtype, int64_t ldy, int isa, uintptr_t x_bf16) {
   if (M < 1 || M > kGemvMaxM) throw std::invalid_argument("nf4_gemv: M must be in [1, 16], got " + std::to_string(M));
   if (N * K > q.numel) throw std::out_of_range("nf4_gemv: [N, K] larger than the weight");
   GemvArgs g{ptr<const float>(x), M, N, K, ptr<const float>(xas), ptr<const void>(lora_B), to_dtype(b_dtype), r,
-             ptr<const void>(bias), to_dtype(bias_dtype), ptr<void>(y), to_dtype(y_dtype), ldy};
+             ptr<const void>(bias), to_dtype(bias_dtype), ptr<void>(y), to_dtype(y_dtype), ldy,
+             ptr<const uint16_t>(x_bf16)};
   const Isa is = to_isa(isa);
   py::gil_scoped_release nogil;
   nf4_gemv(q, g, is);
@@ -121,7 +122,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("nf4_gemv", &gemv, "y = x W^T + bias + xas B^T for M <= 16 (x, xas fp32)", py::arg("q"), py::arg("x"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("xas"), py::arg("lora_B"), py::arg("b_dtype"), py::arg("r"), py::arg("bias"),
-        py::arg("bias_dtype"), py::arg("y"), py::arg("y_dtype"), py::arg("ldy"), py::arg("isa"));
+        py::arg("bias_dtype"), py::arg("y"), py::arg("y_dtype"), py::arg("ldy"), py::arg("isa"), py::arg("x_bf16") = 0);
 
   m.def("dropout_key", [](int64_t seed) { return lorakern::mix32(static_cast<uint32_t>(seed & 0xFFFFFFFF)); },
         "mix32 of the low 32 bits of the seed");

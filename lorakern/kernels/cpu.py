@@ -41,11 +41,11 @@ ISA_NAMES = ("scalar", "avx2", "avx512")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # Up to this many rows of x the fused GEMV beats decode-a-panel + torch GEMM.
-# Measured at K = N = 4096 on one Zen 4 core: fp32 GEMV 2.7 / 3.8 / 11.2 ms at
-# M = 1 / 4 / 16 against 6.0 / 9.3 / 13.9 ms for panels; bf16 GEMV 1.7 / 3.5 /
-# 6.2 ms at M = 1 / 4 / 8 against 3.6 / 4.1 / 4.6 ms (torch's bf16 GEMM runs the
-# avx512_bf16 dot products the fp32-accumulating GEMV does not use).
-GEMV_MAX_M = {torch.float32: 16, torch.bfloat16: 4, torch.float16: 16}
+# Measured at K = N = 4096 on one Zen 4 core: fp32 GEMV 1.8 / 4.1 / 11.5 ms at
+# M = 1 / 4 / 16 against 6.9 / 10.7 / 16.6 ms for panels; bf16 GEMV (AVX512_BF16
+# dot products) 2.3 / 3.4 / 3.6 / 6.6 ms at M = 1 / 4 / 8 / 16 against 3.8 / 5.9 /
+# 5.5 / 6.1 ms.
+GEMV_MAX_M = {torch.float32: 16, torch.bfloat16: 8, torch.float16: 16}
 
 # Decoded panel size, in weight elements (8 MiB in bf16): 1024 rows of W at
 # K = 4096. Measured at 512 x 4096 x 4096 bf16, one Zen 4 core, fwd + bwd vs the
@@ -180,8 +180,15 @@ def nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _same_dtype(t: torch.Tensor | None, name: str, dtype: torch.dtype) -> None:
+    if t is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; the cpu backend needs one dtype")
+
+
 def _gemv(x, q, view, bias, xa=None, lora_B=None, scaling=0.0) -> torch.Tensor:
     """y = x W^T + bias + scaling * xa B^T with the fused C++ GEMV (M <= 16)."""
+    _same_dtype(bias, "bias", x.dtype)
+    _same_dtype(lora_B, "lora_B", x.dtype)
     m, k = x.shape
     n = q.shape[0]
     xf = x.float().contiguous()
@@ -191,7 +198,8 @@ def _gemv(x, q, view, bias, xa=None, lora_B=None, scaling=0.0) -> torch.Tensor:
     b = bias.contiguous() if bias is not None else None
     _C.nf4_gemv(view, xf.data_ptr(), m, n, k, xas.data_ptr() if xas is not None else 0,
                 lb.data_ptr() if lb is not None else 0, _DTYPE_CODE[x.dtype], lb.shape[1] if lb is not None else 0,
-                b.data_ptr() if b is not None else 0, _DTYPE_CODE[x.dtype], y.data_ptr(), _DTYPE_CODE[y.dtype], n, isa())
+                b.data_ptr() if b is not None else 0, _DTYPE_CODE[x.dtype], y.data_ptr(), _DTYPE_CODE[y.dtype], n, isa(),
+                x.data_ptr() if x.dtype == torch.bfloat16 else 0)
     return y
 
 
