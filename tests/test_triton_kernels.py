@@ -167,6 +167,20 @@ def test_lora_linear_fwd_bwd(m, k, n, r, dtype, p, with_bias):
             _check(name, g, w, t, dtype)
 
 
+def test_weight_grads_split_over_rows():
+    """M = 1030 splits the dA / dB reductions over rows (2 splits of 515 rows, not a multiple of
+    the row tile) into fp32 partial sums; dropout is regenerated per split."""
+    m, k, n, r = 1030, 64, 40, 8
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(m, k, n, r, torch.float16, False, seed=21)
+    seed, s, p = _seed(77), 1.5, 0.3
+    _, xa = tk.lora_linear_fwd(x, weight, bias, lora_A, lora_B, s, p, seed)
+    got = tk.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, s, p, seed, True, True)
+    want = ref.lora_linear_bwd(*_up(dy, x, xa, weight, lora_A, lora_B), s, p, seed, True, True)
+    in_dtype = ref.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, s, p, seed, True, True)
+    for name, g, w, t in zip(("dx", "dweight", "d_lora_A", "d_lora_B"), got, want, in_dtype):
+        _check(name, g, w, t, torch.float16)
+
+
 def test_lora_linear_bwd_without_dx():
     x, weight, bias, lora_A, lora_B, dy = _lora_inputs(7, 64, 40, 8, torch.float32, False, seed=3)
     seed = _seed(5)
@@ -331,3 +345,16 @@ def test_default_configs_compile_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, "-m", "lorakern.kernels.triton.compile_check", "--arch", "80", "90"],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(CUDA, reason="checks the behaviour without a GPU")
+def test_gpu_benchmark_exits_cleanly_without_cuda(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    assert bench_gpu.main(["--out", "unused"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

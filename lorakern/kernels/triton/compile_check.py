@@ -30,6 +30,18 @@ _FLOAT_PTRS = {"x_ptr", "w_ptr", "bias_ptr", "xa_ptr", "b_ptr", "y_ptr", "dy_ptr
 _FP32_PTRS = {"nested_absmax_ptr", "nested_code_ptr", "code_ptr", "offset_ptr"}
 _I64_SCALARS = {"threshold", "numel"}
 _F32_SCALARS = {"scaling", "keep_scale"}
+# What triton specializes at launch for contiguous operands of Llama-sized layers: unit
+# strides become the constant 1, pointers and sizes/strides that are multiples of 16 carry
+# a divisibility hint. Without these the loads cannot be vectorized or pipelined, and the
+# shared memory reported would be that of an unpipelined kernel (a third of the real one).
+_UNIT_STRIDES = {
+    "_lora_fwd_kernel": {"stride_xk", "stride_wk", "stride_xar", "stride_br", "stride_yn"},
+    "_lora_dx_kernel": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"},
+    "_skinny_kernel": {"stride_xk", "stride_wk", "stride_or"},
+    "_tn_kernel": {"stride_pj", "stride_ql", "stride_cl"},
+    "_nf4_gemv_kernel": {"stride_xk", "stride_xar", "stride_br", "stride_yn"},
+}
+_NO_HINT = {"threshold", "scaling", "keep_scale"}
 
 
 def _signature(fn, constexprs: dict, dtype: str, nf4_weight: bool) -> dict:
@@ -57,12 +69,17 @@ def compile_kernel(fn, arch: int, constexprs: dict, config: triton.Config | None
                    nf4_weight: bool = False):
     """Compile ``fn`` for sm_``arch``; returns the compiled kernel (``.metadata.shared`` in bytes)."""
     consts = dict(constexprs)
+    consts.update({name: 1 for name in _UNIT_STRIDES.get(fn.__name__, ())})
     options = {}
     if config is not None:
         consts.update(config.kwargs)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    src = ASTSource(fn=fn, signature=_signature(fn, consts, dtype, nf4_weight),
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    signature = _signature(fn, consts, dtype, nf4_weight)
+    unspecialized = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize} | _NO_HINT
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name, ty in signature.items() if ty != "constexpr" and name not in unspecialized}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
