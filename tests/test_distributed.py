@@ -42,14 +42,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(plan: list, tmp, nproc: int = 2, timeout: float = 240.0) -> dict:
-    plan_path, result_path = tmp / "plan.json", tmp / "result.json"
-    plan_path.write_text(json.dumps(plan))
+def _torchrun(script_args: list, tmp, nproc: int = 2, timeout: float = 240.0) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           os.path.join(ROOT, "tests", "dist_scripts", "train_tiny.py"), str(plan_path), str(result_path)]
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *map(str, script_args)]
     # gloo on the loopback interface only (it would otherwise pick the one the host name resolves to).
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     for key in D.RENDEZVOUS_VARS:
         env.pop(key, None)
     # The timeout ends a hung collective instead of the test session.
@@ -60,6 +57,12 @@ def _torchrun(plan: list, tmp, nproc: int = 2, timeout: float = 240.0) -> dict:
                   if line.startswith("[rank") and ("Error" in line or "error" in line) or "what()" in line]
         raise AssertionError(f"torchrun failed (rc {proc.returncode}), log in {tmp / 'torchrun.log'}:\n" +
                              "\n".join(errors[-20:]))
+
+
+def _run_plan(plan: list, tmp) -> dict:
+    plan_path, result_path = tmp / "plan.json", tmp / "result.json"
+    plan_path.write_text(json.dumps(plan))
+    _torchrun([os.path.join(ROOT, "tests", "dist_scripts", "train_tiny.py"), plan_path, result_path], tmp)
     return json.loads(result_path.read_text())
 
 
@@ -91,7 +94,7 @@ def runs(tmp_path_factory):
                  grad_ckpt=True, mixed_precision="bf16"),
             dict(name="fsdp_memory", method="qlora", strategy="fsdp", steps=1, batch_size=1, hidden=256),
         ]
-        double = _torchrun(plan, tmp)
+        double = _run_plan(plan, tmp)
         resumed = {"resume_2": train_tiny.run(one, "resume_2", "qlora", "none", STEPS, batch_size=4, grad_accum=1,
                                               resume=str(tmp / "ckpt_2" / f"checkpoint-{SAVE_AT}"))}
     finally:
@@ -237,3 +240,55 @@ def test_check_resume_accepts_another_world_size_with_the_same_global_batch():
     D.check_resume(state, batch_size=1, grad_accum=1, world_size=4)
     with pytest.raises(ValueError, match="keep batch_size x grad_accum x world_size equal"):
         D.check_resume(state, batch_size=2, grad_accum=1, world_size=1)
+
+
+# ------------------------------------------------------------- the trainer and the example
+
+def _trainer_is_wired() -> bool:
+    import inspect
+
+    from lorakern.train.trainer import Trainer
+
+    return "strategy" in inspect.signature(Trainer.__init__).parameters
+
+
+def _metrics(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(not _trainer_is_wired(), reason="Trainer(strategy=...) is not wired to lorakern.train.distributed")
+def test_example_fsdp_two_processes_matches_one_and_resumes_on_one(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_distributed
+
+    data = tmp_path / "train.jsonl"  # 60 support-triage rows: tokenizing all 400 would double the run time
+    with open(os.path.join(ROOT, "examples", "data", "support_triage_train.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:60]))
+    common = ["--model", "tiny", "--data", str(data), "--steps", "4", "--eval-every", "2", "--save-every", "2",
+              "--max-length", "1024", "--mixed-precision", "no", "--dropout", "0", "--lr", "3e-3",
+              "--val-fraction", "0.1"]
+    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+    _torchrun([os.path.join(ROOT, "examples", "train_distributed.py"), *common, "--strategy", "fsdp",
+               "--batch-size", "2", "--grad-accum", "2", "--output-dir", two], tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_distributed.main([*common, "--strategy", "none", "--batch-size", "2", "--grad-accum", "4",
+                                "--output-dir", str(one)])
+        resumed.mkdir()
+        os.rename(two / "checkpoint-2", resumed / "checkpoint-2")
+        train_distributed.main([*common, "--strategy", "none", "--batch-size", "4", "--grad-accum", "2",
+                                "--output-dir", str(resumed), "--resume"])
+    finally:
+        torch.set_num_threads(threads)
+    m2, m1, mr = _metrics(two), _metrics(one), _metrics(resumed)
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):
+        _close([r[key] for r in m2], [r[key] for r in m1])
+        _close([r[key] for r in mr if r["step"] > 2], [r[key] for r in m1 if r["step"] > 2])
+    _close([r["eval_loss"] for r in m2 if "eval_loss" in r], [r["eval_loss"] for r in m1 if "eval_loss" in r])
+    a2, a1 = load_file(str(two / "adapter" / "adapter_model.safetensors")), \
+        load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    assert sorted(a2) == sorted(a1)
+    for key in a1:
+        torch.testing.assert_close(a2[key], a1[key], rtol=1e-4, atol=1e-6)

@@ -47,7 +47,12 @@ def build(method: str, tied: bool, grad_ckpt: bool, hidden: int):
     else:
         prepare_model(model, method, r=4, alpha=8)
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 names it activation_checkpointing_enable (the old name is a deprecated alias)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
