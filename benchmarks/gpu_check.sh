@@ -10,10 +10,10 @@
 # Reads the GPU's state with nvidia-smi; never changes clocks, power limits or modes.
 set -u -o pipefail
 
+# OUTDIR is resolved against the caller's directory, before moving to the repository root.
+OUTDIR=${1:-"$(dirname "$0")/results/gpu-$(date -u +%Y%m%d-%H%M)"}
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "cannot create $OUTDIR" >&2; exit 2; }
 cd "$(dirname "$0")/.."
-OUTDIR=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
-mkdir -p "$OUTDIR"
-OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET:-560}
 START=$(date +%s)
