@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ...formats.nf4 import NF4Weight
+from ...reference.dropout import dropout_threshold
 from ._device import cast, dot, dropout_keep, dropout_key, nf4_decode, nf4_rows
 from ._launch import (Tuned, device_guard, dot_precision, gemm_configs, gemm_configs_unpipelined, m_bucket,
                       nf4_operands, rank_block, skinny_configs, sm_count, tn_configs, upcast_dot)
@@ -255,7 +256,7 @@ _tn = Tuned(_tn_kernel, tn_configs, key=["M_KEY", "J", "L"])
 
 def dropout_args(dropout_p: float) -> tuple[int, float]:
     """(uint32 threshold, keep scale) of ``reference/dropout.py`` for probability ``dropout_p``."""
-    return min(int(dropout_p * 4294967296.0), 0xFFFFFFFF), 1.0 / (1.0 - dropout_p)
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _nf4_args(q: NF4Weight | None, like: torch.Tensor):
