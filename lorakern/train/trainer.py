@@ -192,7 +192,12 @@ class Trainer:
     # ----------------------------------------------------------------------- setup
 
     def _enable_gradient_checkpointing(self) -> None:
-        enable = getattr(self.model, "gradient_checkpointing_enable", None)
+        # transformers >= 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        kwargs_name = "activation_checkpointing_kwargs"
+        if enable is None:
+            enable, kwargs_name = getattr(self.model, "gradient_checkpointing_enable", None), \
+                "gradient_checkpointing_kwargs"
         if enable is None:
             raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
                              "(Hugging Face models); wrap the blocks of other models with "
@@ -200,7 +205,7 @@ class Trainer:
         # Non-reentrant checkpointing works when the inputs need no grad (frozen
         # embeddings under LoRA); the reentrant variant would silently drop the
         # adapter gradients of every checkpointed block.
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable(**{kwargs_name: {"use_reentrant": False}})
 
     def autocast(self):
         """The mixed-precision context this trainer runs the model under (a no-op in fp32)."""

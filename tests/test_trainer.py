@@ -1,0 +1,254 @@
+"""Trainer: chunked loss vs Hugging Face, accumulation, exact resume, checkpoints, mixtures, methods."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from lorakern.train import Example, MixtureSampler, TrainConfig, Trainer, World, causal_lm_loss, cosine_lr
+from lorakern.train.data import Collator, tokenize_chat
+from lorakern.train.tiny import tiny_llama, tiny_tokenizer
+from lorakern.train.trainer import prepare_model
+
+
+@pytest.fixture(scope="module")
+def examples():
+    tok = tiny_tokenizer()
+    chats = [[{"role": "user", "content": f"add {i} and {j}"}, {"role": "assistant", "content": str(i + j)}]
+             for i in range(6) for j in range(6)]
+    return [tokenize_chat(tok, c) for c in chats]
+
+
+def batch_of(examples, n=4):
+    return Collator(0)(examples[:n])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_chunked_loss_equals_hf_loss_and_gradients(examples, tied, chunk_size):
+    model = tiny_llama(tie_word_embeddings=tied)
+    batch = batch_of(examples)
+    reference = model(**batch).loss
+    reference.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss_sum, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    (loss_sum / n).backward()
+    torch.testing.assert_close(loss_sum / n, reference, rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_loss_of_plain_torch_model_uses_full_logits(examples):
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(101, 16), nn.Linear(16, 101)
+
+        def forward(self, input_ids):
+            return self.out(self.emb(input_ids))
+
+    torch.manual_seed(0)
+    model, batch = TinyLM(), batch_of(examples)
+    loss_sum, n = causal_lm_loss(model, batch["input_ids"], batch["labels"])
+    logits = model(batch["input_ids"])[:, :-1].reshape(-1, 101)
+    expected = nn.functional.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss_sum, expected)
+
+
+def test_cosine_schedule():
+    assert [round(cosine_lr(s, 10, 2, 0.1), 4) for s in (0, 1, 2)] == [0.3333, 0.6667, 1.0]
+    assert cosine_lr(10, 10, 2, 0.1) == pytest.approx(0.1)
+    assert cosine_lr(6, 10, 2, 0.0) == pytest.approx(0.5)
+
+
+def test_sampler_is_deterministic_resumable_and_weighted():
+    a = MixtureSampler([5, 100], weights=[3, 1], seed=1)
+    first = a.take(40)
+    state = a.state_dict()
+    rest = a.take(400)
+    b = MixtureSampler([5, 100], weights=[3, 1], seed=1)
+    b.load_state_dict(state)
+    assert b.take(400) == rest
+    share = sum(k == 0 for k, _ in first + rest) / 440
+    assert 0.68 < share < 0.82  # weight 3:1
+    # every row of dataset 0 appears once per epoch of 5
+    rows0 = [j for k, j in first + rest if k == 0][:15]
+    assert sorted(rows0[:5]) == sorted(rows0[5:10]) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="at least one row"):
+        MixtureSampler([3, 0])
+
+
+def test_world_shards_without_overlap():
+    items = list(range(10))
+    shards = [World(r, 3).shard(items) for r in range(3)]
+    assert sorted(sum(shards, [])) == items
+    with pytest.raises(ValueError, match="rank"):
+        World(3, 3)
+
+
+def _train(examples, steps, method="lora", out=None, resume=False, total=None, accum=1, batch=4, **cfg):
+    model = tiny_llama(seed=0)
+    torch.manual_seed(0)
+    if method == "full":
+        prepare_model(model, "full")
+    else:
+        prepare_model(model, method, r=4, alpha=8, dropout=0.1)
+    config = TrainConfig(steps=total or steps, batch_size=batch, grad_accum=accum, lr=5e-3, warmup_steps=2,
+                         output_dir=out, progress=False, mixed_precision="no", seed=0, **cfg)
+    trainer = Trainer(model, examples, config, eval_data=examples[:6])
+    if resume:
+        assert trainer.resume()
+    records = []
+    while trainer.step < steps:
+        records.append(trainer.train_step())
+        if out and trainer.step == steps:
+            trainer.save()
+    return trainer, [r["loss"] for r in records]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_exact_resume_bit_identical(examples, tmp_path, method):
+    _, straight = _train(examples, 6, method, total=6)
+    _, head = _train(examples, 3, method, out=str(tmp_path), total=6)
+    trainer, tail = _train(examples, 6, method, out=str(tmp_path), resume=True, total=6)
+    assert trainer.step == 6
+    assert head + tail == straight  # bit for bit, dropout included
+    assert straight[-1] < straight[0]
+
+
+def test_checkpoint_files_are_safe_formats_and_atomic(examples, tmp_path):
+    trainer, _ = _train(examples, 2, "lora", out=str(tmp_path), total=4, keep_checkpoints=1)
+    trainer.train_step()
+    trainer.save()
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["checkpoint-3"]  # keep_checkpoints=1 removed checkpoint-2; no temporary directory left
+    files = sorted(os.listdir(tmp_path / "checkpoint-3"))
+    assert files == ["optimizer.safetensors", "rng.safetensors", "trainable.safetensors", "trainer_state.json"]
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["sampler"]["drawn"] == 12
+    # an incomplete directory (no trainer_state.json) is never picked up
+    os.makedirs(tmp_path / "checkpoint-9")
+    fresh, _ = _train(examples, 0, "lora", out=str(tmp_path), resume=True, total=4)
+    assert fresh.step == 3
+
+
+def test_resume_rejects_a_different_adapter(examples, tmp_path):
+    _train(examples, 1, "lora", out=str(tmp_path), total=2)
+    model = tiny_llama()
+    prepare_model(model, "lora", r=8, alpha=8)
+    trainer = Trainer(model, examples, TrainConfig(steps=2, output_dir=str(tmp_path), progress=False))
+    with pytest.raises(ValueError, match="shape"):
+        trainer.resume()
+
+
+def test_gradient_accumulation_matches_one_big_batch(examples):
+    a, loss_a = _train(examples, 3, "full", batch=4, accum=1, max_grad_norm=None)
+    b, loss_b = _train(examples, 3, "full", batch=2, accum=2, max_grad_norm=None)
+    torch.testing.assert_close(torch.tensor(loss_a), torch.tensor(loss_b), rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_same_gradients(examples):
+    batch = batch_of(examples)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        prepare_model(model, "lora", r=4, alpha=8)
+        with torch.no_grad():  # nonzero B so every adapter gets a gradient through later layers
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        trainer = Trainer(model, examples, TrainConfig(steps=1, progress=False, mixed_precision="no",
+                                                       gradient_checkpointing=checkpointing))
+        loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        (loss / n).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[1].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], msg=k)
+
+
+def test_eval_and_generate_do_not_change_training_gradients(examples):
+    """A training step after evaluation and generate() gives the same gradients as one without."""
+    tok = tiny_tokenizer()
+    batch = batch_of(examples)
+    grads = []
+    for run_eval in (False, True):
+        model = tiny_llama()
+        prepare_model(model, "qlora", r=4, alpha=8)
+        trainer = Trainer(model, examples, TrainConfig(steps=1, progress=False, mixed_precision="no"),
+                          eval_data=examples[:4])
+        if run_eval:
+            from lorakern.train.evaluate import generate
+
+            trainer.evaluate()
+            generate(model, tok, [[{"role": "user", "content": "add 1 and 2"}]], max_new_tokens=3)
+        model.train()
+        loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        (loss / n).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=0, atol=0)
+
+
+def test_train_writes_metrics_plot_and_final_checkpoint(examples, tmp_path):
+    model = tiny_llama()
+    prepare_model(model, "lora", r=4, alpha=8)
+    config = TrainConfig(steps=4, batch_size=4, lr=5e-3, eval_every=2, output_dir=str(tmp_path), progress=True,
+                         mixed_precision="no")
+    seen = []
+    records = Trainer(model, examples, config, eval_data=examples[:4], callbacks=[lambda t, r: seen.append(r)]).train()
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and seen == records
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert "eval_loss" in lines[1] and "eval_loss" in lines[3] and "eval_loss" not in lines[0]
+    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in lines)
+    png = (tmp_path / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.path.isdir(tmp_path / "checkpoint-4")
+
+
+def test_mixture_of_datasets_and_sequential_adapter(examples, tmp_path):
+    from lorakern.patch import load_adapter, save_adapter
+
+    short = [e for e in examples if len(e) < 40]
+    model = tiny_llama()
+    prepare_model(model, "lora", r=4, alpha=8)
+    config = TrainConfig(steps=3, batch_size=4, lr=5e-3, progress=False, mixed_precision="no",
+                         mixture_weights=[1.0, 3.0])
+    trainer = Trainer(model, {"all": examples, "short": short}, config)
+    trainer.train()
+    assert sum(trainer.sampler.per_dataset) == 12 and trainer.sampler.per_dataset[1] > 0
+    save_adapter(model, str(tmp_path / "stage1"))
+
+    # stage 2 starts from the saved adapter (same weights), then trains on
+    second = tiny_llama()
+    load_adapter(second, str(tmp_path / "stage1"))
+    before = {n: p.clone() for n, p in second.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(before[n], p.detach())
+    Trainer(second, short, TrainConfig(steps=2, batch_size=4, lr=5e-3, progress=False)).train()
+    assert any(not torch.equal(before[n], p) for n, p in second.named_parameters() if p.requires_grad)
+
+
+def test_bad_configuration_errors(examples):
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        model = tiny_llama()
+        model.requires_grad_(False)
+        Trainer(model, examples)
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(tiny_llama(), [])
+    with pytest.raises(ValueError, match="method"):
+        prepare_model(tiny_llama(), "prefix")
+    assert Example([1, 2], [-100, 2]).num_labels == 1
