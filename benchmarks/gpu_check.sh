@@ -88,13 +88,45 @@ run_step install 150 "$PY" -m pip install --no-build-isolation --no-deps --no-in
 run_step env 30 "$PY" -m lorakern.env
 cp "$OUTDIR/env.log" "$OUTDIR/env.txt" 2>/dev/null || true
 
+# The Triton tests compile ~100 kernel variants (dtypes x flags x shape specializations),
+# 1-4 s each: four pytest processes over disjoint parts of the file compile in parallel.
+TRITON_PARTS=("gpu_" "qlora and not gpu_" "lora_linear and not qlora and not gpu_"
+              "not gpu_ and not qlora and not lora_linear")
+run_triton_tests() {
+    local max=$1 left limit pids=() failed=0 i part_rc t0
+    left=$(( BUDGET - ($(date +%s) - START) ))
+    limit=$(( max < left ? max : left ))
+    echo "== test_triton (limit ${limit}s): ${#TRITON_PARTS[@]} parallel parts of tests/test_triton_kernels.py"
+    t0=$(date +%s)
+    for i in "${!TRITON_PARTS[@]}"; do
+        timeout -k 10 "$limit" "$PY" -m pytest tests/test_triton_kernels.py -m "gpu or not slow" \
+            -k "${TRITON_PARTS[$i]}" --junitxml="$OUTDIR/junit-triton-$i.xml" "${JUNIT[@]}" \
+            >"$OUTDIR/test_triton-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}"
+        part_rc=$?
+        tail -n 3 "$OUTDIR/test_triton-$i.log"
+        if [[ $part_rc != 0 && $part_rc != 5 ]]; then  # 5: no test selected in this part
+            [[ $part_rc == 124 || $part_rc == 137 ]] && part_rc="$part_rc (timed out after ${limit}s)"
+            say "- test_triton part $i (-k '${TRITON_PARTS[$i]}'): FAILED rc=$part_rc, see test_triton-$i.log"
+            failed=1
+        fi
+    done
+    if (( failed )); then
+        FAILED+=("test_triton")
+    else
+        say "- test_triton: ok ($(( $(date +%s) - t0 ))s, ${#TRITON_PARTS[@]} parts)"
+    fi
+}
+
 # Results only a GPU can give come first: the Triton kernel tests (one config per kernel,
 # so each variant compiles once), the other gpu-marked tests, the benchmarks; then the
 # rest of `pytest -m "gpu or not slow"` (the CPU tests CI also runs) with what is left.
 JUNIT=(-p no:cacheprovider -o junit_family=xunit2 -v -ra --durations=15)
 export LORAKERN_TRITON_AUTOTUNE=0
-run_step test_triton 240 "$PY" -m pytest tests/test_triton_kernels.py -m "gpu or not slow" \
-    --junitxml="$OUTDIR/junit-triton.xml" "${JUNIT[@]}"
+run_triton_tests 240
 run_step test_gpu 120 "$PY" -m pytest -m gpu --ignore=tests/test_triton_kernels.py \
     --junitxml="$OUTDIR/junit-gpu.xml" "${JUNIT[@]}"
 unset LORAKERN_TRITON_AUTOTUNE
