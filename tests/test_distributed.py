@@ -93,6 +93,8 @@ def runs(tmp_path_factory):
             dict(name="fsdp_gc_bf16", method="qlora", strategy="fsdp", steps=STEPS, batch_size=1, grad_accum=2,
                  grad_ckpt=True, mixed_precision="bf16"),
             dict(name="fsdp_memory", method="qlora", strategy="fsdp", steps=1, batch_size=1, hidden=256),
+            dict(name="fsdp_memory_tied", method="qlora", strategy="fsdp", steps=1, batch_size=1, hidden=256,
+                 tied=True),
         ]
         double = _run_plan(plan, tmp)
         resumed = {"resume_2": train_tiny.run(one, "resume_2", "qlora", "none", STEPS, batch_size=4, grad_accum=1,
@@ -132,11 +134,12 @@ def test_fsdp_gradient_checkpointing_bf16_mixed_precision(runs):
     assert all(torch.isfinite(torch.tensor(runs["fsdp_gc_bf16"]["grad_norms"])))
 
 
-def test_fsdp_parameter_memory_halves(runs):
-    r = runs["fsdp_memory"]
+@pytest.mark.parametrize("name", ["fsdp_memory", "fsdp_memory_tied"])
+def test_fsdp_parameter_memory_halves(runs, name):
+    r = runs[name]
     full, per_rank = r["full_bytes"], r["local_bytes"]
     sharded_full, sharded_local = r["sharded_full_bytes"], r["sharded_local_bytes"]
-    replicated = full - sharded_full  # buffers (NF4 absmax, rotary) and the output head
+    replicated = full - sharded_full  # buffers (NF4 absmax, rotary) and an untied output head
     # Sharded parameters split along dim 0; rank 0 gets the larger half of odd rows.
     assert sharded_full / 2 <= sharded_local <= sharded_full / 2 + 4096
     for local in per_rank:

@@ -269,25 +269,7 @@ def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_
     if body is None:
         fully_shard(model, mp_policy=policy)
     else:
-        # causal_lm_loss runs the body once per micro-batch, then the head once per
-        # chunk of labelled rows, never model.forward. The body is the root unit.
-        # The head stays whole on every rank: its call count differs between ranks
-        # (it follows each rank's label count), and a sharded head would all-gather
-        # a different number of times on each rank and deadlock. It is frozen under
-        # LoRA / QLoRA, so it needs no gradient reduction; a tied input embedding
-        # shares its tensor and stays whole too.
-        trainable_head = [n for n, p in head.named_parameters() if p.requires_grad]
-        if trainable_head:
-            raise ValueError(f"strategy='fsdp' keeps the output head replicated and cannot train it "
-                             f"({', '.join(trainable_head)} require grad): freeze it (LoRA / QLoRA do) or "
-                             f"use strategy='ddp'")
-        tied = {p for p in head.parameters() if any(p is q for q in body.parameters())}
-        if mixed_precision is not None:
-            # The whole head runs in its own dtype: hand it hidden states in that dtype.
-            head_dtype = next(head.parameters()).dtype
-            policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
-                                          output_dtype=head_dtype)
-        fully_shard(body, mp_policy=policy, ignored_params=tied or None)
+        _shard_causal_lm(model, body, head, policy, mixed_precision, fully_shard, MixedPrecisionPolicy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum, not mean (see the module docstring). A divide factor of 1 is sent as
@@ -295,6 +277,60 @@ def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+class _TiedHead(nn.Module):
+    """Output head tied to an FSDP-sharded input embedding: ``y = x E^T (+ b)`` with E read at call time.
+
+    The embedding module is held outside the module tree (no second path to the
+    same weight), so ``weight`` is whatever FSDP has put there: the gathered
+    tensor between the body's forward and the end of backward, when the head runs.
+    """
+
+    def __init__(self, head: nn.Module, embedding: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)
+        self.bias = getattr(head, "bias", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._embedding.weight, self.bias)
+
+
+def _shard_causal_lm(model, body, head, policy, mixed_precision, fully_shard, MixedPrecisionPolicy) -> None:
+    # causal_lm_loss runs the body once per micro-batch, then the head once per
+    # chunk of labelled rows: a count that differs between ranks (it follows each
+    # rank's label count), so the head must run without collectives, and it never
+    # goes through model.forward. The body is therefore the root unit, and its
+    # parameters stay gathered from its forward to the end of backward (a root
+    # does not reshard after forward; made explicit here).
+    # * Tied head (SmolLM2, Gemma, ...): the head reads the embedding's gathered
+    #   weight, so the embedding is sharded like everything else.
+    # * Untied head: kept whole on every rank, outside FSDP.
+    # Either way the head must be frozen (LoRA / QLoRA leave it so): its gradient
+    # would otherwise need a reduction outside FSDP.
+    trainable_head = [n for n, p in head.named_parameters() if p.requires_grad]
+    if trainable_head:
+        raise ValueError(f"strategy='fsdp' cannot train the output head ({', '.join(trainable_head)} require grad): "
+                         f"freeze it (LoRA / QLoRA do) or use strategy='ddp'")
+    embedding = next((m for m in body.modules() if getattr(m, "weight", None) is getattr(head, "weight", False)),
+                     None)
+    shared = {p for p in head.parameters() if any(p is q for q in body.parameters())}
+    if embedding is not None:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        parent_name, _, leaf = head_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, _TiedHead(head, embedding))
+    elif shared:
+        raise ValueError("the output head shares parameters with the body other than a tied embedding weight; "
+                         "use strategy='ddp'")
+    elif mixed_precision is not None:
+        # The untied head runs whole in its own dtype: hand it hidden states in that dtype.
+        policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
+                                      output_dtype=next(head.parameters()).dtype)
+    fully_shard(body, mp_policy=policy, reshard_after_forward=False)
 
 
 def wrap_model(model: nn.Module, world: World, strategy: str = "ddp",
