@@ -186,6 +186,27 @@ def test_weight_grads_split_over_rows():
         _check(name, g, w, t, torch.float16)
 
 
+def test_strided_operands():
+    """Kernels take strides: x with column stride 2, a transposed weight view, a sliced lora_B."""
+    m, k, n, r = 7, 64, 40, 8
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(m, k, n, r, torch.float32, True, seed=5)
+    x_strided = torch.stack([x, torch.full_like(x, float("nan"))], dim=2).reshape(m, 2 * k)[:, ::2]
+    weight_t = weight.t().contiguous().t()
+    lora_B_wide = torch.cat([lora_B, torch.full_like(lora_B, float("nan"))], dim=1)[:, :r]
+    assert not x_strided.is_contiguous() and not weight_t.is_contiguous() and not lora_B_wide.is_contiguous()
+    seed = _seed(3)
+    y, xa = tk.lora_linear_fwd(x_strided, weight_t, bias, lora_A, lora_B_wide, 0.5, 0.2, seed)
+    y64, xa64 = ref.lora_linear_fwd(*_up(x, weight, bias, lora_A, lora_B), 0.5, 0.2, seed)
+    yt, xat = ref.lora_linear_fwd(x, weight, bias, lora_A, lora_B, 0.5, 0.2, seed)
+    _check("y", y, y64, yt, torch.float32)
+    _check("xa", xa, xa64, xat, torch.float32)
+    got = tk.lora_linear_bwd(dy, x_strided, xa, weight_t, lora_A, lora_B_wide, 0.5, 0.2, seed, True, True)
+    want = ref.lora_linear_bwd(*_up(dy, x, xa, weight, lora_A, lora_B), 0.5, 0.2, seed, True, True)
+    in_dtype = ref.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, 0.5, 0.2, seed, True, True)
+    for name, g, w, t in zip(("dx", "dweight", "d_lora_A", "d_lora_B"), got, want, in_dtype):
+        _check(name, g, w, t, torch.float32)
+
+
 def test_lora_linear_bwd_without_dx():
     x, weight, bias, lora_A, lora_B, dy = _lora_inputs(7, 64, 40, 8, torch.float32, False, seed=3)
     seed = _seed(5)
