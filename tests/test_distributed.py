@@ -51,6 +51,10 @@ def _torchrun(script_args: list, tmp, nproc: int = 2, timeout: float = 240.0) ->
         env.pop(key, None)
     # The timeout ends a hung collective instead of the test session.
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "address already in use" in proc.stderr.lower():
+        # Another process took the free port between the probe and torchrun's bind: once more on a new one.
+        cmd[cmd.index(next(a for a in cmd if a.startswith("--master_port=")))] = f"--master_port={_free_port()}"
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         (tmp / "torchrun.log").write_text(proc.stdout + proc.stderr)
         errors = [line for line in proc.stderr.splitlines()

@@ -30,11 +30,12 @@ Strategies (:func:`wrap_model`):
   norm) is the root unit. Every parameter in them, the frozen base included
   (dense weights and the packed uint8 NF4 weights of
   :class:`~lorakern.nn.QLoRALinear`), is split along dim 0 across ranks, so
-  their bytes per rank fall as 1/W. What stays whole on every rank: buffers
-  (NF4 absmax: about 3% of the packed weight with double quantization; rotary
-  tables) and the output head of a Hugging Face causal LM (with an input
-  embedding tied to it), which the chunked loss calls a rank-dependent number
-  of times (see :func:`wrap_model`); it must be frozen, as LoRA and QLoRA leave it.
+  their bytes per rank fall as 1/W (SmolLM2-135M QLoRA on 2 ranks: 0.505 of the
+  whole model per rank, benchmarks/results/dist-fsdp-memory.md). What stays
+  whole on every rank: buffers (NF4 absmax: about 3% of the packed weight with
+  double quantization; rotary tables) and an output head NOT tied to the input
+  embedding (see :func:`_shard_causal_lm`). The output head must be frozen, as
+  LoRA and QLoRA leave it.
 * ``none``: the model unchanged (one process).
 
 Checkpoints. Rank 0 writes the usual single-process checkpoint
