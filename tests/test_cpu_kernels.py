@@ -153,12 +153,14 @@ def test_nf4_matmul_and_transpose(m, k, dtype):
         assert_close(cpu.nf4_matmul_t(dy, q), dy.double() @ w, dy.double().abs() @ w.abs(), dtype, f"nf4_matmul_t m={m} k={k} n={n}")
 
 
-@pytest.mark.parametrize("m", [1, 16, 17])
-def test_nf4_matmul_every_isa(isa, m):
-    q = random_nf4(72, 136, torch.float32, blocksize=32)
-    w = nf4.dequantize(q, torch.float64)
-    x = torch.randn(m, 136)
-    assert_close(cpu.nf4_matmul(x, q, None), x.double() @ w.t(), x.double().abs() @ w.abs().t(), torch.float32, isa)
+@pytest.mark.parametrize("m", [1, 5, 8, 16, 17])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nf4_matmul_every_isa(isa, m, dtype):
+    """Every GEMV variant (fp32 FMA; bf16 dot products for 4 <= M <= 8 on AVX512_BF16 CPUs) and the panel path."""
+    q = random_nf4(72, 136, dtype, blocksize=32)
+    w = nf4.dequantize(q, torch.float64 if dtype == torch.float32 else dtype).double()
+    x = torch.randn(m, 136).to(dtype)
+    assert_close(cpu.nf4_matmul(x, q, None), x.double() @ w.t(), x.double().abs() @ w.abs().t(), dtype, isa)
 
 
 def _lora_inputs(m, k, n, r, dtype):
