@@ -125,6 +125,11 @@ def test_two_processes_match_one(runs, name, reference):
     assert runs[reference]["losses"][-1] != runs[reference]["losses"][0]
 
 
+def test_world_collectives(runs):
+    # broadcast_object carried the plan to rank 1 (it ran), all_reduce_mean of the ranks 0 and 1
+    assert runs["world"] == {"world_size": 2, "mean_rank": 0.5}
+
+
 def test_fsdp_keeps_nf4_weights_uint8_and_sharded(runs):
     for name in ("fsdp_qlora", "fsdp_gc_bf16", "fsdp_qlora_tied"):
         assert runs[name]["nf4_weight_dtype"] == "torch.uint8", name

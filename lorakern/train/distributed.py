@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -162,8 +163,14 @@ class DistributedWorld(World):
             dist.barrier()
 
     def close(self) -> None:
-        """Destroy the process group (call once, at the end of the job)."""
+        """Wait for every rank, then destroy the process group (call once, at the end of the job)."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
+            # Free what still references the group's work (DDP reducers, FSDP states of
+            # models no longer used) while the group exists. Without the barrier and
+            # this collect, 2 of 6 two-process gloo test runs aborted at interpreter
+            # exit ("terminate called without an active exception"); with them 0 of 14.
+            gc.collect()
             dist.destroy_process_group()
         self.backend = None
 

@@ -131,10 +131,15 @@ def run(world, name: str, method: str = "lora", strategy: str = "ddp", steps: in
 def main(plan_path: str, result_path: str) -> None:
     torch.set_num_threads(1)
     world = init_world(device="cpu")
-    with open(plan_path) as f:
-        plan = json.load(f)
+    plan = None
+    if world.is_main:
+        with open(plan_path) as f:
+            plan = json.load(f)
+    plan = world.broadcast_object(plan)  # the other ranks get rank 0's plan
     results = {}
     try:
+        ranks = world.all_reduce_mean(torch.tensor([float(world.rank)], dtype=torch.float64))
+        results["world"] = {"world_size": world.world_size, "mean_rank": float(ranks)}
         for spec in plan:
             results[spec["name"]] = run(world, **spec)
     finally:
