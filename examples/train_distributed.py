@@ -78,46 +78,46 @@ def run(args: argparse.Namespace) -> dict:
     from lorakern.train.distributed import init_world, save_adapter
 
     world = init_world(device=None if args.device == "auto" else args.device)
-    try:
-        # The same seed everywhere: every rank builds the same adapters and data split
-        # (wrap_model also copies rank 0's weights to the others).
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        if world.is_main:
-            print(f"{world.world_size} process(es), backend {world.backend or 'none'}, device {world.device}, "
-                  f"strategy {args.strategy}", flush=True)
-        model, tokenizer = load(args.model, str(world.device))
-        data = prepare_dataset(tokenizer, args.data, max_length=args.max_length, val_fraction=args.val_fraction,
-                               seed=args.seed)
-        if world.is_main:
-            print(data.report(), flush=True)
-        if args.method == "full":
-            prepare_model(model, "full")
-        else:
-            prepare_model(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout)
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                             warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
-                             gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
-                             save_every=args.save_every, seed=args.seed, output_dir=args.output_dir)
-        trainer = Trainer(model, data.train, config, eval_data=data.validation,
-                          pad_token_id=tokenizer.pad_token_id, world=world, strategy=args.strategy)
-        if args.resume and trainer.resume() and world.is_main:
-            print(f"resumed at step {trainer.step}", flush=True)
-        records = trainer.train()
-        adapter = None
-        if args.method != "full":
-            adapter = save_adapter(trainer.model, os.path.join(args.output_dir, "adapter"), world)
-        summary = {"steps": trainer.step, "world_size": world.world_size,
-                   "first_loss": records[0]["loss"] if records else None,
-                   "last_loss": records[-1]["loss"] if records else None,
-                   "eval_loss": next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None),
-                   "adapter": adapter}
-        if world.is_main:
-            print(summary, flush=True)
-        return summary
-    finally:
-        world.close()
+    # The same seed everywhere: every rank builds the same adapters and data split
+    # (wrap_model also copies rank 0's weights to the others).
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if world.is_main:
+        print(f"{world.world_size} process(es), backend {world.backend or 'none'}, device {world.device}, "
+              f"strategy {args.strategy}", flush=True)
+    model, tokenizer = load(args.model, str(world.device))
+    data = prepare_dataset(tokenizer, args.data, max_length=args.max_length, val_fraction=args.val_fraction,
+                           seed=args.seed)
+    if world.is_main:
+        print(data.report(), flush=True)
+    if args.method == "full":
+        prepare_model(model, "full")
+    else:
+        prepare_model(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
+                         gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                         save_every=args.save_every, seed=args.seed, output_dir=args.output_dir)
+    trainer = Trainer(model, data.train, config, eval_data=data.validation,
+                      pad_token_id=tokenizer.pad_token_id, world=world, strategy=args.strategy)
+    if args.resume and trainer.resume() and world.is_main:
+        print(f"resumed at step {trainer.step}", flush=True)
+    records = trainer.train()
+    adapter = None
+    if args.method != "full":
+        adapter = save_adapter(trainer.model, os.path.join(args.output_dir, "adapter"), world)
+    summary = {"steps": trainer.step, "world_size": world.world_size,
+               "first_loss": records[0]["loss"] if records else None,
+               "last_loss": records[-1]["loss"] if records else None,
+               "eval_loss": next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None),
+               "adapter": adapter}
+    if world.is_main:
+        print(summary, flush=True)
+    # Only on success: after an error on one rank the others are inside collectives,
+    # and a closing barrier would wait for them until the timeout; torchrun ends them.
+    world.close()
+    return summary
 
 
 def main(argv=None) -> int:

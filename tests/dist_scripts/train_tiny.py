@@ -136,14 +136,11 @@ def main(plan_path: str, result_path: str) -> None:
         with open(plan_path) as f:
             plan = json.load(f)
     plan = world.broadcast_object(plan)  # the other ranks get rank 0's plan
-    results = {}
-    try:
-        ranks = world.all_reduce_mean(torch.tensor([float(world.rank)], dtype=torch.float64))
-        results["world"] = {"world_size": world.world_size, "mean_rank": float(ranks)}
-        for spec in plan:
-            results[spec["name"]] = run(world, **spec)
-    finally:
-        world.close()
+    ranks = world.all_reduce_mean(torch.tensor([float(world.rank)], dtype=torch.float64))
+    results = {"world": {"world_size": world.world_size, "mean_rank": float(ranks)}}
+    for spec in plan:
+        results[spec["name"]] = run(world, **spec)
+    world.close()  # not after an error: torchrun ends the other ranks
     if world.is_main:
         tmp = result_path + ".tmp"
         with open(tmp, "w") as f:
