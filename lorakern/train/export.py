@@ -93,12 +93,14 @@ def load_for_chat(model_spec: str | None = None, adapter: str | None = None, qua
 
 
 def chat(model: nn.Module, tokenizer, prompts=None, max_new_tokens: int = 128, system: str | None = None,
-         out=sys.stdout, read=input) -> list[str]:
+         out=None, read=input) -> list[str]:
     """Answer ``prompts`` one by one, or talk interactively (empty line or EOF ends) when None.
 
     Each prompt is a fresh conversation (greedy decoding); returns the replies.
     """
     from .evaluate import generate
+
+    out = sys.stdout if out is None else out  # looked up per call: sys.stdout may be replaced
 
     def answer(text: str) -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]

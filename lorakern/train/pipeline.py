@@ -10,6 +10,7 @@ checkout; pass ``--data`` (and ``--test-data``) for your own files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -97,8 +98,8 @@ def _seed_everything(seed: int) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """The whole pipeline for parsed ``args``; returns the before/after report."""
-    from . import (TrainConfig, Trainer, evaluate_model, format_comparison, load_records,
-                                prepare_dataset, prepare_model, tokenize_records)
+    from . import (TrainConfig, Trainer, evaluate_model, format_comparison, load_records, prepare_dataset,
+                   prepare_model, tokenize_records)
     from .data import clean_records
     from .export import merged_copy, save_trained
     from .models import load_model_and_tokenizer
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.general_data and args.general_data.lower() != "none":
         general, _ = tokenize_records(tokenizer, clean_records(load_records(args.general_data)), args.max_length)
     print(data.report())
+    if not split_test:
+        print(f"held-out test set: {len(test_chats)} records from {args.test_data}")
     if args.eval_limit:
         test_chats = test_chats[:args.eval_limit]
 
@@ -151,9 +154,11 @@ def run(args: argparse.Namespace) -> dict:
 
     def evaluate(title: str) -> dict:
         t0 = time.perf_counter()
-        # Merged weights compute the same function on dense GEMMs (see merged_copy).
-        target = model if args.eval_unmerged or args.method == "full" else merged_copy(model)
-        with trainer.autocast():
+        # Merged weights compute the same function on dense GEMMs (see merged_copy), in
+        # fp32: autocast would re-cast every weight at every decode step.
+        merged = not (args.eval_unmerged or args.method == "full")
+        target = merged_copy(model) if merged else model
+        with contextlib.nullcontext() if merged else trainer.autocast():
             report = evaluate_model(target, tokenizer, test_chats, test_examples, general,
                                     max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
                                     num_samples=args.num_samples)
