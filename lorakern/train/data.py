@@ -119,7 +119,7 @@ class Example:
 # ------------------------------------------------------------------------------ loading
 
 
-def _record_to_chat(rec, where: str) -> list[dict]:
+def _record_to_chat(rec) -> list[dict]:
     """Normalise one record to a chat; raise ``ValueError(reason)`` when it is malformed."""
     if not isinstance(rec, dict):
         raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
@@ -214,7 +214,7 @@ def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike], strict:
                 result.issues.append(DataIssue(path, lineno, str(rec)))
                 continue
             try:
-                chat = _record_to_chat(rec, f"{path}:{lineno}")
+                chat = _record_to_chat(rec)
             except ValueError as e:
                 result.issues.append(DataIssue(path, lineno, str(e)))
                 continue
