@@ -70,8 +70,26 @@ def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if gguf_file:
+        _forget_gguf_quantizer(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """Drop the GGUF tag transformers leaves on a model it loaded from a .gguf file.
+
+    The loader dequantizes every tensor to ``dtype``, so the model is a plain
+    dense model; the leftover tag only makes ``save_pretrained`` refuse it ("quantized
+    with gguf and is not serializable"), which would block merged exports.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
