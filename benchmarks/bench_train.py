@@ -30,6 +30,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("lorakern-qlora", "peft-bnb-qlora", "lorakern-lora", "peft-lora")
+# the same under bf16 autocast (bitsandbytes computing in bf16): lorakern's default on CPUs with AVX512-BF16
+CONFIGS_BF16 = tuple(c + "-bf16" for c in CONFIGS)
 
 
 def _peak_rss_reset() -> None:
@@ -76,6 +78,8 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    bf16 = name.endswith("-bf16")
+    name = name.removesuffix("-bf16")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batches, _ = _batches(tokenizer, batch, seq, steps + 1)
     torch.manual_seed(0)
@@ -95,7 +99,7 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
             from transformers import BitsAndBytesConfig
 
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.float32)
+                                       bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
             model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         else:
@@ -112,7 +116,8 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(b):
-        loss = loss_of(b)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -127,8 +132,9 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
         times.append(time.perf_counter() - t0)
     tokens = batch * seq
     best = min(times)
-    return {"name": name, "checkpointing": checkpointing, "step_s": sorted(times)[len(times) // 2],
-            "best_step_s": best, "tokens_per_s": tokens / sorted(times)[len(times) // 2],
+    median = sorted(times)[len(times) // 2]
+    return {"name": name + ("-bf16" if bf16 else ""), "checkpointing": checkpointing, "step_s": median,
+            "best_step_s": best, "tokens_per_s": tokens / median,
             "peak_rss_mb": _peak_rss_mb(), "losses": losses,
             "trainable": sum(p.numel() for p in params)}
 
@@ -164,7 +170,7 @@ def _commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + CONFIGS_BF16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
@@ -206,7 +212,8 @@ def main(argv=None) -> int:
     lines = [f"# Training step: lorakern vs PEFT (+ bitsandbytes), SmolLM2-135M-Instruct", "",
              f"- device: {_device()}", f"- versions: {json.dumps(_versions())}", f"- commit: {_commit()}",
              f"- batch {args.batch_size} x {args.seq_len} tokens, LoRA r={args.r} alpha={2 * args.r} dropout 0.05 "
-             f"on all linear projections (210 layers), AdamW, fp32 compute, gradient checkpointing "
+             f"on all linear projections (210 layers), AdamW, fp32 weights and compute (-bf16: under bf16 "
+             f"autocast, bitsandbytes compute dtype bf16), gradient checkpointing "
              f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} steps after a warm-up step",
              f"- peak memory: VmHWM of the configuration's own process, reset after model load",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
@@ -214,7 +221,8 @@ def main(argv=None) -> int:
     for r in results:
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     lines.append("")
-    for ours, theirs in (("lorakern-qlora", "peft-bnb-qlora"), ("lorakern-lora", "peft-lora")):
+    pairs = [("lorakern-qlora", "peft-bnb-qlora"), ("lorakern-lora", "peft-lora")]
+    for ours, theirs in pairs + [(a + "-bf16", b + "-bf16") for a, b in pairs]:
         if ours in by and theirs in by:
             a, b = by[ours], by[theirs]
             lines.append(f"- {ours} vs {theirs}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "

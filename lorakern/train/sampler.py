@@ -92,7 +92,8 @@ class MixtureSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["per_dataset"]) != len(self.sizes):
-            raise ValueError(f"sampler state is for {len(state['per_dataset'])} datasets, this run has {len(self.sizes)}")
+            raise ValueError(f"sampler state is for {len(state['per_dataset'])} datasets, "
+                             f"this run has {len(self.sizes)}")
         self.drawn = int(state["drawn"])
         self.per_dataset = [int(c) for c in state["per_dataset"]]
 
