@@ -48,17 +48,22 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     mine = world.shard(order)
+    # Every rank runs as many batches as the largest shard needs: under FSDP each
+    # forward is a collective, and shards differ by up to one example.
+    n_batches = -(-(-(-len(order) // world.world_size)) // batch_size)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for i in range(0, len(mine), batch_size):
-            batch = collate([examples[j] for j in mine[i:i + batch_size]])
+        for i in range(0, n_batches * batch_size, batch_size):
+            rows = mine[i:i + batch_size]
+            batch = collate([examples[j] for j in (rows or order[:1])])
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                      chunk_size=chunk_size)
-            total += float(loss)
-            count += n
+            if rows:  # a rank whose share ran out ran that forward only to keep step
+                total += float(loss)
+                count += n
     finally:
         model.train(was_training)
     total, count = world.all_reduce_sum(total), world.all_reduce_sum(float(count))

@@ -92,7 +92,9 @@ def causal_lm_loss(
     selected = hidden[:, :-1][keep]  # [n, H]: the only rows that ever meet the head
     targets = targets[keep]
     softcap = _logit_softcap(model)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # Zero, but attached to the graph: a micro-batch without labels still runs a
+    # backward, which DDP / FSDP need (every rank joins each gradient reduction).
+    total = hidden[:, :0].float().sum()
     for start in range(0, n, chunk_size):
         h, t = selected[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):

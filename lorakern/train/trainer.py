@@ -26,6 +26,7 @@ from torch import nn
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Collator, Example
+from .distributed import check_resume, full_state, no_sync, wrap_model
 from .loss import causal_lm_loss
 from .sampler import MixtureSampler, World
 
@@ -149,12 +150,16 @@ class Trainer:
         pad_token_id: padding id for batches (default: the model config's, else 0).
         world: data-parallel placement (default: one process).
         callbacks: ``fn(trainer, record)`` called with every metrics record.
+        strategy: ``"none"``, ``"ddp"`` or ``"fsdp"``: how ``model`` is spread
+            over ``world`` (:func:`lorakern.train.distributed.wrap_model`, with
+            ``world`` from :func:`~lorakern.train.distributed.init_world`);
+            ``self.model`` is then the wrapped module.
     """
 
     def __init__(self, model: nn.Module, train_data: Sequence[Example] | Mapping[str, Sequence[Example]],
                  config: TrainConfig | None = None, eval_data: Sequence[Example] | None = None,
                  pad_token_id: int | None = None, world: World | None = None,
-                 callbacks: Sequence[Callable] = ()):
+                 callbacks: Sequence[Callable] = (), strategy: str = "none"):
         self.model = model
         self.config = config = config or TrainConfig()
         self.world = world or World()
@@ -173,7 +178,10 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.device = _model_device(model)
         self.amp_dtype = autocast_dtype(self.device, config.mixed_precision)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if config.gradient_checkpointing:
+            self._enable_gradient_checkpointing()  # on the user's module, before any wrapper
+        self.model = wrap_model(model, self.world, strategy)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (call prepare_model first)")
         # No weight decay on biases and norm weights (1-D), as is standard for AdamW.
@@ -186,8 +194,6 @@ class Trainer:
                                       seed=config.seed)
         self.step = 0
         self.history: list[dict] = []
-        if config.gradient_checkpointing:
-            self._enable_gradient_checkpointing()
 
     # ----------------------------------------------------------------------- setup
 
@@ -240,12 +246,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for b in batches:
-            with self.autocast():
-                loss, _ = causal_lm_loss(self.model, b["input_ids"], b["labels"], b["attention_mask"],
-                                         chunk_size=cfg.loss_chunk_size)
-            if loss.requires_grad:  # a micro-batch without labels contributes nothing
-                (loss / max(n_labels, 1.0)).backward()
+        for i, b in enumerate(batches):
+            # Gradients are reduced across processes once per step, in the last backward.
+            with no_sync(self.model, i < len(batches) - 1):
+                with self.autocast():
+                    loss, _ = causal_lm_loss(self.model, b["input_ids"], b["labels"], b["attention_mask"],
+                                             chunk_size=cfg.loss_chunk_size)
+                if loss.requires_grad:  # a micro-batch without labels contributes nothing
+                    (loss / max(n_labels, 1.0)).backward()
             loss_sum += float(loss.detach())
         loss_sum = self.world.all_reduce_sum(loss_sum)
         if cfg.max_grad_norm is not None:
@@ -275,7 +283,7 @@ class Trainer:
     def state(self) -> dict:
         """JSON-able trainer state stored in checkpoints (besides weights, optimizer, RNG)."""
         return {"sampler": self.sampler.state_dict(), "config": _jsonable(asdict(self.config)),
-                "datasets": {k: len(v) for k, v in self.datasets.items()}}
+                "datasets": {k: len(v) for k, v in self.datasets.items()}, "world_size": self.world.world_size}
 
     def save(self) -> str | None:
         """Write a checkpoint of the current step to ``output_dir`` (main process only)."""
@@ -283,9 +291,10 @@ class Trainer:
         if cfg.output_dir is None:
             raise ValueError("TrainConfig.output_dir is needed to save checkpoints")
         path = None
-        if self.world.is_main:
-            path = save_checkpoint(cfg.output_dir, self.step, self.model, self.optimizer, self.state(),
-                                   keep=cfg.keep_checkpoints)
+        with full_state(self.model, self.optimizer) as (model, optimizer):  # gathers FSDP shards: every rank
+            if self.world.is_main:
+                path = save_checkpoint(cfg.output_dir, self.step, model, optimizer, self.state(),
+                                       keep=cfg.keep_checkpoints)
         self.world.barrier()
         return path
 
@@ -294,7 +303,9 @@ class Trainer:
         path = path or (latest_checkpoint(self.config.output_dir) if self.config.output_dir else None)
         if path is None:
             return False
-        state = load_checkpoint(path, self.model, self.optimizer)
+        with full_state(self.model, self.optimizer, load=True) as (model, optimizer):
+            state = load_checkpoint(path, model, optimizer)
+        check_resume(state, self.config.batch_size, self.config.grad_accum, self.world.world_size)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self._truncate_metrics(self.step)
