@@ -14,6 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-all}"
+# the interpreter with pybind11 and pytest: $PYTHON, else the project's venv, else python3
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
 case "$mode" in all|compile|host) ;; *) echo "usage: $0 [all|compile|host]" >&2; exit 2 ;; esac
 
 find_nvcc() {
@@ -31,8 +36,8 @@ compile_check() {
     return 0
   fi
   local py_inc pybind_inc
-  py_inc="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
-  pybind_inc="$(python -c 'import pybind11; print(pybind11.get_include())')"
+  py_inc="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  pybind_inc="$("$PY" -c 'import pybind11; print(pybind11.get_include())')"
   local out
   out="$(mktemp -d)"
   trap 'rm -rf "$out"' RETURN
@@ -56,7 +61,7 @@ compile_check() {
 }
 
 host_tests() {
-  python -m pytest tests/test_cuda_kernels.py -q -k "host" -p no:cacheprovider
+  "$PY" -m pytest tests/test_cuda_kernels.py -q -k "host" -p no:cacheprovider
 }
 
 if [[ "$mode" == all || "$mode" == compile ]]; then compile_check; fi

@@ -20,6 +20,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -286,7 +287,8 @@ def _nvcc() -> str | None:
 @pytest.mark.slow  # 50-90 s on the 2-core CI machine (user time ~23 s; 2 archs x 2 files + bindings)
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_cuda_sources_compile_without_warnings_or_spills():
-    r = subprocess.run(["bash", str(ROOT / ".ci" / "cuda_check.sh"), "compile"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(["bash", str(ROOT / ".ci" / "cuda_check.sh"), "compile"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, f".ci/cuda_check.sh compile failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_dynamic_map_equals_bitsandbytes():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_quantize_matches_bitsandbytes(shape, dtype, double_quant):
-    w = _weight(shape, dtype, seed=hash((shape, str(dtype))) % 1000)
+    w = _weight(shape, dtype, seed=zlib.crc32(repr((shape, dtype)).encode()) % 1000)
     q = nf4.quantize(w, 64, double_quant)
     packed, state = bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     assert torch.equal(q.packed, packed.reshape(-1)), "packed bytes differ"
@@ -59,13 +60,13 @@ def test_quantize_matches_bitsandbytes(shape, dtype, double_quant):
     assert torch.equal(q.offset.reshape(()), state.offset.reshape(()))
     assert torch.equal(q.nested_absmax, state.state2.absmax)
     assert torch.equal(q.nested_code, state.state2.code)
-    # The uint8 absmax codes: bitsandbytes' AVX-512 CPU quantizer multiplies by an
-    # approximate reciprocal, so a value within ~1e-5 of a midpoint between two
-    # codes can land on the neighbour. Its CUDA and portable kernels (and ours)
-    # take the exact nearest code. Allow only that: one step, rarely.
-    diff = (q.absmax.int() - state.absmax.int()).abs()
-    assert int(diff.max()) <= 1
-    assert int((diff > 0).sum()) <= 1 + 0.01 * diff.numel()
+    # The uint8 absmax codes: bitsandbytes' native CPU quantizer does not compute
+    # the exact nearest code (its bucketed search with approximate arithmetic picks a
+    # neighbour for values close to a midpoint, or near zero where the codes are
+    # dense); its CUDA and portable kernels, and ours, take the exact nearest code.
+    # So: nearly all codes identical, and ours never further from the true value.
+    diff = q.absmax != state.absmax
+    assert int(diff.sum()) <= 1 + 0.01 * diff.numel()
     # and ours is never further from the true value than bitsandbytes' choice
     raw = torch.ops.bitsandbytes.quantize_4bit.default(w, 64, "nf4", torch.uint8)[1] - state.offset
     scale = state.state2.absmax.repeat_interleave(256)[: raw.numel()]
