@@ -209,13 +209,23 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     idx = _nearest_code(scaled, NF4_CODE.to(w.device))
     packed = (idx[0::2] << 4) | idx[1::2]
-    dev = w.device
+    return assemble(packed, absmax, tuple(w.shape), blocksize, w.dtype, double_quant)
+
+
+def assemble(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple, blocksize: int, dtype: torch.dtype,
+             double_quant: bool) -> NF4Weight:
+    """The :class:`NF4Weight` of packed codes and their fp32 block absmax, double-quantizing the absmax if asked.
+
+    Shared by every backend's quantizer: the double quant is O(numel / 64) torch work,
+    and doing it with these exact ops keeps every backend bit-identical.
+    """
+    dev = packed.device
     if double_quant:
         offset = absmax.mean()
         code = dynamic_map(dev)
         qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
-        return NF4Weight(packed, qabsmax, nested_absmax, code, offset.reshape(1), tuple(w.shape), blocksize, w.dtype)
-    return NF4Weight(packed, absmax, _empty_f32(dev), _empty_f32(dev), torch.zeros(1, device=dev), tuple(w.shape), blocksize, w.dtype)
+        return NF4Weight(packed, qabsmax, nested_absmax, code, offset.reshape(1), shape, blocksize, dtype)
+    return NF4Weight(packed, absmax, _empty_f32(dev), _empty_f32(dev), torch.zeros(1, device=dev), shape, blocksize, dtype)
 
 
 def decode_absmax(q: NF4Weight) -> torch.Tensor:

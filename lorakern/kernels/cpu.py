@@ -27,7 +27,7 @@ import threading
 import torch
 
 from ..formats import nf4 as _nf4
-from ..formats.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from ..formats.nf4 import NF4Weight
 
 try:
     from lorakern import _C
@@ -176,12 +176,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     _C.nf4_quantize(flat.data_ptr(), _DTYPE_CODE[flat.dtype], n, blocksize, packed.data_ptr(), absmax.data_ptr())
-    if double_quant:  # O(numel / 64) work: the same torch ops as the reference, hence the same bits
-        offset = absmax.mean()
-        qabsmax, nested = _nf4.quantize_blockwise_8bit(absmax - offset, _nf4.dynamic_map(), NESTED_BLOCKSIZE)
-        return NF4Weight(packed, qabsmax, nested, _nf4.dynamic_map(), offset.reshape(1), tuple(w.shape), blocksize, w.dtype)
-    return NF4Weight(packed, absmax, _nf4._empty_f32("cpu"), _nf4._empty_f32("cpu"), torch.zeros(1), tuple(w.shape),
-                     blocksize, w.dtype)
+    return _nf4.assemble(packed, absmax, tuple(w.shape), blocksize, w.dtype, double_quant)
 
 
 def nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
