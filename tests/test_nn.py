@@ -442,3 +442,60 @@ def test_cuda_autocast_matches_reference(cls, dtype):
     assert_close_rel(y, expected, RTOL[dtype], "cuda autocast y")
     y.float().sum().backward()
     assert m.lora_A.grad.dtype == torch.float32 and torch.isfinite(m.lora_A.grad).all()
+
+
+def test_layers_reading_one_input_share_its_autocast_copy():
+    # q, k, v of an attention block read the same fp32 hidden state: under bf16
+    # autocast they must save ONE bf16 copy for backward, and give the gradients
+    # of three independent casts.
+    from lorakern.nn import QLoRALinear
+
+    torch.manual_seed(0)
+    layers = [QLoRALinear.from_linear(nn.Linear(64, n, bias=False), r=4, alpha=8) for n in (64, 32, 32)]
+    for layer in layers:
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.shape == (5, 64):
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = sum(layer(x).float().sum() for layer in layers)
+    assert len(saved) == 1
+    shared.backward()
+    got = x.grad.clone()
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        separate = sum(layer(x.clone()).float().sum() for layer in layers)  # distinct sources: no sharing
+    separate.backward()
+    torch.testing.assert_close(got, x.grad)
+    torch.testing.assert_close(shared, separate)
+
+
+def test_shared_autocast_copy_follows_in_place_changes():
+    from lorakern.nn import QLoRALinear
+
+    torch.manual_seed(1)
+    layer = QLoRALinear.from_linear(nn.Linear(64, 16, bias=False), r=4, alpha=8)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer(x)
+        x.mul_(2.0)  # same tensor object, new contents: must be cast again
+        second = layer(x)
+    torch.testing.assert_close(second.float(), 2.0 * first.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.equal(first, second)
+
+
+def test_shared_autocast_copy_is_not_carried_across_inference_mode():
+    from lorakern.nn import QLoRALinear
+
+    layer = QLoRALinear.from_linear(nn.Linear(64, 16), r=4, alpha=8)
+    x = torch.randn(2, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()  # an inference-mode copy cannot be saved for backward
+    assert layer.lora_A.grad is not None

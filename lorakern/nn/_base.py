@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -14,6 +16,59 @@ from .. import ops
 # "gaussian": A ~ N(0, 1/r^2) (std 1/r, PEFT's init_lora_weights="gaussian"), B = 0.
 # "zeros-B":  another name for "kaiming": A random, B zero, so the adapter starts as a no-op.
 INITS = ("kaiming", "gaussian", "zeros-B")
+
+
+class _LastCast(threading.local):
+    source: Optional[weakref.ref] = None
+    key: tuple = ()
+    out: Optional[Tensor] = None
+
+
+_last_cast = _LastCast()
+
+
+class _SharedCast(torch.autograd.Function):
+    """Hands out ``cast`` (a detached copy of ``x`` in another dtype) with its own autograd node.
+
+    Each consumer gets a separate node whose backward casts the gradient back to
+    ``x``'s dtype, so the gradients of q, k and v are summed in fp32 on ``x``, as
+    with three separate casts, and not in bf16 on a shared copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cast):
+        ctx.dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, one copy shared by consecutive layers that read the same input.
+
+    Under autocast the q, k and v projections of an attention block (and the
+    gate and up projections of an MLP) each cast the same fp32 normalized hidden
+    state to bf16, and each LoRA layer saves its cast input for the adapter's
+    gradient: three copies of one tensor kept until backward. Reusing the last
+    cast while the source is the same unmodified tensor keeps one: 101 MB less
+    saved for backward on SmolLM2-135M at 4 x 256 tokens. One entry per thread,
+    replaced by the next different input.
+    """
+    if x.dtype == dtype:
+        return x
+    if torch.compiler.is_compiling() or x.is_inference():  # (inference tensors have no version counter)
+        return x.to(dtype)
+    last = _last_cast
+    key = (x._version, dtype, torch.is_inference_mode_enabled())
+    if last.source is None or last.source() is not x or last.key != key:
+        with torch.no_grad():
+            cast = x.to(dtype)
+        last.source, last.key, last.out = weakref.ref(x), key, cast
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SharedCast.apply(x, last.out)
+    return last.out
 
 
 def check_lora_args(r, alpha, dropout, init) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._base import INITS, LoRABase, adapter_dtype, dense_weight_of, frozen
+from ._base import INITS, LoRABase, adapter_dtype, cast_input, dense_weight_of, frozen
 
 __all__ = ["LoRALinear", "INITS"]
 
@@ -67,7 +67,7 @@ class LoRALinear(LoRABase):
                                    "call unmerge() before training")
             return nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)
         dropout_p, seed = self._dropout_args(x)
-        return ops.lora_linear(x.to(dtype), self.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
+        return ops.lora_linear(cast_input(x, dtype), self.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
                                self.scaling, dropout_p, seed)
 
     @torch.no_grad()

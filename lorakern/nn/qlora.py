@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..formats import nf4 as nf4_format
 from ..formats.nf4 import NF4Weight, QuantStateError
-from ._base import LoRABase, adapter_dtype, dense_weight_of, frozen
+from ._base import LoRABase, adapter_dtype, cast_input, dense_weight_of, frozen
 from .lora import LoRALinear, _new_linear
 
 __all__ = ["QLoRALinear"]
@@ -120,7 +120,7 @@ class QLoRALinear(LoRABase):
         dtype = self._autocast_dtype(x) or self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         dropout_p, seed = self._dropout_args(x)
-        return ops.qlora_linear(x.to(dtype), self.quantized_weight(), bias, self.lora_A.to(dtype),
+        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, self.lora_A.to(dtype),
                                 self.lora_B.to(dtype), self.scaling, dropout_p, seed)
 
     # --------------------------------------------------------------------------- merging
