@@ -295,6 +295,8 @@ class _TiedHead(nn.Module):
     tensor between the body's forward and the end of backward, when the head runs.
     """
 
+    is_plain_linear = True  # causal_lm_loss may read weight / bias and fuse the projection into the loss
+
     def __init__(self, head: nn.Module, embedding: nn.Module):
         super().__init__()
         object.__setattr__(self, "_embedding", embedding)

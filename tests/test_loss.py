@@ -1,0 +1,138 @@
+"""LinearCrossEntropy: loss and gradients equal the unfused projection + cross-entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakern.train import loss as loss_mod
+from lorakern.train.loss import linear_cross_entropy
+
+
+def _reference(h, w, b, t, softcap):
+    logits = F.linear(h.double(), w.double(), None if b is None else b.double())
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, t, reduction="sum")
+
+
+def _grads(fn, *tensors):
+    for x in tensors:
+        if x is not None:
+            x.grad = None
+    out = fn()
+    (out * 0.37).backward()  # a non-unit upstream gradient
+    return out, [None if x is None else x.grad for x in tensors]
+
+
+@pytest.mark.parametrize("n,v,h", [(1, 5, 3), (7, 97, 16), (33, 130, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_matches_unfused_fp32(n, v, h, bias, softcap, train_head, monkeypatch):
+    monkeypatch.setattr(loss_mod, "CAST_BLOCK_ROWS", 32)  # several weight blocks (unused in fp32, kept honest)
+    g = torch.Generator().manual_seed(n * 1000 + v)
+    hid = torch.randn(n, h, generator=g, requires_grad=True)
+    w = torch.randn(v, h, generator=g).requires_grad_(train_head)
+    b = torch.randn(v, generator=g).requires_grad_(train_head) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    got, got_g = _grads(lambda: linear_cross_entropy(hid, w, b, t, softcap, chunk_rows=5), hid, w, b)
+    want, want_g = _grads(lambda: _reference(hid, w, b, t, softcap), hid, w, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, e in zip(got_g, want_g):
+        if e is None:
+            assert a is None
+        else:
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [7, 64, 4096])
+def test_bf16_autocast_with_fp32_weight_cast_in_blocks(block, monkeypatch):
+    # fp32 weight under bf16 autocast: cast in blocks of `block` vocabulary rows;
+    # must match the unfused path run under the same autocast (bf16 logits).
+    monkeypatch.setattr(loss_mod, "CAST_BLOCK_ROWS", block)
+    g = torch.Generator().manual_seed(block)
+    hid = torch.randn(19, 40, generator=g, requires_grad=True)
+    w = torch.randn(301, 40, generator=g) * 0.2
+    t = torch.randint(0, 301, (19,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, (gh,) = _grads(lambda: linear_cross_entropy(hid, w, None, t, chunk_rows=8), hid)
+        want, (wh,) = _grads(lambda: F.cross_entropy(F.linear(hid, w).float(), t, reduction="sum"), hid)
+    assert gh.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-2)
+    torch.testing.assert_close(gh, wh, rtol=2e-2, atol=2e-2)
+    exact = _reference(hid.detach(), w, None, t, None)
+    torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=0.5)  # bf16 logits: ~3 significant digits
+
+
+def test_chunking_caps_rows_by_logit_budget(monkeypatch):
+    seen = []
+    real = torch.logsumexp
+
+    def spy(z, dim):
+        seen.append(z.shape[0])
+        return real(z, dim)
+
+    monkeypatch.setattr(loss_mod, "LOGITS_BUDGET_BYTES", 4 * 50 * 10)  # 10 rows of a 50-token vocabulary
+    monkeypatch.setattr(loss_mod.torch, "logsumexp", spy)
+    hid = torch.randn(25, 8, requires_grad=True)
+    w = torch.randn(50, 8)
+    t = torch.randint(0, 50, (25,))
+    out = linear_cross_entropy(hid, w, None, t, chunk_rows=1024)
+    assert seen == [10, 10, 5]
+    torch.testing.assert_close(out.double(), _reference(hid, w, None, t, None), rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_and_frozen_inputs_build_no_graph():
+    hid, w = torch.randn(6, 4), torch.randn(9, 4)
+    t = torch.randint(0, 9, (6,))
+    out = linear_cross_entropy(hid, w, None, t)
+    assert not out.requires_grad
+    torch.testing.assert_close(out.double(), _reference(hid, w, None, t, None), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 6), None, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must be"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), None, torch.zeros(2, dtype=torch.long))
+
+
+def _batch():
+    from lorakern.train.data import Collator, tokenize_chat
+    from lorakern.train.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    chats = [[{"role": "user", "content": f"add {i} and 3"}, {"role": "assistant", "content": str(i + 3)}]
+             for i in range(4)]
+    return Collator(0)([tokenize_chat(tok, c) for c in chats])
+
+
+def test_causal_lm_loss_fuses_a_linear_head_and_falls_back_for_others(monkeypatch):
+    from torch import nn
+
+    from lorakern.train import causal_lm_loss
+    from lorakern.train.tiny import tiny_llama
+
+    calls = []
+    real = loss_mod.LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_mod.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    batch = _batch()
+    model = tiny_llama(tie_word_embeddings=False)
+    want = model(**batch).loss
+    got, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert calls == [1]
+    torch.testing.assert_close(got / n, want, rtol=1e-6, atol=1e-6)
+
+    class ScaledHead(nn.Linear):  # its own forward: the loss must call it, not read its weight
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    head = model.get_output_embeddings()
+    scaled = ScaledHead(head.in_features, head.out_features, bias=False)
+    scaled.weight = head.weight
+    model.set_output_embeddings(scaled)
+    got, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert calls == [1]
+    torch.testing.assert_close(got / n, model(**batch).loss, rtol=1e-6, atol=1e-6)
