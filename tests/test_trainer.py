@@ -252,3 +252,22 @@ def test_bad_configuration_errors(examples):
     with pytest.raises(ValueError, match="method"):
         prepare_model(tiny_llama(), "prefix")
     assert Example([1, 2], [-100, 2]).num_labels == 1
+
+
+def test_qlora_prepare_copies_frozen_tensors_out_of_the_checkpoint_mapping(tmp_path, examples):
+    # The kept fp32 tensors of a model loaded from safetensors view the file's memory
+    # map; prepare_model must give them their own memory (and keep ties and values).
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    before = {n: (t.data_ptr(), t.clone()) for n, t in model.state_dict(keep_vars=True).items()
+              if "proj" not in n and t.is_floating_point()}
+    batch = batch_of(examples)
+    prepare_model(model, "qlora", r=4, alpha=8)
+    state = model.state_dict(keep_vars=True)
+    for name, (ptr, value) in before.items():
+        assert state[name].data_ptr() != ptr, name
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.isfinite(model(**batch).loss)
