@@ -12,6 +12,7 @@ import torch
 
 from lorakern import reference as ref
 from lorakern.formats import nf4
+from lorakern.reference import dropout as reference_dropout
 from lorakern.reference.dropout import apply_dropout, dropout_mask
 
 cpu = pytest.importorskip("lorakern.kernels.cpu")
@@ -266,6 +267,198 @@ def test_dropout_panel_indices_match_the_full_matrix(isa):
     keep = dropout_mask(seed, m, k, p)
     assert torch.equal(dst[:, col0:col0 + cols] != 0, keep[:, col0:col0 + cols])
     assert (dst[:, :col0] == 0).all() and (dst[:, col0 + cols:] == 0).all()
+
+
+# The kernels against the hash itself: every index m * K + col0 + c (mod 2^32) of
+# a panel, strided rows, fp32 arithmetic as the C++ contract states it (one
+# multiply by the fp32 scale, for add one fp32 add, each rounded once).
+DROPOUT_ROWS = [1, 7, 33, 129]
+DROPOUT_COLS = [1, 15, 16, 17, 31, 32, 33, 63, 576, 1000]
+DROPOUT_PS = [0.05, 0.25, 0.5, 0.75, 1.0 - 2.0**-33]  # the last: threshold 2^32 - 1 (keep only h == 2^32 - 1)
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _hash(key: int, rows: int, cols: int, k: int, col0: int) -> torch.Tensor:
+    """The reference hash over a [rows, cols] panel at column col0 of a [*, k] matrix (kept: >= threshold)."""
+    m = torch.arange(rows, dtype=torch.int64)[:, None]
+    c = torch.arange(cols, dtype=torch.int64)[None, :]
+    idx = (m * k + col0 + c) & reference_dropout.MASK32
+    return reference_dropout.mix32(idx ^ key)
+
+
+def _keep(key: int, threshold: int, rows: int, cols: int, k: int, col0: int) -> torch.Tensor:
+    return _hash(key, rows, cols, k, col0) >= threshold
+
+
+def _dropout_values(n: int, dtype: torch.dtype, specials: bool, gen: torch.Generator) -> torch.Tensor:
+    """n values in dtype; with specials, a fifth are NaN, +-inf, -0, subnormal or raw random bits."""
+    sign = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1  # |x| in [2^-9, 2^8): never 0 in any dtype
+    x = sign * (torch.rand(n, generator=gen) + 1.0) * torch.exp2(torch.randint(-9, 7, (n,), generator=gen).float())
+    if specials:
+        r = torch.rand(n, generator=gen)
+        for lo, value in ((0.0, float("nan")), (0.03, float("inf")), (0.06, -float("inf")), (0.09, -0.0), (0.12, 3e-39)):
+            x[(r >= lo) & (r < lo + 0.03)] = value
+    x = x.to(dtype)
+    if specials:  # every NaN payload, subnormals of the 16-bit types, huge values that overflow when scaled
+        bits = torch.randint(-2**31, 2**31 - 1, (n,), generator=gen, dtype=torch.int64).to(BITS[dtype])
+        x = torch.where(torch.rand(n, generator=gen) < 0.05, bits.view(dtype), x)
+    return x
+
+
+def _assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str):
+    """Equal bit patterns, except that NaN only has to meet NaN (torch's own NaN bits vary by kernel)."""
+    g, w = got.view(BITS[got.dtype]), want.view(BITS[want.dtype])
+    nan = want.isnan()
+    bad = (g != w) & ~nan | (nan != got.isnan())
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        pytest.fail(f"{what}: {int(bad.sum())}/{got.numel()} elements differ, first at {i}: got {got[tuple(i)].item()!r} "
+                    f"({int(g[tuple(i)]) & 0xFFFFFFFF:#x}), want {want[tuple(i)].item()!r} ({int(w[tuple(i)]) & 0xFFFFFFFF:#x})")
+
+
+def _assert_canonical_nan(out: torch.Tensor, what: str):
+    """NaNs stored as common.h's f32_to_bf16 (0x7FC0) and f32_to_f16 (sign | 0x7E00) write them."""
+    want = {torch.bfloat16: (0x7FC0,), torch.float16: (0x7E00, 0xFE00)}.get(out.dtype)
+    if want is None:  # fp32 NaNs carry their payload through the multiply and add
+        return
+    bits = out.view(torch.int16)[out.isnan()].int() & 0xFFFF
+    if not all(b in want for b in bits.unique().tolist()):
+        pytest.fail(f"{what}: NaN bits {[hex(b) for b in bits.unique().tolist()]}, want {[hex(b) for b in want]}")
+
+
+def _panel(rows, cols, dtype, specials, gen, pad=3):
+    """A [rows, cols] view with row stride cols + pad; the padding is NaN to catch stray writes."""
+    full = torch.full((rows, cols + pad), float("nan"), dtype=dtype)
+    full[:, :cols] = _dropout_values(rows * cols, dtype, specials, gen).view(rows, cols)
+    return full
+
+
+def _run_apply(x_full, cols, k, col0, key, threshold, scale):
+    rows, ld = x_full.shape
+    out = torch.full((rows, cols + 5), float("nan"), dtype=x_full.dtype)
+    args = _C.DropoutArgs(rows, cols, ld, cols + 5, k, col0, key, threshold, scale)
+    _C.dropout_apply(args, x_full.data_ptr(), out.data_ptr(), cpu._DTYPE_CODE[x_full.dtype], cpu.isa())
+    assert out[:, cols:].isnan().all(), "dropout_apply wrote past the panel"
+    return out[:, :cols]
+
+
+def _run_add(src_full, dst_full, cols, k, col0, key, threshold, scale):
+    rows = src_full.shape[0]
+    out = dst_full.clone()
+    args = _C.DropoutArgs(rows, cols, src_full.shape[1], dst_full.shape[1], k, col0, key, threshold, scale)
+    _C.dropout_add(args, src_full.data_ptr(), cpu._DTYPE_CODE[src_full.dtype], out.data_ptr(),
+                   cpu._DTYPE_CODE[out.dtype], cpu.isa())
+    assert torch.equal(out[:, cols:].view(BITS[out.dtype]), dst_full[:, cols:].view(BITS[out.dtype])), \
+        "dropout_add wrote past the panel"
+    return out[:, :cols]
+
+
+def _want_apply(x, keep, scale, dtype):
+    return torch.where(keep, x.float() * torch.tensor(scale, dtype=torch.float32), 0.0).to(dtype)
+
+
+def _want_add(src, dst, keep, scale):
+    t = torch.where(keep, src.float() * torch.tensor(scale, dtype=torch.float32), 0.0)
+    return (dst.float() + t).to(dst.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_apply_shapes_and_probabilities(isa, dtype):
+    gen = torch.Generator().manual_seed(11)
+    seed = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64)
+    key = int(reference_dropout.mix32(seed & reference_dropout.MASK32))
+    assert key == _C.dropout_key(int(seed))
+    for rows in DROPOUT_ROWS:
+        for cols in DROPOUT_COLS:
+            x = _panel(rows, cols, dtype, False, gen)
+            h = _hash(key, rows, cols, cols, 0)
+            for p in DROPOUT_PS:
+                threshold, scale = reference_dropout.dropout_threshold(p), 1.0 / (1.0 - p)
+                assert threshold == _C.dropout_threshold(p)
+                got = _run_apply(x, cols, cols, 0, key, threshold, scale)
+                _assert_same_bits(got, _want_apply(x[:, :cols], h >= threshold, scale, dtype), f"p={p} {rows}x{cols}")
+                if p == 0.25:  # kept <=> nonzero (x has no zeros), against the reference's own mask
+                    assert torch.equal(got != 0, dropout_mask(seed, rows, cols, p)), f"mask {rows}x{cols}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_add_panels_and_source_dtypes(isa, dtype):
+    """dst[:, col0:col0+cols] += drop(src) * scale, src fp32 or dst's dtype, panels of a wider matrix."""
+    gen = torch.Generator().manual_seed(12)
+    key = _C.dropout_key(99)
+    for rows, cols, k, col0 in [(1, 1, 1, 0), (7, 17, 40, 23), (33, 63, 200, 64), (129, 576, 1000, 424), (7, 1000, 1000, 0)]:
+        h = _hash(key, rows, cols, k, col0)
+        for p in (0.05, 0.5, 0.75):
+            threshold, scale = _C.dropout_threshold(p), 0.37 / (1.0 - p)
+            keep = h >= threshold
+            for src_dtype in {torch.float32, dtype}:
+                src = _panel(rows, cols, src_dtype, False, gen, pad=2)
+                dst = _panel(rows, cols, dtype, False, gen, pad=7)
+                got = _run_add(src, dst, cols, k, col0, key, threshold, scale)
+                want = _want_add(src[:, :cols], dst[:, :cols], keep, scale)
+                _assert_same_bits(got, want, f"{rows}x{cols} at {col0} of K={k}, p={p}, {src_dtype} -> {dtype}")
+
+
+def test_dropout_index_wraps_mod_2_32(isa):
+    """col0 near 2^32, and a K so large that m * K passes 2^32 and 2^33: the index is taken mod 2^32."""
+    gen = torch.Generator().manual_seed(13)
+    key, threshold = _C.dropout_key(-5), _C.dropout_threshold(0.5)
+    for rows, cols, k, col0 in [(3, 100, 1000, 2**32 - 1500), (5, 40, 2**31 + 17, 0), (4, 33, 2**33 + 5, 2**32 + 7)]:
+        keep = _keep(key, threshold, rows, cols, k, col0)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = _panel(rows, cols, dtype, False, gen)
+            _assert_same_bits(_run_apply(x, cols, k, col0, key, threshold, 2.0),
+                              _want_apply(x[:, :cols], keep, 2.0, dtype), f"apply {rows}x{cols} K={k} col0={col0}")
+            dst = _panel(rows, cols, dtype, False, gen)
+            _assert_same_bits(_run_add(x, dst, cols, k, col0, key, threshold, 2.0),
+                              _want_add(x[:, :cols], dst[:, :cols], keep, 2.0), f"add {rows}x{cols} K={k} col0={col0}")
+    # threshold 0 keeps everything: the unsigned compare has no wrong-signed corner
+    x = _panel(9, 37, torch.float32, False, gen)
+    assert torch.equal(_run_apply(x, 37, 37, 0, key, 0, 1.0), x[:, :37])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_nan_inf_subnormal(isa, dtype):
+    """NaN, inf, -0, subnormals and overflow: kept ones propagate (rounded as common.h), dropped ones are +0."""
+    gen = torch.Generator().manual_seed(14)
+    key, threshold = _C.dropout_key(3), _C.dropout_threshold(0.25)
+    rows, cols, k, col0 = 33, 577, 600, 11
+    keep = _keep(key, threshold, rows, cols, k, col0)
+    for scale in (1.0 / 0.75, 2.0**20, 2.0**-20):
+        x = _panel(rows, cols, dtype, True, gen)
+        got = _run_apply(x, cols, k, col0, key, threshold, scale)
+        _assert_same_bits(got, _want_apply(x[:, :cols], keep, scale, dtype), f"apply scale={scale}")
+        assert (got[~keep].view(BITS[dtype]) == 0).all(), "dropped elements must be +0, whatever x holds"
+        _assert_canonical_nan(got, "apply")
+        for src_dtype in {torch.float32, dtype}:
+            src, dst = _panel(rows, cols, src_dtype, True, gen), _panel(rows, cols, dtype, True, gen)
+            got = _run_add(src, dst, cols, k, col0, key, threshold, scale)
+            _assert_same_bits(got, _want_add(src[:, :cols], dst[:, :cols], keep, scale), f"add {src_dtype} scale={scale}")
+            _assert_canonical_nan(got, "add")
+
+
+def test_dropout_isa_paths_store_identical_bytes(monkeypatch):
+    """Every ISA path writes the scalar path's bytes (a NaN added to a NaN may keep either one's bits)."""
+    gen = torch.Generator().manual_seed(15)
+    key, threshold, scale = _C.dropout_key(8), _C.dropout_threshold(0.3), 1.0 / 0.7
+    rows, cols, k, col0 = 129, 1000, 1003, 3  # 129K elements: the multi-threaded row split
+    keep = _keep(key, threshold, rows, cols, k, col0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, dst = _panel(rows, cols, dtype, True, gen), _panel(rows, cols, dtype, True, gen)
+        src = _panel(rows, cols, torch.float32, True, gen)
+        outs = {}
+        for name in ISAS:
+            monkeypatch.setenv(cpu.ISA_ENV_VAR, name)
+            outs[name] = (_run_apply(x, cols, k, col0, key, threshold, scale),
+                          _run_add(x, dst, cols, k, col0, key, threshold, scale),
+                          _run_add(src, dst, cols, k, col0, key, threshold, scale))
+        both_nan = dst[:, :cols].isnan() & keep
+        for name in ISAS[1:]:
+            for i, (got, first) in enumerate(zip(outs[name], outs[ISAS[0]])):
+                same = got.view(BITS[dtype]) == first.view(BITS[dtype])
+                if i > 0:
+                    same |= both_nan & (x if i == 1 else src)[:, :cols].isnan()
+                assert same.all(), f"{name} != {ISAS[0]} for {dtype}, call #{i}: {int((~same).sum())} elements"
 
 
 # ------------------------------------------------------------------- through lorakern.ops

@@ -18,9 +18,12 @@ struct DropoutArgs {
   float scale;           // kept values are multiplied by this (1 / (1 - p), times any LoRA scaling)
 };
 
-// out = drop(x): kept elements x * scale (rounded once to t), dropped ones 0.
+// out = drop(x): kept elements x * scale (rounded once to t), dropped ones +0.
+// Every ISA path stores the same bits (common.h's rounding and NaN encoding).
 void dropout_apply(const DropoutArgs& d, const void* x, void* out, DType t, Isa isa);
-// dst += drop(src) * scale, accumulated in fp32 and rounded once to dst_t.
+// dst += drop(src) * scale: the fp32 product and the fp32 sum each rounded once
+// (never fused), then rounded to dst_t. A kept NaN added to a NaN dst gives
+// one of the two NaNs, which one unspecified.
 void dropout_add(const DropoutArgs& d, const void* src, DType src_t, void* dst, DType dst_t, Isa isa);
 
 }  // namespace cpu
