@@ -294,3 +294,53 @@ def test_env_report_runs():
     out = subprocess.run([sys.executable, "-m", "lorakern.env"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "reference  available" in out.stdout and "cpu features:" in out.stdout
+
+
+def _eager_vs_custom_op(fn, inputs, monkeypatch):
+    """(outputs, grads) of fn through the eager fast path and through the custom op."""
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(ops, "_eager_fast_path", lambda *t: False)
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        y = fn(*leaves)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y.detach(), [t.grad for t in leaves if t.requires_grad]))
+    return results
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_eager_fast_path_equals_custom_op(quantized, dropout_p, monkeypatch):
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    w = torch.randn(40, 64, requires_grad=not quantized)
+    bias = torch.randn(40, requires_grad=True)
+    a, b = torch.randn(8, 64, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    seed = torch.tensor([1234])
+    q = ops.nf4_quantize(w.detach())
+    if quantized:
+        def fn(x, w, bias, a, b):
+            return ops.qlora_linear(x, q, bias, a, b, 0.5, dropout_p, seed)
+    else:
+        def fn(x, w, bias, a, b):
+            return ops.lora_linear(x, w, bias, a, b, 0.5, dropout_p, seed)
+    (y_fast, g_fast), (y_op, g_op) = _eager_vs_custom_op(fn, [x, w, bias, a, b], monkeypatch)
+    torch.testing.assert_close(y_fast, y_op, rtol=0, atol=0)
+    assert len(g_fast) == len(g_op) == (4 if quantized else 5)
+    for got, want in zip(g_fast, g_op):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fake_tensors_take_the_custom_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = torch.randn(40, 64)
+    q = ops.nf4_quantize(w)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(3, 64))
+        a, b = torch.randn(8, 64), torch.randn(40, 8)
+        assert not ops._eager_fast_path(x)
+        y = ops.qlora_linear(x, q, None, a, b, 1.0)
+        z = ops.lora_linear(x, w, None, a, b, 1.0)
+    assert y.shape == z.shape == (3, 40)

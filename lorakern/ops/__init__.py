@@ -49,6 +49,30 @@ def _empty_to_none(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
 
 
+def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
+    """May the LoRA ops run as a plain ``autograd.Function`` instead of through the custom op?
+
+    The custom op is what ``torch.compile``, export and fake tensors see, but in
+    eager mode its dispatch (schema defaults, redispatch, the registered autograd
+    wrapper) costs ~0.4 ms per layer forward + backward on one Zen 4 core:
+    ~90 ms of a 1024-token QLoRA step of SmolLM2-135M (210 layers). Eager calls on
+    plain CPU/CUDA tensors therefore call the same backend functions through an
+    ``autograd.Function``; anything traced, faked or wrapped takes the custom op.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if dispatch_stack is None or dispatch_stack() > 0:
+        return False
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch is None or functorch():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in (Tensor, torch.nn.Parameter) or t.device.type not in ("cpu", "cuda")):
+            return False
+    return True
+
+
 # ------------------------------------------------------------------------------------ NF4
 
 
@@ -200,6 +224,27 @@ def _lora_backward(ctx, dy, _dxa):
 _lora_linear_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 
+class _LoRALinear(torch.autograd.Function):
+    """Eager twin of ``lora_linear_fwd`` + its registered autograd (see :func:`_eager_fast_path`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, xa = pick("lora_linear_fwd", x.device.type, args).lora_linear_fwd(*args)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        args = (dy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0], need[1])
+        dx, dw, da, db = pick("lora_linear_bwd", dy.device.type, args).lora_linear_bwd(*args)
+        dbias = dy.sum(0) if need[2] else None
+        return dx if need[0] else None, dw if need[1] else None, dbias, da, db, None, None, None
+
+
 def new_seed(device) -> Tensor:
     """A fresh dropout seed from torch's generator for ``device`` (int64, one element)."""
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
@@ -226,7 +271,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     check.lora(lora_A, lora_B, n, k, x)
     check.scalars(scaling, dropout_p)
     seed = _seed_or_zero(seed, x, dropout_p)
-    y, _ = _lora_linear_fwd(x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    args = (x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    if _eager_fast_path(x, weight, bias, lora_A, lora_B, seed):
+        y = _LoRALinear.apply(*args)
+    else:
+        y, _ = _lora_linear_fwd(*args)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -282,6 +331,27 @@ def _qlora_backward(ctx, dy, _dxa):
 _qlora_linear_fwd.register_autograd(_qlora_backward, setup_context=_qlora_setup)
 
 
+class _QLoRALinear(torch.autograd.Function):
+    """Eager twin of ``qlora_linear_fwd`` + its registered autograd (see :func:`_eager_fast_path`)."""
+
+    @staticmethod
+    def forward(ctx, x, q, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        args = (x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, xa = pick("qlora_linear_fwd", x.device.type, args).qlora_linear_fwd(*args)
+        ctx.save_for_backward(x, xa, lora_A, lora_B, seed)
+        ctx.q, ctx.scaling, ctx.dropout_p = q, scaling, dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, lora_A, lora_B, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        args = (dy, x, xa, ctx.q, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0])
+        dx, da, db = pick("qlora_linear_bwd", dy.device.type, args).qlora_linear_bwd(*args)
+        dbias = dy.sum(0) if need[2] else None
+        return dx if need[0] else None, None, dbias, da, db, None, None, None
+
+
 def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  scaling: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
     """:func:`lora_linear` with a frozen NF4 base ``q`` of shape ``(N, K)``."""
@@ -291,6 +361,10 @@ def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor
     check.lora(lora_A, lora_B, n, k, x)
     check.scalars(scaling, dropout_p)
     seed = _seed_or_zero(seed, x, dropout_p)
-    y, _ = _qlora_linear_fwd(x.reshape(-1, k), *q.tensors(), list(q.shape), q.blocksize, bias, lora_A, lora_B,
-                             float(scaling), float(dropout_p), seed)
+    x2 = x.reshape(-1, k)
+    if _eager_fast_path(x, *q.tensors(), bias, lora_A, lora_B, seed):
+        y = _QLoRALinear.apply(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    else:
+        y, _ = _qlora_linear_fwd(x2, *q.tensors(), list(q.shape), q.blocksize, bias, lora_A, lora_B,
+                                 float(scaling), float(dropout_p), seed)
     return y.reshape(*x.shape[:-1], n)
