@@ -353,3 +353,23 @@ def test_register_is_idempotent_and_registers_the_sdpa_mask():
     assert register() == register() == ATTENTION_NAME
     assert AttentionInterface()[ATTENTION_NAME] is lorakern_attention_forward
     assert ALL_MASK_ATTENTION_FUNCTIONS[ATTENTION_NAME] is sdpa_mask
+
+
+def test_generation_with_cache_matches_sdpa():
+    ids = helpers_models.example_input(batch=3, length=9)
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0  # left padding, as for batched generation
+    padding[2, :1] = 0
+    results = []
+    for fast in (False, True):
+        model = helpers_models.llama()
+        model.generation_config.pad_token_id = 0
+        if fast:
+            assert use_fast_attention(model)
+        with torch.no_grad():  # one-token queries against the cache: Sq = 1, Skv growing
+            results.append(model.generate(ids, attention_mask=padding, max_new_tokens=6, do_sample=False,
+                                          output_logits=True, return_dict_in_generate=True))
+    want, got = results
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (x, y) in enumerate(zip(got.logits, want.logits)):
+        _compare(x, y, atol=1e-5, rtol=1e-4, what=f"logits of generated token {step}")
