@@ -234,6 +234,29 @@ def test_lora_train_step(benchmark, shape, dname, impl):
     run(benchmark, fn, group, impl, rounds_for(m * n * k, 2**31, 10, 4), flops=4.0 * m * n * k)
 
 
+# ---------------------------------------------------------------------------- LoRA dropout
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("impl", ["lorakern", "lorakern scalar path", "torch dropout (PEFT)"])
+def test_lora_dropout(benchmark, monkeypatch, dname, impl):
+    """drop(x) of a LoRA input [M, K] at p = 0.05: lorakern's hashed mask (the kernel the forward and,
+    twice, the backward run) vs its scalar fallback and torch.nn.functional.dropout (a stored Bernoulli
+    mask, what PEFT's lora_dropout runs)."""
+    m, k, _ = TRAIN_SHAPES[1]
+    dtype = DTYPES[dname]
+    x = torch.randn(m, k, dtype=dtype)
+    group = f"lora dropout p=0.05 {m}x{k} {dname}"
+    if impl == "torch dropout (PEFT)":
+        fn = lambda: torch.nn.functional.dropout(x, 0.05, training=True)
+    else:
+        if impl == "lorakern scalar path":
+            monkeypatch.setenv(cpu_backend.ISA_ENV_VAR, "scalar")
+        params = cpu_backend._dropout_params(torch.tensor([1234], dtype=torch.int64), 0.05)
+        fn = lambda: cpu_backend._dropped(x, params)
+    run(benchmark, fn, group, impl, 100, nbytes=2 * x.numel() * dtype.itemsize)
+
+
 # ------------------------------------------------------------------------------- report
 
 
