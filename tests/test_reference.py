@@ -161,3 +161,18 @@ def test_matches_peft_lora_layer():
     got = ref.lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
                           layer.lora_B["default"].weight, layer.scaling["default"])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_dropout_zeroes_dropped_non_finite_values_like_the_kernels():
+    from lorakern.kernels import cpu
+    from lorakern.reference.dropout import apply_dropout, dropout_mask
+
+    if cpu.availability()[0] is False:
+        pytest.skip("native CPU module not built")
+    seed = torch.tensor([77])
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), -1.0] * 16] * 8)
+    keep = dropout_mask(seed, 8, 64, 0.5)
+    want = apply_dropout(x, seed, 0.5)
+    assert bool((want[~keep] == 0).all()) and not bool(torch.signbit(want[~keep]).any())
+    got = cpu._dropped(x, cpu._dropout_params(seed, 0.5))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

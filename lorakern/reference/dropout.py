@@ -55,4 +55,5 @@ def apply_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor
     if p == 0.0:
         return x
     keep = dropout_mask(seed, x.shape[0], x.shape[1], p, x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    # where, not x * keep: a dropped NaN / inf / negative gives +0, as every kernel does
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
