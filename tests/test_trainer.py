@@ -271,3 +271,14 @@ def test_qlora_prepare_copies_frozen_tensors_out_of_the_checkpoint_mapping(tmp_p
         torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_prepare_model_switches_cpu_attention_unless_asked_not_to():
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    prepare_model(model, "lora", r=4, alpha=8)
+    assert model.config._attn_implementation == "lorakern_cpu"
+    other = tiny_llama()
+    other.set_attn_implementation("sdpa")
+    prepare_model(other, "lora", fast_attention=False, r=4, alpha=8)
+    assert other.config._attn_implementation == "sdpa"

@@ -109,15 +109,22 @@ def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | 
     return None
 
 
-def prepare_model(model: nn.Module, method: str = "lora", **lora_kwargs) -> list[str]:
+def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool = True, **lora_kwargs) -> list[str]:
     """Make ``model`` trainable for ``method`` in place; return the names of replaced modules.
 
     ``full``: every parameter trains. ``lora`` / ``qlora``: :func:`lorakern.apply_lora`
     with ``lora_kwargs`` (``r``, ``alpha``, ``dropout``, ``target_modules``, ...;
     ``qlora`` adds ``quantize="nf4"``), which freezes everything but the adapters.
+    ``fast_attention``: switch a CPU model of a supported family from ``sdpa`` to
+    :mod:`lorakern.train.attention` (faster training, same results; anything it
+    does not serve still goes to sdpa). The switch is not saved with the model.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if fast_attention:
+        from .attention import use_fast_attention
+
+        use_fast_attention(model)
     if method == "full":
         if lora_kwargs:
             raise ValueError(f"method 'full' takes no LoRA arguments, got {sorted(lora_kwargs)}")
