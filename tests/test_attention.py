@@ -373,3 +373,21 @@ def test_generation_with_cache_matches_sdpa():
     assert torch.equal(got.sequences, want.sequences)
     for step, (x, y) in enumerate(zip(got.logits, want.logits)):
         _compare(x, y, atol=1e-5, rtol=1e-4, what=f"logits of generated token {step}")
+
+
+def test_mask_reused_across_layers_is_reanalysed_when_it_changes():
+    # Layers share one mask (analysis and bias cached); an in-place change, a new
+    # mask at possibly the same address, or a different view must not see stale data.
+    torch.manual_seed(11)
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    mask = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9).clone()
+    for step in range(3):
+        for _ in range(2):  # two "layers" with the same mask
+            torch.testing.assert_close(attention(q, k, v, mask), _reference(q, k, v, mask).float(), rtol=1e-5, atol=1e-5)
+        mask[step % 2, 0, :, step] = False  # padding appears in place: row `step` of a batch element dies
+    fresh = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    torch.testing.assert_close(attention(q, k, v, fresh), _reference(q, k, v, fresh).float(), rtol=1e-5, atol=1e-5)
+    shifted = mask[:, :, :, :]  # another view of the same memory
+    torch.testing.assert_close(attention(q, k, v, shifted), _reference(q, k, v, shifted).float(), rtol=1e-5, atol=1e-5)
+    other = mask.flip(-1).contiguous()
+    torch.testing.assert_close(attention(q, k, v, other), _reference(q, k, v, other).float(), rtol=1e-5, atol=1e-5)
