@@ -73,6 +73,32 @@ def _batches(tokenizer, batch: int, seq: int, steps: int):
     return out, torch
 
 
+def _same_adapter_init(model) -> int:
+    """Draw every lora_A from a generator seeded by its layer's name (B stays 0), whatever the library.
+
+    lorakern and PEFT create and initialise adapters in different orders, so the
+    same torch seed gives them different A matrices; with this the two start from
+    identical adapters and their loss curves can be compared step by step (only
+    the dropout masks then differ).
+    """
+    import re
+    import zlib
+
+    import torch
+
+    count = 0
+    for name, p in model.named_parameters():
+        m = re.search(r"(layers\.\d+\..*?)\.lora_A", name)
+        if m is None:
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(m.group(1).encode()))
+        bound = 1.0 / p.shape[1] ** 0.5  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound
+        with torch.no_grad():
+            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64).mul_(2 * bound).sub_(bound))
+        count += 1
+    return count
+
+
 def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int, checkpointing: bool) -> dict:
     """Body of one subprocess: prepare the model for ``name``, time ``steps`` optimizer steps."""
     import torch
@@ -109,11 +135,14 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
 
         def loss_of(b):
             return model(**b).loss
+    n_adapters = _same_adapter_init(model)
+    if n_adapters != 210:
+        raise RuntimeError(f"{name}: expected 210 LoRA layers, found {n_adapters}")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-3)  # large enough that the loss moves within the few steps timed
 
     def step(b):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -123,9 +152,9 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    step(batches[0])  # warm-up: allocator, lazy init, first-call dispatch
+    losses = [step(batches[0])]  # warm-up: allocator, lazy init, first-call dispatch
     _peak_rss_reset()
-    times, losses = [], []
+    times = []
     for b in batches[1:]:
         t0 = time.perf_counter()
         losses.append(step(b))
@@ -212,7 +241,7 @@ def main(argv=None) -> int:
     lines = [f"# Training step: lorakern vs PEFT (+ bitsandbytes), SmolLM2-135M-Instruct", "",
              f"- device: {_device()}", f"- versions: {json.dumps(_versions())}", f"- commit: {_commit()}",
              f"- batch {args.batch_size} x {args.seq_len} tokens, LoRA r={args.r} alpha={2 * args.r} dropout 0.05 "
-             f"on all linear projections (210 layers), AdamW, fp32 weights and compute (-bf16: under bf16 "
+             f"on all linear projections (210 layers), AdamW lr 1e-3, fp32 weights and compute (-bf16: under bf16 "
              f"autocast, bitsandbytes compute dtype bf16), gradient checkpointing "
              f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} steps after a warm-up step",
              f"- peak memory: VmHWM of the configuration's own process, reset after model load",
@@ -220,13 +249,20 @@ def main(argv=None) -> int:
              "| configuration | tokens/s | step (s) | peak RSS (MB) |", "|---|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "Loss per step (identical initial adapters, AdamW lr 1e-3; only the dropout masks differ):", "",
+              "| configuration | " + " | ".join(f"step {i}" for i in range(len(results[0]["losses"]))) + " |",
+              "|---|" + "---:|" * len(results[0]["losses"])]
+    for r in results:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{x:.4f}" for x in r["losses"]) + " |")
     lines.append("")
     pairs = [("lorakern-qlora", "peft-bnb-qlora"), ("lorakern-lora", "peft-lora")]
     for ours, theirs in pairs + [(a + "-bf16", b + "-bf16") for a, b in pairs]:
         if ours in by and theirs in by:
             a, b = by[ours], by[theirs]
+            gap = max(abs(x - y) / abs(y) for x, y in zip(a["losses"], b["losses"]))
             lines.append(f"- {ours} vs {theirs}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
-                         f"{a['peak_rss_mb'] / b['peak_rss_mb']:.0%} of the peak memory")
+                         f"{a['peak_rss_mb'] / b['peak_rss_mb']:.0%} of the peak memory, losses within "
+                         f"{gap:.2%} of each other")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
