@@ -99,7 +99,8 @@ def _same_adapter_init(model) -> int:
     return count
 
 
-def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int, checkpointing: bool) -> dict:
+def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int, checkpointing: bool,
+            dropout: float = 0.05) -> dict:
     """Body of one subprocess: prepare the model for ``name``, time ``steps`` optimizer steps."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,7 +114,7 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
         from lorakern.train import causal_lm_loss, prepare_model
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        prepare_model(model, "qlora" if name.endswith("qlora") else "lora", r=r, alpha=2 * r, dropout=0.05)
+        prepare_model(model, "qlora" if name.endswith("qlora") else "lora", r=r, alpha=2 * r, dropout=dropout)
 
         def loss_of(b):
             loss, n = causal_lm_loss(model, b["input_ids"], b["labels"], b["attention_mask"])
@@ -130,7 +131,7 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05,
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
 
         def loss_of(b):
@@ -205,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0: loss curves comparable exactly)")
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "train-cpu.md"))
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_model-dir", help=argparse.SUPPRESS)
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
 
     if args._child:
         result = run_one(args._child, args._model_dir, args.batch_size, args.seq_len, args.steps, args.r,
-                         args.gradient_checkpointing)
+                         args.gradient_checkpointing, args.dropout)
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
         for name in args.configs:
             cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--_model-dir", model_dir,
                    "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps",
-                   str(args.steps), "--r", str(args.r)] + (["--gradient-checkpointing"]
+                   str(args.steps), "--r", str(args.r), "--dropout", str(args.dropout)] + (["--gradient-checkpointing"]
                                                             if args.gradient_checkpointing else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -240,7 +242,8 @@ def main(argv=None) -> int:
     by = {r["name"]: r for r in results}
     lines = [f"# Training step: lorakern vs PEFT (+ bitsandbytes), SmolLM2-135M-Instruct", "",
              f"- device: {_device()}", f"- versions: {json.dumps(_versions())}", f"- commit: {_commit()}",
-             f"- batch {args.batch_size} x {args.seq_len} tokens, LoRA r={args.r} alpha={2 * args.r} dropout 0.05 "
+             f"- batch {args.batch_size} x {args.seq_len} tokens, LoRA r={args.r} alpha={2 * args.r} "
+             f"dropout {args.dropout} "
              f"on all linear projections (210 layers), AdamW lr 1e-3, fp32 weights and compute (-bf16: under bf16 "
              f"autocast, bitsandbytes compute dtype bf16), gradient checkpointing "
              f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} steps after a warm-up step",
@@ -249,7 +252,8 @@ def main(argv=None) -> int:
              "| configuration | tokens/s | step (s) | peak RSS (MB) |", "|---|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Loss per step (identical initial adapters, AdamW lr 1e-3; only the dropout masks differ):", "",
+    lines += ["", "Loss per step (identical initial adapters, AdamW lr 1e-3"
+              + ("; only the dropout masks differ):" if args.dropout else "):"), "",
               "| configuration | " + " | ".join(f"step {i}" for i in range(len(results[0]["losses"]))) + " |",
               "|---|" + "---:|" * len(results[0]["losses"])]
     for r in results:

@@ -178,7 +178,9 @@ class _Plan:
         self._bias = None
         block = min(block or DEFAULT_BLOCK, self.sq)
         starts = range(0, self.sq, block)
-        self._cache_key = (tuple(mask.shape), mask.dtype, dtype, self.b, self.hkv, self.g, block) if mask is not None else None
+        self._cache_key = None
+        if mask is not None:
+            self._cache_key = (tuple(mask.shape), mask.dtype, dtype, self.b, self.hkv, self.g, block)
         cached = _mask_cache.lookup(mask, self._cache_key) if mask is not None else None
         if cached is not None:
             analysis, self._bias = analysis or cached.analysis, cached.bias
