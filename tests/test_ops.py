@@ -344,3 +344,34 @@ def test_fake_tensors_take_the_custom_op():
         y = ops.qlora_linear(x, q, None, a, b, 1.0)
         z = ops.lora_linear(x, w, None, a, b, 1.0)
     assert y.shape == z.shape == (3, 40)
+
+
+@pytest.mark.parametrize("m_rows", [2, 33])
+def test_qlora_wide_output_eager_equals_traceable_composite(m_rows, monkeypatch):
+    torch.manual_seed(9)
+    x = torch.randn(m_rows, 64, dtype=torch.bfloat16, requires_grad=True)
+    q = ops.nf4_quantize(torch.randn(40, 64))
+    bias = torch.randn(40, dtype=torch.bfloat16, requires_grad=True)
+    a = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(40, 8, dtype=torch.bfloat16, requires_grad=True)
+    seed = torch.tensor([31])
+
+    def fn(x, bias, a, b):
+        return ops.qlora_linear(x, q, bias, a, b, 0.5, 0.25, seed, out_dtype=torch.float32)
+
+    (y_fast, g_fast), (y_op, g_op) = _eager_vs_custom_op(fn, [x, bias, a, b], monkeypatch)
+    assert y_fast.dtype == y_op.dtype == torch.float32
+    torch.testing.assert_close(y_fast, y_op, rtol=0, atol=0)
+    for got, want in zip(g_fast, g_op):  # bf16 partial gradients summed in another order: ~1 ulp
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=float(want.abs().max()) * 2.0 ** -6)
+
+
+def test_qlora_out_dtype_must_be_wider():
+    x = torch.randn(3, 64)
+    q = ops.nf4_quantize(torch.randn(40, 64))
+    a, b = torch.randn(8, 64), torch.randn(40, 8)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.qlora_linear(x.bfloat16(), q, None, a.bfloat16(), b.bfloat16(), out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.qlora_linear(x.bfloat16(), q, None, a.bfloat16(), b.bfloat16(), out_dtype=torch.int32)
+    assert ops.qlora_linear(x, q, None, a, b, out_dtype=torch.float32).dtype == torch.float32  # same dtype: no-op

@@ -351,9 +351,11 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
     view = _view(q)
     x = _check_x(x, q.shape[1])
     xa = torch.mm(_dropped(x, _dropout_params(seed, dropout_p)), lora_A.t())
+    # scaling 0: the caller adds the LoRA term itself (ops.qlora_linear with out_dtype)
+    term = (xa, lora_B, scaling) if scaling != 0.0 else ()
     if x.shape[0] <= GEMV_MAX_M[x.dtype]:
-        return _gemv(x, q, view, bias, xa, lora_B, scaling), xa
-    return _panel_forward(x, q, view, bias, xa, lora_B, scaling), xa
+        return _gemv(x, q, view, bias, *term), xa
+    return _panel_forward(x, q, view, bias, *term), xa
 
 
 def qlora_linear_bwd(dy, x, xa, q: NF4Weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool):

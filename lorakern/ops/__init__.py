@@ -332,12 +332,22 @@ _qlora_linear_fwd.register_autograd(_qlora_backward, setup_context=_qlora_setup)
 
 
 class _QLoRALinear(torch.autograd.Function):
-    """Eager twin of ``qlora_linear_fwd`` + its registered autograd (see :func:`_eager_fast_path`)."""
+    """Eager twin of ``qlora_linear_fwd`` + its registered autograd (see :func:`_eager_fast_path`).
+
+    With ``out_dtype`` (wider than x's dtype) the backend computes the base GEMM
+    and ``xa`` only (scaling 0, no bias); bias and ``scaling * xa B^T`` are then
+    added in ``out_dtype`` (see :func:`qlora_linear`).
+    """
 
     @staticmethod
-    def forward(ctx, x, q, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        args = (x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    def forward(ctx, x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dtype):
+        wide = out_dtype is not None
+        args = (x, q, None if wide else bias, lora_A, lora_B, 0.0 if wide else scaling, dropout_p, seed)
         y, xa = pick("qlora_linear_fwd", x.device.type, args).qlora_linear_fwd(*args)
+        if wide:
+            y = y.to(out_dtype).addmm_(xa.to(out_dtype), lora_B.to(out_dtype).t(), alpha=scaling)
+            if bias is not None:
+                y += bias.to(out_dtype)
         ctx.save_for_backward(x, xa, lora_A, lora_B, seed)
         ctx.q, ctx.scaling, ctx.dropout_p = q, scaling, dropout_p
         return y
@@ -346,24 +356,55 @@ class _QLoRALinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, xa, lora_A, lora_B, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
+        dbias = dy.sum(0) if need[2] else None
+        dy = dy.to(x.dtype)
         args = (dy, x, xa, ctx.q, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0])
         dx, da, db = pick("qlora_linear_bwd", dy.device.type, args).qlora_linear_bwd(*args)
-        dbias = dy.sum(0) if need[2] else None
-        return dx if need[0] else None, None, dbias, da, db, None, None, None
+        return dx if need[0] else None, None, dbias, da, db, None, None, None, None
+
+
+def _qlora_wide_composite(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dtype):
+    """qlora_linear with a wide output from traceable pieces (the nf4_matmul op + torch ops), for compile."""
+    from ..reference.dropout import apply_dropout
+
+    with torch.autocast(x.device.type, enabled=False):  # the dtypes below are the point
+        y = nf4_matmul(x, q, None).to(out_dtype)
+        xa = apply_dropout(x, seed, dropout_p) @ lora_A.t()
+        y = y + scaling * (xa.to(out_dtype) @ lora_B.to(out_dtype).t())
+        return y if bias is None else y + bias.to(out_dtype)
 
 
 def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 scaling: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
-    """:func:`lora_linear` with a frozen NF4 base ``q`` of shape ``(N, K)``."""
+                 scaling: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """:func:`lora_linear` with a frozen NF4 base ``q`` of shape ``(N, K)``.
+
+    ``out_dtype``: a floating dtype wider than x's (float32 for bf16 / fp16 x) to
+    return the output in, with ``x dequant(W)^T`` rounded once from the GEMM and
+    the bias and LoRA term added in ``out_dtype``. This is what QLoRALinear does
+    under autocast with a float32 input, as bitsandbytes' Linear4bit returns
+    float32 there: an adapter update far below one bf16 ulp of the base output
+    (every update early in training) then still changes the output. On
+    SmolLM2-135M the first AdamW step at lr 1e-3 reached loss 1.246 this way,
+    1.289 with a bf16 output (float32 compute: 1.236). The gradient ``dy``
+    is rounded to x's dtype for the backward GEMMs, as bitsandbytes does.
+    """
     check.input_x(x)
     n, k = check.nf4_weight(q, x)
     check.bias(bias, n, x)
     check.lora(lora_A, lora_B, n, k, x)
     check.scalars(scaling, dropout_p)
+    if out_dtype == x.dtype:
+        out_dtype = None
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point
+                                  or torch.finfo(out_dtype).bits <= torch.finfo(x.dtype).bits):
+        raise ValueError(f"out_dtype must be a floating dtype wider than x's {x.dtype}, got {out_dtype!r}")
     seed = _seed_or_zero(seed, x, dropout_p)
     x2 = x.reshape(-1, k)
     if _eager_fast_path(x, *q.tensors(), bias, lora_A, lora_B, seed):
-        y = _QLoRALinear.apply(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+        y = _QLoRALinear.apply(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, out_dtype)
+    elif out_dtype is not None:
+        y = _qlora_wide_composite(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, out_dtype)
     else:
         y, _ = _qlora_linear_fwd(x2, *q.tensors(), list(q.shape), q.blocksize, bias, lora_A, lora_B,
                                  float(scaling), float(dropout_p), seed)
