@@ -282,3 +282,12 @@ def test_prepare_model_switches_cpu_attention_unless_asked_not_to():
     other.set_attn_implementation("sdpa")
     prepare_model(other, "lora", fast_attention=False, r=4, alpha=8)
     assert other.config._attn_implementation == "sdpa"
+
+
+def test_prepare_model_switches_gated_mlps_unless_asked_not_to():
+    model = tiny_llama()
+    prepare_model(model, "qlora", r=4, alpha=8)
+    assert all("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+    other = tiny_llama()
+    prepare_model(other, "qlora", lean_mlp=False, r=4, alpha=8)
+    assert not any("forward" in layer.mlp.__dict__ for layer in other.model.layers)

@@ -109,7 +109,8 @@ def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | 
     return None
 
 
-def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool = True, **lora_kwargs) -> list[str]:
+def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool = True, lean_mlp: bool = True,
+                  **lora_kwargs) -> list[str]:
     """Make ``model`` trainable for ``method`` in place; return the names of replaced modules.
 
     ``full``: every parameter trains. ``lora`` / ``qlora``: :func:`lorakern.apply_lora`
@@ -118,6 +119,9 @@ def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool =
     ``fast_attention``: switch a CPU model of a supported family from ``sdpa`` to
     :mod:`lorakern.train.attention` (faster training, same results; anything it
     does not serve still goes to sdpa). The switch is not saved with the model.
+    ``lean_mlp``: gated MLPs (Llama-style ``down(act(gate(x)) * up(x))``) save only
+    gate and up for backward, in the autocast dtype under autocast
+    (:mod:`lorakern.train.mlp`; same forward, -360 MB on a SmolLM2 QLoRA step).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -125,6 +129,10 @@ def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool =
         from .attention import use_fast_attention
 
         use_fast_attention(model)
+    if lean_mlp:
+        from .mlp import use_lean_mlp
+
+        use_lean_mlp(model)
     if method == "full":
         if lora_kwargs:
             raise ValueError(f"method 'full' takes no LoRA arguments, got {sorted(lora_kwargs)}")
