@@ -88,3 +88,20 @@ def test_an_mlp_with_more_in_its_forward_is_not_recognised():
             return down_proj
 
     assert use_lean_mlp(nn.Sequential(Extra())) == 0
+
+
+def test_autocast_output_is_the_rounded_product_and_its_gradient_flows():
+    torch.manual_seed(2)
+    gate = torch.randn(16, 40, requires_grad=True)
+    up = torch.randn(16, 40, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gated_product(gate, up, nn.SiLU(), autocast_output=True)
+    assert out.dtype == torch.bfloat16
+    exact = nn.functional.silu(gate) * up
+    torch.testing.assert_close(out, exact.detach().bfloat16(), rtol=0, atol=0)
+    out.float().sum().backward()
+    g_ref, u_ref = torch.autograd.grad(exact.sum(), (gate, up))
+    torch.testing.assert_close(gate.grad, g_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(up.grad, u_ref, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):  # no autocast: the inputs' dtype
+        assert gated_product(gate, up, nn.SiLU(), autocast_output=True).dtype == torch.float32

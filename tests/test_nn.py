@@ -260,8 +260,8 @@ def test_qlora_compute_dtype_and_autocast():
     assert_close_rel(y, reference_output(m, x, dense), RTOL[torch.bfloat16], "bf16 compute")
     m32 = QLoRALinear.from_linear(make_linear(), r=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert m32(x).dtype == torch.float32  # wide output: the input's dtype, as bitsandbytes' Linear4bit
-        assert m32(x.bfloat16()).dtype == torch.bfloat16
+        assert m32(x).dtype == torch.float32  # wide output: the compute dtype, GEMMs in bf16
+        assert m32(x.bfloat16()).dtype == torch.float32
         m32.wide_output = False
         assert m32(x).dtype == torch.bfloat16
     with pytest.raises(TypeError, match="compute_dtype"):
@@ -417,7 +417,7 @@ def test_compile_fullgraph_module_with_autocast_and_dropout(cls):
                 y.float().square().sum().backward()
                 results.append((y, x.grad, m.lora_A.grad))
         (y0, dx0, da0), (y1, dx1, da1) = results
-        narrow = autocast and cls is LoRALinear  # QLoRALinear: wide output, the input's dtype
+        narrow = autocast and cls is LoRALinear  # QLoRALinear: wide output, its compute dtype
         assert y0.dtype == y1.dtype == (torch.bfloat16 if narrow else torch.float32)
         # A traced wide-output QLoRA layer is composed of the nf4_matmul op and torch ops; its
         # bf16 partial gradients are summed in a different order than the fused eager backward.

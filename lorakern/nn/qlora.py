@@ -34,15 +34,15 @@ class QLoRALinear(LoRABase):
         lora_A, lora_B as in :class:`LoRALinear` (float32)
 
     Compute dtype: the autocast dtype when autocast is on, else ``compute_dtype``
-    (default: the dtype the weight had before quantization). The output has it,
-    except under autocast with a wider input (float32 activations under bf16
-    autocast): then the output is in the input's dtype, with the bias and the
-    LoRA term added in it (``wide_output``, as bitsandbytes' Linear4bit returns
-    the input dtype). In bf16 the adapter's early updates are below one ulp of
-    the base output and would round away: on SmolLM2-135M the first AdamW step
-    reached loss 1.246 with wide outputs, 1.289 without (float32: 1.236).
-    Set ``module.wide_output = False`` for compute-dtype outputs (less memory
-    where the next layer saves its input).
+    (default: the dtype the weight had before quantization). The output has it.
+    Under autocast to a narrower dtype (a float32 model under bf16 autocast) the
+    GEMMs run in the autocast dtype but the output stays ``compute_dtype``, with
+    the bias and the LoRA term added in it (``wide_output``; bitsandbytes'
+    Linear4bit similarly returns its input's dtype). In bf16 the adapter's early
+    updates are below one ulp of the base output and would round away: on
+    SmolLM2-135M the first AdamW step reached loss 1.246 with wide outputs,
+    1.289 without (float32: 1.236). ``module.wide_output = False`` gives
+    autocast-dtype outputs (less memory where the next layer saves its input).
 
     ``state_dict()`` uses bitsandbytes' ``Linear4bit`` keys (``weight``,
     ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
@@ -132,9 +132,8 @@ class QLoRALinear(LoRABase):
         bias = None if self.bias is None else self.bias.to(dtype)
         dropout_p, seed = self._dropout_args(x)
         out_dtype = None
-        if (self.wide_output and autocast is not None and x.is_floating_point()
-                and torch.finfo(x.dtype).bits > torch.finfo(dtype).bits):
-            out_dtype = x.dtype
+        if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
+            out_dtype = self.compute_dtype
         return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, self.lora_A.to(dtype),
                                 self.lora_B.to(dtype), self.scaling, dropout_p, seed, out_dtype=out_dtype)
 
