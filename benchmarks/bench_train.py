@@ -225,6 +225,8 @@ def main(argv=None) -> int:
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         del model
+        # Flush the 540 MB just written: its writeback otherwise competes with the first configuration's steps.
+        os.sync()
         results = []
         for name in args.configs:
             cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--_model-dir", model_dir,
