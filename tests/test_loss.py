@@ -97,6 +97,10 @@ def test_bad_shapes_are_named():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 6), None, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), None, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), None, torch.tensor([0, -100, 2]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), None, torch.tensor([0, 5, 2]))
 
 
 def _batch():
