@@ -140,3 +140,36 @@ def test_causal_lm_loss_fuses_a_linear_head_and_falls_back_for_others(monkeypatc
     got, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
     assert calls == [1]
     torch.testing.assert_close(got / n, model(**batch).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_through_ddp_runs_the_fused_chunked_path(tmp_path, monkeypatch):
+    # DDP(CausalLMLoss(model)), as wrap_model builds it: the loss goes through DDP's
+    # forward (so gradients would synchronise) and still projects only labelled rows.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lorakern.train import causal_lm_loss
+    from lorakern.train.distributed import unwrap_model
+    from lorakern.train.loss import CausalLMLoss
+    from lorakern.train.tiny import tiny_llama
+
+    calls = []
+    real = loss_mod.LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_mod.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    batch = _batch()
+    model = tiny_llama()
+    want, n_want = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    want.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(CausalLMLoss(model))
+        got, n = causal_lm_loss(ddp, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        got.backward()
+    finally:
+        dist.destroy_process_group()
+    assert calls == [1, 1] and n == n_want and unwrap_model(ddp) is model
+    torch.testing.assert_close(got, want)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], msg=k)

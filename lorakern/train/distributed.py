@@ -364,7 +364,8 @@ def wrap_model(model: nn.Module, world: World, strategy: str = "ddp",
             see :func:`transformer_blocks`).
 
     Returns:
-        ``DistributedDataParallel(model)`` for ddp; ``model`` itself, sharded in
+        ``DistributedDataParallel(CausalLMLoss(model))`` for ddp (:func:`unwrap_model`
+        gives ``model`` back); ``model`` itself, sharded in
         place, for fsdp (its submodules become ``FSDPModule``).
     """
     if strategy not in STRATEGIES:
@@ -381,8 +382,12 @@ def wrap_model(model: nn.Module, world: World, strategy: str = "ddp",
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        from .loss import CausalLMLoss
+
         device = getattr(world, "device", torch.device("cpu"))
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        # The loss runs inside DDP's forward (CausalLMLoss): the chunked label-only loss
+        # then works under DDP too, instead of DDP forcing full logits.
+        ddp = DistributedDataParallel(CausalLMLoss(model), device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=False, broadcast_buffers=False)
         ddp.register_comm_hook(None, _allreduce_sum_hook)
         return ddp
@@ -395,8 +400,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP wrapper (FSDP2 shards in place: the module itself)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel):
-        model = model.module
+    from .loss import CausalLMLoss
+
+    while isinstance(model, (DistributedDataParallel, CausalLMLoss)):
+        model = model.module if isinstance(model, DistributedDataParallel) else model.model
     return model
 
 

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX
 
-__all__ = ["split_causal_lm", "causal_lm_loss", "LinearCrossEntropy", "linear_cross_entropy"]
+__all__ = ["split_causal_lm", "causal_lm_loss", "CausalLMLoss", "LinearCrossEntropy", "linear_cross_entropy"]
 
 
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -219,6 +219,10 @@ def causal_lm_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and isinstance(model.module, CausalLMLoss):
+        return model(input_ids, labels, attention_mask, chunk_size)  # through DDP's forward: gradients sync
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
@@ -247,3 +251,22 @@ def causal_lm_loss(
         else:
             total = total + _chunk_ce_sum(h, t, head, softcap)
     return total, n
+
+
+class CausalLMLoss(nn.Module):
+    """``causal_lm_loss(model, ...)`` as a module's forward.
+
+    DistributedDataParallel synchronises gradients only for computations that run
+    inside its own ``forward``; the chunked loss calls the body and the head
+    separately, so :func:`lorakern.train.distributed.wrap_model` wraps this module
+    (not the bare model) for ``ddp``, and :func:`causal_lm_loss` on that wrapper
+    calls through DDP. Without it DDP saw only ``model(input_ids)``: full logits.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+                chunk_size: int = 1024) -> tuple[Tensor, int]:
+        return causal_lm_loss(self.model, input_ids, labels, attention_mask, chunk_size)
