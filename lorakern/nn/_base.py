@@ -71,6 +71,13 @@ def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
     return last.out
 
 
+def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts matmuls to on ``device_type`` right now, or None when it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def check_lora_args(r, alpha, dropout, init) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
@@ -156,10 +163,7 @@ class LoRABase(nn.Module):
 
     @staticmethod
     def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-        device_type = x.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return None
+        return active_autocast_dtype(x.device.type)
 
     def _dropout_args(self, x: Tensor) -> tuple[float, Optional[Tensor]]:
         """Dropout is active only in training mode; each training forward draws a fresh seed.

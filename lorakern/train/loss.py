@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+
+from ..nn._base import active_autocast_dtype
 
 from .data import IGNORE_INDEX
 
@@ -63,10 +66,7 @@ CAST_BLOCK_ROWS = 4096
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
-    device = hidden.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
+    return active_autocast_dtype(hidden.device.type) or weight.dtype
 
 
 def _weight_blocks(weight: Tensor, dtype: torch.dtype):
@@ -219,8 +219,6 @@ def causal_lm_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    from torch.nn.parallel import DistributedDataParallel
-
     if isinstance(model, DistributedDataParallel) and isinstance(model.module, CausalLMLoss):
         return model(input_ids, labels, attention_mask, chunk_size)  # through DDP's forward: gradients sync
     targets = labels[:, 1:]

@@ -20,6 +20,7 @@ other MLP is left alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import types
@@ -27,6 +28,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from ..nn._base import active_autocast_dtype
 
 __all__ = ["GatedProduct", "gated_product", "use_lean_mlp"]
 
@@ -72,12 +75,10 @@ def gated_product(gate: Tensor, up: Tensor, act: Callable[[Tensor], Tensor], aut
         raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)) or torch.compiler.is_compiling():
         return act(gate) * up
-    device = gate.device.type
     save_dtype = None
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        if gate.is_floating_point() and torch.finfo(low).bits < torch.finfo(gate.dtype).bits:
-            save_dtype = low
+    low = active_autocast_dtype(gate.device.type)
+    if low is not None and gate.is_floating_point() and torch.finfo(low).bits < torch.finfo(gate.dtype).bits:
+        save_dtype = low
     return GatedProduct.apply(gate, up, act, save_dtype, save_dtype if autocast_output else None)
 
 
@@ -89,10 +90,14 @@ def _lean_forward(self, x: Tensor) -> Tensor:
 def _is_gated_mlp(module: nn.Module) -> bool:
     if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
         return False
-    if not callable(getattr(module, "act_fn", None)):
-        return False
+    return callable(getattr(module, "act_fn", None)) and _has_gated_forward(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_gated_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` is exactly the gated expression (read once per class, not per layer)."""
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     lines = [re.sub(r"#.*", "", line) for line in source.splitlines()[1:]]  # the body, comments removed
