@@ -32,3 +32,14 @@ def backend(monkeypatch):
         monkeypatch.setenv("LORAKERN_BACKEND", name)
 
     return use
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved random-init tiny Llama and its tokenizer: a local model directory needing no network."""
+    from lorakern.train.tiny import tiny_llama, tiny_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny"))
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -8,16 +8,6 @@ import pytest
 from lorakern.cli import main, read_config
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from lorakern.train.tiny import tiny_llama, tiny_tokenizer
-
-    path = str(tmp_path_factory.mktemp("tiny"))
-    tiny_llama().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_read_config_yaml_and_json(tmp_path):
     (tmp_path / "c.yaml").write_text("batch-size: 4\nmethod: lora\n")
     (tmp_path / "c.json").write_text(json.dumps({"steps": 3}))

@@ -17,16 +17,6 @@ def load_example():
     return module
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from lorakern.train.tiny import tiny_llama, tiny_tokenizer
-
-    path = str(tmp_path_factory.mktemp("tiny"))
-    tiny_llama().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_example_runs_on_tiny_model(tiny_model_dir, tmp_path, method, capsys):
     out = str(tmp_path / "run")
