@@ -121,7 +121,8 @@ def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool =
     does not serve still goes to sdpa). The switch is not saved with the model.
     ``lean_mlp``: gated MLPs (Llama-style ``down(act(gate(x)) * up(x))``) save only
     gate and up for backward, in the autocast dtype under autocast
-    (:mod:`lorakern.train.mlp`; same forward, -360 MB on a SmolLM2 QLoRA step).
+    (:mod:`lorakern.train.mlp`; same forward; on a SmolLM2 QLoRA step 360 MB less saved,
+    peak RSS 2259 -> 1934 MB).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
