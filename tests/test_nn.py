@@ -441,7 +441,7 @@ def test_cuda_autocast_matches_reference(cls, dtype):
     torch.manual_seed(0)
     with torch.autocast("cuda", dtype=dtype):
         y = m(x)
-    assert y.dtype == dtype
+    assert y.dtype == (torch.float32 if cls is QLoRALinear else dtype)  # QLoRA: wide output, its compute dtype
     torch.manual_seed(0)
     seed = ops.new_seed("cuda")
     dense = m.weight if cls is LoRALinear else nf4.dequantize(m.quantized_weight().to("cuda"), torch.float64)

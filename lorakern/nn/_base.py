@@ -73,9 +73,13 @@ def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast casts matmuls to on ``device_type`` right now, or None when it is off."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+    if device_type in ("cpu", "cuda"):
+        # Dynamo in torch 2.11 cannot trace torch.amp.is_autocast_available (a graph
+        # break under fullgraph=True, seen on the GPU machines); these two always have autocast.
+        enabled = torch.is_autocast_enabled(device_type)
+    else:
+        enabled = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def check_lora_args(r, alpha, dropout, init) -> None:

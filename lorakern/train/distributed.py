@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import os
 from typing import Iterator, Mapping, Optional, Sequence
@@ -261,8 +262,15 @@ def transformer_blocks(model: nn.Module, block_types: Optional[Sequence[type]] =
     return [m for m in model.modules() if isinstance(m, tuple(block_types))]
 
 
-def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_types) -> nn.Module:
+def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_types,
+                device: torch.device) -> nn.Module:
     FSDPModule, MixedPrecisionPolicy, fully_shard = _fsdp_api()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # An explicit mesh on the world's device: without one fully_shard meshes over the
+    # accelerator whenever torch sees one, so a CPU (gloo) job on a machine with one
+    # GPU failed on rank 1 with "invalid device ordinal".
+    fully_shard = functools.partial(fully_shard, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
     # param_dtype applies to floating parameters only: FSDP2 leaves a non-float
     # parameter (the uint8 NF4 codes) in its own dtype (torch 2.13
     # _fsdp_param.py: "not self.orig_dtype.is_floating_point"); a test checks it.
@@ -393,7 +401,7 @@ def wrap_model(model: nn.Module, world: World, strategy: str = "ddp",
         return ddp
     _fsdp_api()
     _broadcast_from_main(model)  # DDP does this itself when it wraps
-    return _shard_fsdp(model, mixed_precision, block_types)
+    return _shard_fsdp(model, mixed_precision, block_types, getattr(world, "device", torch.device("cpu")))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
