@@ -304,3 +304,27 @@ def test_example_fsdp_two_processes_matches_one_and_resumes_on_one(tmp_path):
     assert sorted(a2) == sorted(a1)
     for key in a1:
         torch.testing.assert_close(a2[key], a1[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_on_a_torch_that_cannot_shard_uint8_weights_says_so(tmp_path, monkeypatch):
+    # torch 2.11's fully_shard refuses frozen uint8 parameters (GPU machines); the error must
+    # name the cause and the way out instead of torch's "floating point dtype" message.
+    import torch.distributed as dist
+
+    from lorakern.train.tiny import tiny_llama
+    from lorakern.train.trainer import prepare_model
+
+    FSDPModule, MixedPrecisionPolicy, _ = D._fsdp_api()
+
+    def refusing_fully_shard(module, **kwargs):
+        raise RuntimeError("only Tensors of floating point dtype can require gradients")
+
+    monkeypatch.setattr(D, "_fsdp_api", lambda: (FSDPModule, MixedPrecisionPolicy, refusing_fully_shard))
+    model = tiny_llama()
+    prepare_model(model, "qlora", r=4, alpha=8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"strategy='fsdp' cannot shard QLoRA's uint8 NF4 weights.*ddp"):
+            D._shard_fsdp(model, None, None, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()

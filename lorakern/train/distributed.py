@@ -277,7 +277,20 @@ def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_
     # Gradients are reduced in float32 whatever the compute dtype.
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) \
         if mixed_precision is not None else MixedPrecisionPolicy()
-    for block in transformer_blocks(model, block_types):
+    blocks = transformer_blocks(model, block_types)
+    try:
+        for block in blocks[:1]:
+            fully_shard(block, mp_policy=policy)
+    except RuntimeError as e:
+        # torch 2.11's FSDP2 makes every sharded parameter require grad; torch 2.13's keeps
+        # frozen non-float ones (the uint8 NF4 codes) as they are (seen on the GPU machines).
+        if "floating point dtype can require gradients" in str(e) and \
+                any(not p.is_floating_point() for p in model.parameters()):
+            raise RuntimeError(f"strategy='fsdp' cannot shard QLoRA's uint8 NF4 weights with torch "
+                               f"{torch.__version__} (its FSDP2 makes them require grad; torch 2.13 works); "
+                               f"use strategy='ddp' or a newer torch") from e
+        raise
+    for block in blocks[1:]:
         fully_shard(block, mp_policy=policy)
     from .loss import split_causal_lm
 
