@@ -12,7 +12,7 @@ from lorakern import reference as ref
 from lorakern.formats import nf4
 from lorakern.ops import _registry
 
-CPU_BACKENDS = [name for name in ("reference", "cpu") if _registry.load(name)[0] is not None]
+CPU_BACKENDS = [name for name in ("reference", "cpu", "composite") if _registry.load(name)[0] is not None]
 
 
 def _lora_args(dtype=torch.float32, m=7, k=65, n=40, r=8, seed=0):
@@ -176,7 +176,7 @@ def test_auto_skips_backend_that_rejects_arguments(monkeypatch):
 
 def test_status_reports_every_backend():
     st = ops.status()
-    assert set(st) == {"cuda", "triton", "cpu", "reference"}
+    assert set(st) == {"cuda", "composite", "triton", "cpu", "reference"}
     assert st["reference"][0] is True
     for ok, reason in st.values():
         assert isinstance(reason, str) and reason

@@ -33,10 +33,18 @@ NAME = "cuda"
 # dtype codes of csrc/include/lorakern/nf4_decode.h (DType).
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEMV_MAX_M = 16  # rows of x the GEMV kernel takes (lorakern._cuda.GEMV_MAX_M)
+# Rows up to which the automatic dispatch picks the GEMV. H200, bf16, r = 16, do_bench
+# medians (benchmarks/results/gpu-20261126-h200), GEMV + LoRA against dequantize + cuBLAS
+# for 4096x4096, 14336x4096, 4096x14336: M = 1, 24 / 59 / 53 us against 66 / 129 / 128 us;
+# M = 16, 174 / 541 / 563 us against 54 / 131 / 129 us. The GEMV grows about linearly with
+# M (the 16-row kernel re-reads x per weight row and issues 16 FMAs per weight), so the
+# lines cross near M = 3 on the large layers. M = 2..8 were not measured; the next GPU
+# check sweeps them (benchmarks/bench_gpu.py) and this threshold follows that data.
+GEMV_AUTO_MAX_M = 2
 LORA_MAX_RANK = 256  # LoRA rank the GEMV keeps in shared memory (lorakern._cuda.LORA_MAX_RANK)
 MIN_BLOCKSIZE = 64  # the kernels decode one absmax per 64 values
 
-__all__ = ["availability", "supports", "nf4_dequantize", "nf4_matmul", "qlora_linear_fwd"]
+__all__ = ["availability", "supports", "declines", "nf4_dequantize", "nf4_matmul", "qlora_linear_fwd"]
 
 
 def availability() -> tuple[bool, str]:
@@ -73,6 +81,14 @@ def supports(op: str, *args) -> str | None:
             return f"mixed dtypes ({t.dtype} with x {x.dtype})"
     if op == "qlora_linear_fwd" and args[3].shape[0] > LORA_MAX_RANK:
         return f"LoRA rank {args[3].shape[0]} > {LORA_MAX_RANK}"
+    return None
+
+
+def declines(op: str, *args) -> str | None:
+    """Why the automatic dispatch should not pick this backend for a call it supports (None: pick it)."""
+    if op in ("nf4_matmul", "qlora_linear_fwd") and args[0].shape[0] > GEMV_AUTO_MAX_M:
+        return (f"{args[0].shape[0]} rows: dequantize + cuBLAS measured faster above {GEMV_AUTO_MAX_M} "
+                "(see GEMV_AUTO_MAX_M)")
     return None
 
 

@@ -1,10 +1,15 @@
 """Backend registry: which implementation runs an op, chosen by device and availability.
 
 Order of preference per device type (first available backend that implements
-the op and supports the arguments wins)::
+the op, supports the arguments and does not decline them wins)::
 
-    cuda tensors: cuda, triton, reference
+    cuda tensors: cuda, composite, triton, reference
     cpu tensors:  cpu, reference
+
+A backend's ``supports(op, *args)`` says whether it *can* run a call; its
+optional ``declines(op, *args)`` says that another backend measured faster for
+it (the reason names the measurement), which the automatic choice respects and
+a forced backend ignores. ``lorakern.kernels.composite`` explains the CUDA order.
 
 ``LORAKERN_BACKEND=<name>`` forces one backend for every op; if it is not
 available, lacks the op or rejects the arguments, the call raises
@@ -19,15 +24,16 @@ import importlib
 import os
 from types import ModuleType
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = ("cuda", "composite", "triton", "cpu", "reference")
 _MODULES = {
     "reference": "lorakern.reference",
     "cpu": "lorakern.kernels.cpu",
     "triton": "lorakern.kernels.triton",
     "cuda": "lorakern.kernels.cuda",
+    "composite": "lorakern.kernels.composite",
 }
 PREFERENCE = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("cuda", "composite", "triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
 ENV_VAR = "LORAKERN_BACKEND"
@@ -76,6 +82,12 @@ def _supports(mod: ModuleType, op: str, args: tuple) -> str | None:
     return check(op, *args) if check is not None else None
 
 
+def _declines(mod: ModuleType, op: str, args: tuple) -> str | None:
+    """None when the automatic choice should give ``op(*args)`` to ``mod``, else why not."""
+    check = getattr(mod, "declines", None)
+    return check(op, *args) if check is not None else None
+
+
 def pick(op: str, device_type: str, args: tuple) -> ModuleType:
     """The backend module that runs ``op`` for tensors on ``device_type``."""
     forced = requested()
@@ -93,6 +105,6 @@ def pick(op: str, device_type: str, args: tuple) -> ModuleType:
         return mod
     for name in PREFERENCE.get(device_type, ("reference",)):
         mod, _ = load(name)
-        if mod is not None and _supports(mod, op, args) is None:
+        if mod is not None and _supports(mod, op, args) is None and _declines(mod, op, args) is None:
             return mod
     return load("reference")[0]

@@ -13,6 +13,12 @@ shapes) except ``nf4_quantize``, which falls back to the next backend:
 
 Kernels are defined when this package is imported; whether they run compiled
 or interpreted is decided then (``TRITON_INTERPRET=1``).
+
+On CUDA the automatic dispatch prefers ``lorakern.kernels.composite`` (dequantize,
+then cuBLAS), which measured faster than these fused GEMMs on the first GPU run;
+they run when forced with ``LORAKERN_BACKEND=triton``. The composite backend
+uses :func:`skinny_matmul`, :func:`tn_matmul` and :func:`dropout_add_` from here
+for the dropout-masked LoRA pieces.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ except ImportError as _e:  # reported by availability(); the registry then skips
 else:
     _IMPORT_ERROR = None
     from ._launch import interpreting
+    from .dropout import dropout_add_
     from .gemv import GEMV_MAX_M, nf4_gemv
     from .matmul import lora_matmul, lora_matmul_t, skinny_matmul, tn_matmul
     from .nf4 import nf4_dequantize
