@@ -208,3 +208,35 @@ def test_forced_composite_runs_the_ops_end_to_end(backend):
     exp = torch.autograd.grad(want.sum(), want_leaves)
     for gg, ee in zip(got, exp):
         torch.testing.assert_close(gg.double(), ee, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,n,k,r,p", [(2048, 4096, 4096, 16, 0.0), (512, 14336, 4096, 64, 0.1),
+                                       (1030, 4096, 14336, 16, 0.05), (3, 1024, 4096, 8, 0.0)])
+def test_gpu_composite_qlora_at_llama_shapes(m, n, k, r, p):
+    """bf16 on the GPU against a float32 reference built from the same dequantized weight."""
+    torch.manual_seed(m + n)
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    q = nf4.quantize(torch.randn(n, k, device=dev), 64, True)
+    a = (torch.randn(r, k, device=dev) / k**0.5).bfloat16()
+    bb = torch.randn(n, r, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    seed = torch.tensor([5], device=dev)
+    assert _registry.pick("qlora_linear_fwd", "cuda", (x, q, None, a, bb, 0.5, p, seed)) is composite
+    y, xa = composite.qlora_linear_fwd(x, q, None, a, bb, 0.5, p, seed)
+    dx, da, db = composite.qlora_linear_bwd(dy, x, xa, q, a, bb, 0.5, p, seed, True)
+    w = nf4.dequantize(q, torch.float32)
+    f32 = [t.float() for t in (x, a, bb)]
+    y_ref, xa_ref = ref.lora_linear_fwd(f32[0], w, None, f32[1], f32[2], 0.5, p, seed)
+    dx_ref, _, da_ref, db_ref = ref.lora_linear_bwd(dy.float(), f32[0], xa.float(), w, f32[1], f32[2], 0.5, p, seed,
+                                                    True, False)
+    for got, want, name in ((y, y_ref, "y"), (xa, xa_ref, "xa"), (dx, dx_ref, "dx"), (da, da_ref, "dA"),
+                            (db, db_ref, "dB")):
+        assert got.dtype == torch.bfloat16, name
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"

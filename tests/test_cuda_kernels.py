@@ -431,6 +431,11 @@ def test_gpu_registry_picks_cuda_for_small_m_only():
     assert mod.supports("nf4_matmul", x16, q, None) is None
     assert "1..16 rows" in mod.supports("nf4_matmul", x17, q, None)
     assert _registry.pick("nf4_matmul", "cuda", (x17, q, None)) is not mod
+    # Within its capability, the automatic choice takes the GEMV only where it measured faster.
+    x_fast = torch.randn(mod.GEMV_AUTO_MAX_M, 128, device="cuda")
+    x_slow = torch.randn(mod.GEMV_AUTO_MAX_M + 1, 128, device="cuda")
+    assert _registry.pick("nf4_matmul", "cuda", (x_fast, q, None)) is mod
+    assert _registry.pick("nf4_matmul", "cuda", (x_slow, q, None)).NAME == "composite"
     with pytest.raises(ValueError, match="1 <= M <= 16"):
         mod.nf4_matmul(x17, q, None)
 
