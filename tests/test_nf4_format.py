@@ -1,5 +1,6 @@
 """The NF4 format: bit-compatibility with bitsandbytes, state dicts both ways, malformed input."""
 
+import copy
 import json
 import math
 import zlib
@@ -80,16 +81,61 @@ def test_quantize_matches_bitsandbytes(shape, dtype, double_quant):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_dequantize_bnb_state_bit_exact(shape, dtype, double_quant):
-    """Decoding a bitsandbytes-quantized weight gives bitsandbytes' values bit for bit."""
+    """Decoding a bitsandbytes-quantized weight gives bitsandbytes' values bit for bit.
+
+    Both decode ``code * absmax`` in float32, then round to the weight's dtype.
+    The float32 products must be identical, and ours rounded to nearest-even
+    (torch's cast) must equal them cast the same way. bitsandbytes' own
+    narrow-dtype output must then be identical too, except for one known defect
+    (see :func:`_ties_rounded_away_from_zero`).
+    """
     w = _weight(shape, dtype, seed=7)
     packed, state = bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     sd = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
     q = nf4.from_bnb_state_dict(sd, "weight")
     assert q.shape == tuple(shape) and q.dtype == dtype
     ours = nf4.dequantize(q)
+    state32 = copy.copy(state)
+    state32.dtype = torch.float32
+    theirs32 = bnb_F.dequantize_4bit(packed, state32).reshape(ours.shape)
+    assert torch.equal(nf4.dequantize(q, torch.float32), theirs32), "float32 products differ"
+    assert torch.equal(ours, theirs32.to(dtype)), "rounding to the weight's dtype differs"
     theirs = bnb_F.dequantize_4bit(packed, state)
     assert ours.dtype == theirs.dtype
-    assert torch.equal(ours, theirs.reshape(ours.shape))
+    theirs = theirs.reshape(ours.shape)
+    if torch.equal(ours, theirs):
+        return
+    ties = _ties_rounded_away_from_zero(theirs32, ours, theirs)
+    diff = ours != theirs
+    assert bool(ties[diff].all()), f"{int(diff.sum())} values differ, {int((diff & ~ties).sum())} not at a tie"
+    pytest.xfail(f"bitsandbytes' CPU {dtype} decode rounds exact float32 ties away from zero, not to even, in "
+                 f"{int(diff.sum())} of {diff.numel()} values (the CPU code inside its CUDA-build library, loaded "
+                 f"whenever torch sees a GPU); ours rounds to nearest-even like torch and its CPU-only library")
+
+
+def _ties_rounded_away_from_zero(exact: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Where ``exact`` (float32) lies exactly halfway between ``ours`` and ``theirs`` and ``theirs`` is farther from 0.
+
+    bitsandbytes 0.50.2's CUDA-build library compiles its CPU float16 decode
+    with a software float-to-half conversion that adds half an ulp and
+    truncates: an exact tie (low 13 mantissa bits 0x1000, about 1 value in 8192
+    times 1/2 for an even neighbour) goes away from zero, where IEEE
+    round-to-nearest-even keeps the even neighbour. Its CPU-only library
+    converts with vcvtps2ph (round to nearest-even) and matches ours exactly.
+    """
+    e, a, b = exact.double(), ours.double(), theirs.double()
+    return (a != b) & ((e - a).abs() == (b - e).abs()) & (b.abs() > a.abs())
+
+
+def test_tie_detection_accepts_only_ties_rounded_away_from_zero():
+    # float16 spacing at 2 is 2^-9; 2 + 2^-10 is a tie between 2 (even) and 2 + 2^-9 (odd)
+    # 2 + 3 * 2^-10 is a tie between 2 + 2^-9 (odd) and 2 + 2^-8 (even): nearest-even goes away from 0
+    exact = torch.tensor([2 + 2**-10, -(2 + 2**-10), 2 + 2**-11, 2 + 3 * 2**-10, 2.0])
+    ours = exact.half()
+    assert ours.tolist() == [2.0, -2.0, 2.0, 2 + 2**-8, 2.0]
+    theirs = torch.tensor([2 + 2**-9, -(2 + 2**-9), 2 + 2**-9, 2 + 2**-9, 2.0], dtype=torch.float16)
+    # tie away from 0 (both signs) | not a tie | tie, but toward 0 | equal
+    assert _ties_rounded_away_from_zero(exact, ours, theirs).tolist() == [True, True, False, False, False]
 
 
 @needs_bnb
