@@ -150,18 +150,22 @@ def nf4_matmul_t(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     return torch.mm(dy, _dequantize(q, dy.dtype))
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-    """(y, xa): y = x W^T + bias + s * xa B^T, the LoRA term added into y in place."""
-    y = _linear(x, weight, bias)
+def _add_lora_(y, x, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    """(y += s * xa B^T in place, xa)."""
     xa = _xa(x, lora_A, dropout_p, seed)
     if scaling != 0.0:
         y.addmm_(xa, lora_B.t(), alpha=scaling)
     return y, xa
 
 
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    """(y, xa): y = x W^T + bias + s * xa B^T, the LoRA term added into y in place."""
+    return _add_lora_(_linear(x, weight, bias), x, lora_A, lora_B, scaling, dropout_p, seed)
+
+
 def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-    """:func:`lora_linear_fwd` with W dequantized for the GEMM and released after it."""
-    return lora_linear_fwd(x, _dequantize(q, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
+    """:func:`lora_linear_fwd` with W dequantized for the base GEMM only (freed before the LoRA term)."""
+    return _add_lora_(_linear(x, _dequantize(q, x.dtype), bias), x, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool,
