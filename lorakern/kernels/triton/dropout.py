@@ -22,14 +22,14 @@ _BLOCK = 4096
 
 
 @triton.jit(do_not_specialize=["numel"])
-def _dropout_add_kernel(out_ptr, t_ptr, seed_ptr, numel, scale, threshold, BLOCK: tl.constexpr):
+def _dropout_add_kernel(out_ptr, x_ptr, seed_ptr, numel, scaling, threshold, BLOCK: tl.constexpr):
     # Flat index i of a contiguous [M, K] tensor is row * K + col: the dropout counter.
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
     keep = dropout_keep(dropout_key(seed_ptr), tl.zeros_like(i), i, 0, threshold)
-    t = tl.load(t_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
     out = tl.load(out_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    out += tl.where(keep, t * scale, 0.0)
+    out += tl.where(keep, x * scaling, 0.0)
     tl.store(out_ptr + i, cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
