@@ -68,7 +68,8 @@ from torch import nn
 from .sampler import World
 
 __all__ = ["LaunchError", "DistributedWorld", "init_world", "launch_env", "wrap_model", "unwrap_model",
-           "no_sync", "full_state", "save_adapter", "check_resume", "local_parameter_bytes", "STRATEGIES"]
+           "no_sync", "full_state", "save_adapter", "check_resume", "local_parameter_bytes", "fsdp_qlora_unsupported",
+           "STRATEGIES"]
 
 STRATEGIES = ("none", "ddp", "fsdp")
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -262,6 +263,55 @@ def transformer_blocks(model: nn.Module, block_types: Optional[Sequence[type]] =
     return [m for m in model.modules() if isinstance(m, tuple(block_types))]
 
 
+def _integer_parameter_refusal(fully_shard) -> Optional[RuntimeError]:
+    """The error ``fully_shard`` raises for a frozen uint8 parameter, or None when it shards one.
+
+    torch 2.11's FSDP2 re-creates every sharded parameter as ``nn.Parameter(dtensor)``,
+    which requires grad by default, and only then copies ``requires_grad`` over
+    (``_fsdp_param.py``, ``_init_sharded_param``): an integer parameter fails
+    with "only Tensors of floating point dtype can require gradients". torch
+    2.13 passes ``requires_grad`` to the constructor. The probe shards a
+    throwaway module with one such parameter instead of comparing versions:
+    construction runs no collective, so this needs no other rank.
+    """
+    probe = nn.Module()
+    probe.codes = nn.Parameter(torch.zeros(64, dtype=torch.uint8), requires_grad=False)
+    try:
+        fully_shard(probe)
+    except RuntimeError as e:
+        return e
+    return None
+
+
+def fsdp_qlora_unsupported() -> Optional[str]:
+    """Why this torch cannot run ``strategy='fsdp'`` on a QLoRA model, or None when it can.
+
+    The same probe as :func:`wrap_model`, run in this process alone on the CPU:
+    in a one-process gloo group made for it and destroyed after, or in the
+    existing process group (every rank must then call it).
+    """
+    try:
+        _, _, fully_shard = _fsdp_api()
+    except RuntimeError as e:
+        return str(e)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        refusal = _integer_parameter_refusal(
+            functools.partial(fully_shard, mesh=init_device_mesh(device_type, (dist.get_world_size(),))))
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    if refusal is None:
+        return None
+    return (f"torch {torch.__version__}'s fully_shard cannot shard a frozen uint8 parameter (QLoRA's NF4 "
+            f"weights): {refusal}")
+
+
 def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_types,
                 device: torch.device) -> nn.Module:
     FSDPModule, MixedPrecisionPolicy, fully_shard = _fsdp_api()
@@ -277,20 +327,13 @@ def _shard_fsdp(model: nn.Module, mixed_precision: Optional[torch.dtype], block_
     # Gradients are reduced in float32 whatever the compute dtype.
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) \
         if mixed_precision is not None else MixedPrecisionPolicy()
-    blocks = transformer_blocks(model, block_types)
-    try:
-        for block in blocks[:1]:
-            fully_shard(block, mp_policy=policy)
-    except RuntimeError as e:
-        # torch 2.11's FSDP2 makes every sharded parameter require grad; torch 2.13's keeps
-        # frozen non-float ones (the uint8 NF4 codes) as they are (seen on the GPU machines).
-        if "floating point dtype can require gradients" in str(e) and \
-                any(not p.is_floating_point() for p in model.parameters()):
+    if any(not p.is_floating_point() for p in model.parameters()):
+        refusal = _integer_parameter_refusal(fully_shard)
+        if refusal is not None:
             raise RuntimeError(f"strategy='fsdp' cannot shard QLoRA's uint8 NF4 weights with torch "
-                               f"{torch.__version__} (its FSDP2 makes them require grad; torch 2.13 works); "
-                               f"use strategy='ddp' or a newer torch") from e
-        raise
-    for block in blocks[1:]:
+                               f"{torch.__version__}: its fully_shard refuses a frozen uint8 parameter "
+                               f"({refusal}); use strategy='ddp' or a newer torch (2.13 works)") from refusal
+    for block in transformer_blocks(model, block_types):
         fully_shard(block, mp_policy=policy)
     from .loss import split_causal_lm
 
