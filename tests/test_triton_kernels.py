@@ -125,6 +125,82 @@ def test_nf4_dequantize(shape, double_quant, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=0)
 
 
+def _run_ptx(asm: str, inputs: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:
+    """Run the straight-line PTX of an inline-asm block on one warp per row of ``inputs``.
+
+    Implements exactly the instructions the NF4 lookup uses (mov from %laneid, and, shr, prmt
+    in its default mode, shfl.sync.idx) on uint32 registers of shape [warps, 32 lanes]; any
+    other instruction fails the test, so the PTX cannot drift away from what is checked here.
+    """
+    import numpy as np
+
+    regs = {name: np.asarray(v, dtype=np.uint32) for name, v in inputs.items()}
+    warps = next(iter(regs.values())).shape[0]
+    lane = np.broadcast_to(np.arange(32, dtype=np.uint32), (warps, 32))
+
+    def val(op: str):
+        op = op.strip()
+        if op == "%laneid":
+            return lane
+        if op[0] in "0123456789":
+            return np.full((warps, 32), int(op, 0), dtype=np.uint32)
+        return regs[op]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        opcode, rest = line.split(None, 1)
+        dst, *src = [o.strip() for o in rest.split(",")]
+        if opcode == "mov.u32":
+            out = val(src[0])
+        elif opcode == "and.b32":
+            out = val(src[0]) & val(src[1])
+        elif opcode == "shr.b32":
+            out = val(src[0]) >> val(src[1])
+        elif opcode == "prmt.b32":
+            a, b, c = val(src[0]).astype(np.uint64), val(src[1]).astype(np.uint64), val(src[2])
+            pool = a | (b << np.uint64(32))  # bytes 0-3 from a, 4-7 from b
+            out = np.zeros((warps, 32), dtype=np.uint32)
+            for i in range(4):
+                nib = (c >> np.uint32(4 * i)) & np.uint32(0xF)
+                byte = ((pool >> ((nib & np.uint32(7)).astype(np.uint64) * np.uint64(8))) & np.uint64(0xFF)).astype(np.uint32)
+                sign = np.where(byte & np.uint32(0x80), np.uint32(0xFF), np.uint32(0))
+                out |= np.where(nib & np.uint32(8), sign, byte) << np.uint32(8 * i)
+        elif opcode == "shfl.sync.idx.b32":
+            a, b, c, member = val(src[0]), val(src[1]), val(src[2]), val(src[3])
+            assert (member == 0xFFFFFFFF).all(), "the lookup expects the whole warp"
+            seg = (c >> np.uint32(8)) & np.uint32(0x1F)
+            max_lane = (lane & seg) | (c & np.uint32(0x1F) & ~seg)
+            j = (lane & seg) | (b & np.uint32(0x1F) & ~seg)
+            j = np.where(j > max_lane, lane, j)
+            out = np.take_along_axis(a, j.astype(np.int64), axis=1)
+        else:
+            pytest.fail(f"instruction not modelled: {line}")
+        regs[dst] = out.astype(np.uint32)
+    return regs
+
+
+def test_nf4_register_lookup_ptx_matches_code_table():
+    """The PTX that decodes NF4 bytes in compiled kernels (no interpreter runs it), executed on a
+    model of a warp for every 16-bit half-word in both halves of the input: each of the 8
+    outputs must be the fp32 code of its nibble, bit for bit."""
+    import numpy as np
+
+    from lorakern.kernels.triton._device import NF4_LOOKUP_PTX
+
+    rng = np.random.default_rng(0)
+    low = np.arange(1 << 16, dtype=np.uint32)
+    words = (low | (rng.permutation(low) << np.uint32(16))).reshape(-1, 32)
+    regs = _run_ptx(NF4_LOOKUP_PTX.value, {"$8": words})
+    code_bits = nf4.NF4_CODE.numpy().view(np.uint32)
+    for byte in range(4):
+        hi = (words >> np.uint32(8 * byte + 4)) & np.uint32(0xF)
+        lo = (words >> np.uint32(8 * byte)) & np.uint32(0xF)
+        np.testing.assert_array_equal(regs[f"${byte}"], code_bits[hi], err_msg=f"high nibble of byte {byte}")
+        np.testing.assert_array_equal(regs[f"${4 + byte}"], code_bits[lo], err_msg=f"low nibble of byte {byte}")
+
+
 # --------------------------------------------------------------------------------- LoRA linear
 
 # (M, K, N, r, dtype, dropout_p, bias): a covering subset of M {1, 7, 33} x K {64, 96, 136} x N {40, 72}

@@ -6,14 +6,56 @@ All of them are ``@triton.jit`` functions inlined into the kernels that call the
 from __future__ import annotations
 
 import os
+import struct
 
 import triton
 import triton.language as tl
+
+from ...formats.nf4 import NF4_CODE_VALUES
 
 # The interpreter (triton <= 3.8) converts fp32 -> bf16 by truncation where compiled
 # code rounds to nearest even; :func:`cast` rounds in software there so interpreted
 # results match compiled ones (and torch) bit for bit.
 SOFTWARE_BF16_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# The interpreter cannot run inline PTX: it decodes NF4 codes with a table gather instead.
+REGISTER_LOOKUP = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def _nf4_shfl_ptx() -> str:
+    """PTX decoding 4 packed NF4 bytes (``$8``, byte i = bits 8i..8i+7) into the fp32 values of
+    their high nibbles (``$0..$3``) and low nibbles (``$4..$7``) with one warp shuffle each."""
+    bits = [struct.unpack("<I", struct.pack("<f", v))[0] for v in NF4_CODE_VALUES]
+
+    def plane(k: int, first: int) -> str:  # byte k of codes first..first+3, code `first` in byte 0
+        return hex(sum(((bits[first + i] >> (8 * k)) & 0xFF) << (8 * i) for i in range(4)))
+
+    lines = [
+        "{",
+        ".reg .b32 l, h, lo, hi, p0, p1, p2, p3, t, n;",
+        # Lane l holds code[l % 16]: byte plane k (byte k of the 16 fp32 codes) is two 8-byte
+        # halves looked up by prmt with l % 8, the half chosen by bit 3 of l.
+        "mov.u32 l, %laneid;",
+        "and.b32 t, l, 7;",
+        "shr.b32 h, l, 1;",
+        "and.b32 h, h, 4;",
+    ]
+    for k in range(4):
+        lines += [f"prmt.b32 lo, {plane(k, 0)}, {plane(k, 4)}, t;",
+                  f"prmt.b32 hi, {plane(k, 8)}, {plane(k, 12)}, t;",
+                  f"prmt.b32 p{k}, lo, hi, h;"]
+    lines += ["prmt.b32 lo, p0, p1, 0x40;", "prmt.b32 hi, p2, p3, 0x40;", "prmt.b32 t, lo, hi, 0x5410;"]
+    # Weight j of the word is nibble j; shfl reads lane b[4:0] and lanes l and l + 16 hold the
+    # same code, so the bit above a nibble needs no masking.
+    for j in range(8):
+        out = (4 + j // 2) if j % 2 == 0 else j // 2  # even nibble: the low one, an odd weight
+        src = "$8" if j == 0 else "n"
+        if j:
+            lines.append(f"shr.b32 n, $8, {4 * j};")
+        lines.append(f"shfl.sync.idx.b32 ${out}, t, {src}, 0x1f, 0xffffffff;")
+    return "\n".join(lines + ["}"])
+
+
+NF4_LOOKUP_PTX = tl.constexpr(_nf4_shfl_ptx())
 
 
 @triton.jit
@@ -70,6 +112,23 @@ def nf4_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, ma
 
 
 @triton.jit
+def nf4_codes(byte, code_ptr):
+    """fp32 code values ``(high nibble, low nibble)`` of packed NF4 bytes ``byte`` (uint8, any shape).
+
+    Compiled: a register lookup (:data:`NF4_LOOKUP_PTX`). Interpreted: a gather from the
+    16-entry table at ``code_ptr`` (the same values; the PTX is checked against it on the CPU).
+    """
+    if REGISTER_LOOKUP:
+        hi, lo = tl.inline_asm_elementwise(NF4_LOOKUP_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
+                                           dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        b = byte.to(tl.int32)
+        hi = tl.load(code_ptr + (b >> 4))
+        lo = tl.load(code_ptr + (b & 0xF))
+    return hi, lo
+
+
+@triton.jit
 def nf4_decode(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, idx, mask,
                BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """fp32 value of the NF4 weights at flat (row-major) indices ``idx`` (int64, any shape).
@@ -93,10 +152,15 @@ def nf4_rows(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_pt
     one absmax per BLOCKSIZE columns, instead of one gather per weight as in
     :func:`nf4_decode` (which costs 2x the loads and, pipelined, 4x the shared memory).
     """
-    half = tl.arange(0, BLOCK_K // 2)
-    mask = row_mask[:, None] & ((k0 + 2 * half) < K)[None, :]
-    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=mask, other=0).to(tl.int32)
-    values = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF)))
+    # Rows and tiles start on a multiple of BLOCKSIZE / 2 >= 16 bytes. Index and mask are
+    # written over bytes so that triton sees it: the bytes then load as 16-byte vectors (with
+    # the mask over ``k0 + 2 * half`` it loaded them one byte per instruction).
+    row_bytes = tl.multiple_of(K // 2, BLOCKSIZE // 2)
+    bytes_ = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    mask = row_mask[:, None] & (bytes_ < row_bytes)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * row_bytes + bytes_[None, :], mask=mask, other=0)
+    hi, lo = nf4_codes(byte, code_ptr)
+    values = tl.interleave(hi, lo)
     blocks_per_row = K // BLOCKSIZE
     if BLOCK_K >= BLOCKSIZE:
         nb = tl.arange(0, BLOCK_K // BLOCKSIZE) + k0 // BLOCKSIZE
