@@ -106,6 +106,19 @@ _GEMM_TILES = {
          (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (32, 128, 64, 4, 3), (16, 64, 128, 4, 3)],
 }
 
+# GEMM tiles when the weight is NF4, decoded in registers each iteration: the tile of
+# BLOCK_N x BLOCK_K weights is decoded once per BLOCK_M rows of x, so tall tiles amortise it.
+# Every entry compiles without spills (sm_90: 128x128x64 at 8 warps needs 128 registers a
+# thread and 74 KiB of shared memory, so two programs share an SM and one decodes while the
+# other's wgmma runs; 4 warps held the 128x128 fp32 accumulator in 128 registers a thread
+# beside the decoded tile and reached the 255 cap). See benchmarks/results/triton-sass-analysis.md.
+_NF4_GEMM_TILES = {
+    90: [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+         (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 64, 128, 4, 4)],
+    80: [(128, 128, 32, 8, 4), (256, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
+         (64, 64, 64, 4, 4), (32, 128, 64, 4, 3), (16, 64, 128, 4, 3)],
+}
+
 # NF4 GEMV tiles (BLOCK_N, BLOCK_K, warps): each program streams BLOCK_N rows of 4-bit weights;
 # 16-128 rows keep 32-256 programs in flight for N = 1024..14336 on 132 SMs.
 _GEMV_TILES = [(32, 256, 4), (16, 256, 4), (32, 128, 4), (64, 128, 8), (64, 256, 8), (128, 64, 8)]
@@ -131,6 +144,14 @@ def gemm_configs() -> list[triton.Config]:
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)]
     return _tuned_or_default([_cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in _GEMM_TILES[_arch()]])
+
+
+def nf4_gemm_configs() -> list[triton.Config]:
+    """GEMM configs for an NF4 weight with K % blocksize == 0 (decoded per tile in registers)."""
+    if INTERPRET:
+        return gemm_configs()
+    return _tuned_or_default([_cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
+                              for m, n, k, w, s in _NF4_GEMM_TILES[_arch()]])
 
 
 def gemm_configs_unpipelined() -> list[triton.Config]:

@@ -8,13 +8,22 @@ line reports the kernel variant, the config, the shared memory used and whether
 it fits. Exit status 1 if a default config (the one used with autotuning off)
 fails, or with ``--all-configs`` if any config fails to compile at all.
 
+``--sass`` adds what the machine code of each variant looks like: registers, spill
+instructions (LDL/STL), and the instructions of the main loop (the loop with the most
+tensor-core instructions) by opcode, read with the nvdisasm that ships with triton.
+
 Run it with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import triton
@@ -83,15 +92,68 @@ def compile_kernel(fn, arch: int, constexprs: dict, config: triton.Config | None
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_MMA = ("HMMA", "HGMMA")
+
+
+def _nvidia_tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def sass_stats(kernel) -> dict:
+    """Registers, spill instructions and the main loop's opcode counts of a compiled kernel.
+
+    The main loop is the loop (a backward branch) holding the most HMMA/HGMMA instructions;
+    opcodes are counted without modifiers (``LDG.E.128`` counts as ``LDG``).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    labels, pending, code = {}, [], []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = _SASS_LINE.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update({name: addr for name in pending})
+            pending = []
+            code.append((addr, m.group(2).split(".")[0], m.group(3)))
+    loops = []
+    for addr, op, args in code:
+        target = re.search(r"(\.L_x_\d+)", args) if op == "BRA" else None
+        if target and labels.get(target.group(1), addr + 1) <= addr:
+            body = collections.Counter(o for a, o, _ in code if labels[target.group(1)] <= a <= addr)
+            loops.append(body)
+    every = collections.Counter(op for _, op, _ in code)
+    main = max(loops, key=lambda c: (sum(c[o] for o in _MMA), sum(c.values())), default=collections.Counter())
+    return dict(regs=regs, stack=stack, ldl=every["LDL"], stl=every["STL"], shared=kernel.metadata.shared,
+                loop=main, loop_instructions=sum(main.values()))
+
+
+def _sass_summary(stats: dict) -> str:
+    top = ", ".join(f"{op} {n}" for op, n in stats["loop"].most_common(12))
+    return (f"regs {stats['regs']}, stack {stats['stack']} B, LDL/STL {stats['ldl']}/{stats['stl']}; "
+            f"main loop {stats['loop_instructions']} instructions: {top}")
+
+
 def _variants():
     """(name, kernel, constexprs, config-list name, nf4 weight) for every kernel family."""
     gemm = dict(DOUBLE_QUANT=True, NF4_BLOCKSIZE=64, UPCAST_DOT=False, DOT_PRECISION="tf32", BLOCK_R=16)
     for w_nf4 in (False, True):
         tag = "nf4" if w_nf4 else "dense"
+        tiles = "gemm_nf4" if w_nf4 else "gemm"
         yield (f"lora_fwd[{tag}]", matmul._lora_fwd_kernel,
-               dict(gemm, W_NF4=w_nf4, NF4_ALIGNED=w_nf4, HAS_BIAS=True, HAS_LORA=True), "gemm", w_nf4)
+               dict(gemm, W_NF4=w_nf4, NF4_ALIGNED=w_nf4, HAS_BIAS=True, HAS_LORA=True), tiles, w_nf4)
         yield (f"lora_dx[{tag}]", matmul._lora_dx_kernel,
-               dict(gemm, W_NF4=w_nf4, NF4_ALIGNED=w_nf4, HAS_LORA=True, HAS_DROPOUT=True), "gemm", w_nf4)
+               dict(gemm, W_NF4=w_nf4, NF4_ALIGNED=w_nf4, HAS_LORA=True, HAS_DROPOUT=True), tiles, w_nf4)
     yield ("lora_fwd[nf4,unaligned K]", matmul._lora_fwd_kernel,
            dict(gemm, W_NF4=True, NF4_ALIGNED=False, HAS_BIAS=False, HAS_LORA=True), "gemm_unpipelined", True)
     yield ("lora_dx[nf4,unaligned K]", matmul._lora_dx_kernel,
@@ -112,6 +174,8 @@ def _configs(kind: str | None, arch: int, all_configs: bool) -> list:
         return [None]
     tiles = {
         "gemm": [_launch._cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in _launch._GEMM_TILES[arch]],
+        "gemm_nf4": [_launch._cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
+                     for m, n, k, w, s in _launch._NF4_GEMM_TILES[arch]],
         "gemm_unpipelined": [_launch._cfg(w, 1, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
                              for m, n, k, w, s in _launch._GEMM_TILES[arch]],
         "gemv": [_launch._cfg(w, 2, BLOCK_N=n, BLOCK_K=k) for n, k, w in _launch._GEMV_TILES],
@@ -127,6 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the defaults")
     parser.add_argument("--only", default="", help="check only the kernel variants whose name contains this")
+    parser.add_argument("--sass", action="store_true", help="registers, spills and main-loop instruction counts")
     args = parser.parse_args(argv)
     if _launch.interpreting():
         print("TRITON_INTERPRET=1: kernels are interpreted and cannot be compiled; unset it", file=sys.stderr)
@@ -141,7 +206,8 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     label = f"sm_{arch} {name:<26} {dtype:<4} {config.all_kwargs() if config else '-'}"
                     try:
-                        shared = compile_kernel(fn, arch, constexprs, config, dtype, nf4_weight).metadata.shared
+                        kernel = compile_kernel(fn, arch, constexprs, config, dtype, nf4_weight)
+                        shared = kernel.metadata.shared
                     except Exception as e:  # report every failing variant, then exit non-zero
                         print(f"FAIL {label}: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}", flush=True)
                         failed += 1
@@ -152,6 +218,8 @@ def main(argv=None) -> int:
                         failed += 1
                     status = "ok  " if fits else ("FAIL" if default_index == 0 else "skip")
                     print(f"{status} {label}: shared {shared} B, {time.perf_counter() - start:.1f}s", flush=True)
+                    if args.sass:
+                        print(f"     {_sass_summary(sass_stats(kernel))}", flush=True)
     print(f"{failed} failure(s)")
     return 1 if failed else 0
 

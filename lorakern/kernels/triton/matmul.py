@@ -5,13 +5,12 @@ LoRA columns (``xa = drop(x) A^T`` computed first by :func:`skinny_matmul`)::
 
     y = [x | s*xa] @ [W | B]^T + bias                                  (_lora_fwd_kernel)
 
-Input gradient, one GEMM over the N columns of dy and then the r columns of g = dy B::
+Input gradient, one GEMM over the r columns of g = dy B and then the N columns of dy::
 
-    dx = dy @ W + drop'(s * g @ A)                                     (_lora_dx_kernel)
+    dx = drop'(s * g @ A) + dy @ W                                     (_lora_dx_kernel)
 
-With dropout the LoRA part must be masked on its own, so the kernel accumulates
-it separately and applies the regenerated mask in the epilogue; without dropout
-the r columns go into the same accumulator. W is either a dense [N, K] tensor or
+With dropout the LoRA part must be masked on its own, so the kernel reduces it
+first and applies the regenerated mask before the main loop accumulates onto it. W is either a dense [N, K] tensor or
 an NF4 weight whose tiles are decoded in registers inside the main loop (the
 dequantized weight never exists in memory).
 
@@ -29,7 +28,7 @@ from ...formats.nf4 import NF4Weight
 from ...reference.dropout import dropout_threshold
 from ._device import cast, dot, dropout_keep, dropout_key, nf4_decode, nf4_rows
 from ._launch import (Tuned, device_guard, dot_precision, gemm_configs, gemm_configs_unpipelined, m_bucket,
-                      nf4_operands, rank_block, skinny_configs, sm_count, tn_configs, upcast_dot)
+                      nf4_gemm_configs, nf4_operands, rank_block, skinny_configs, sm_count, tn_configs, upcast_dot)
 
 
 @triton.jit
@@ -126,6 +125,23 @@ def _lora_dx_kernel(
     cols = offs_k.to(tl.int64)
     dtype = dx_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        # The LoRA term goes first: with dropout it is masked on its own, and done before the
+        # main loop it needs no second accumulator there (two 128x128 fp32 tiles took all 255
+        # registers of a 4-warp program and spilled 472 bytes, in the main loop too).
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < R
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + rr[None, :] * stride_gr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            if not HAS_DROPOUT:
+                g = cast(g.to(tl.float32) * scaling, dtype)
+            acc = dot(g, a, acc, UPCAST_DOT, DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(dropout_key(seed_ptr), rows[:, None], cols[None, :], K, threshold)
+            acc = tl.where(keep, acc * (scaling * keep_scale), 0.0)
     if W_NF4:
         offset = tl.load(offset_ptr)
     for n0 in range(0, N, BLOCK_K):
@@ -145,24 +161,6 @@ def _lora_dx_kernel(
         else:
             w = tl.load(w_ptr + nn.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk, mask=w_mask, other=0.0)
         acc = dot(g, w, acc, UPCAST_DOT, DOT_PRECISION)
-    if HAS_LORA:
-        if HAS_DROPOUT:
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            mask_r = rr < R
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + rr[None, :] * stride_gr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            if HAS_DROPOUT:
-                lora = dot(g, a, lora, UPCAST_DOT, DOT_PRECISION)
-            else:
-                g = cast(g.to(tl.float32) * scaling, dtype)
-                acc = dot(g, a, acc, UPCAST_DOT, DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = dropout_keep(dropout_key(seed_ptr), rows[:, None], cols[None, :], K, threshold)
-            acc += tl.where(keep, lora * (scaling * keep_scale), 0.0)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, cast(acc, dtype),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -245,6 +243,8 @@ def _tn_kernel(
 _GEMM_KEY = ["M_KEY", "N", "K", "W_NF4", "HAS_LORA"]
 _lora_fwd = Tuned(_lora_fwd_kernel, gemm_configs, key=_GEMM_KEY)
 _lora_dx = Tuned(_lora_dx_kernel, gemm_configs, key=_GEMM_KEY)
+_lora_fwd_nf4 = Tuned(_lora_fwd_kernel, nf4_gemm_configs, key=_GEMM_KEY)
+_lora_dx_nf4 = Tuned(_lora_dx_kernel, nf4_gemm_configs, key=_GEMM_KEY)
 _lora_fwd_unaligned = Tuned(_lora_fwd_kernel, gemm_configs_unpipelined, key=_GEMM_KEY)
 _lora_dx_unaligned = Tuned(_lora_dx_kernel, gemm_configs_unpipelined, key=_GEMM_KEY)
 _skinny = Tuned(_skinny_kernel, skinny_configs, key=["M_KEY", "K", "R"])
@@ -285,7 +285,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor | None, q: NF4Weight | Non
     b_ = lora_B if has_lora else x
     w_strides = (weight.stride(0), weight.stride(1)) if q is None else (k, 1)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    kernel = _lora_fwd if q is None or nf4_flags["NF4_ALIGNED"] else _lora_fwd_unaligned
+    kernel = _lora_fwd if q is None else _lora_fwd_nf4 if nf4_flags["NF4_ALIGNED"] else _lora_fwd_unaligned
     with device_guard(x):
         kernel[grid](
             x, w, bias if bias is not None else x, xa_, b_, y, *nf4_tensors,
@@ -314,7 +314,7 @@ def lora_matmul_t(dy: torch.Tensor, weight: torch.Tensor | None, q: NF4Weight | 
     threshold, keep_scale = dropout_args(dropout_p)
     w_strides = (weight.stride(0), weight.stride(1)) if q is None else (k, 1)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
-    kernel = _lora_dx if q is None or nf4_flags["NF4_ALIGNED"] else _lora_dx_unaligned
+    kernel = _lora_dx if q is None else _lora_dx_nf4 if nf4_flags["NF4_ALIGNED"] else _lora_dx_unaligned
     with device_guard(dy):
         kernel[grid](
             dy, w, g_, a_, dx, seed if has_dropout else dy, *nf4_tensors,
