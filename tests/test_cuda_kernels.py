@@ -254,6 +254,12 @@ def _assert_close(got, want, mag, dtype, what):
     (7, 13, 63, 4, True, 0.1, False, 64, True),    # odd K: rows start mid-byte
     (16, 6, 65, 33, True, 0.5, False, 256, True),
     (5, 7, 1088, 3, False, 0.0, True, 64, False),  # M -> the 16-row kernel, 17 blocks per row
+    # x staged in shared memory (vec = 2): even and odd block counts (the padded stride), 1-16 rows
+    (1, 9, 4096, 16, True, 0.0, 2, 64, True),
+    (2, 17, 1088, 5, True, 0.25, 2, 64, True),
+    (4, 3, 320, 2, True, 0.0, 2, 128, False),
+    (11, 5, 128, 7, False, 0.5, 2, 64, True),
+    (1, 3, 64, 0, False, 0.0, 2, 64, False),
 ])
 def test_host_gemv_kernel_matches_reference(host_bin, tmp_path, dtype, m, n, k, r, bias, p, vec, blocksize, double_quant):
     q, x, b, lora_a, lora_b = _gemv_inputs(m, n, k, r, dtype, bias, blocksize, double_quant)

@@ -53,14 +53,18 @@ __global__ void __launch_bounds__(kLoraThreads) lora_down_kernel(LoraDownArgs ar
   }
 }
 
-// Dynamic shared memory: 16 code values, then xa [M, r] fp32.
-template <int MT, DType D>
+// Dynamic shared memory: x staged when kSharedX (x_bytes, a multiple of 16), then
+// 16 code values, then xa [M, r] fp32.
+template <int MT, DType D, bool kSharedX>
 __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs args, const float* partial, int ksplit,
-                                                                void* xa_out) {
-  extern __shared__ float smem[];
-  float* code = smem;
-  float* xa = smem + 16;
+                                                                void* xa_out, int x_bytes) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  using T = typename Elem<D>::T;
+  T* xs = reinterpret_cast<T*>(smem_bytes);
+  float* code = reinterpret_cast<float*>(smem_bytes + x_bytes);
+  float* xa = code + 16;
   const int tid = static_cast<int>(threadIdx.x);
+  if constexpr (kSharedX) gemv_stage_x<D>(args, tid, xs);
   if (tid < 16) code[tid] = nf4_code(static_cast<uint32_t>(tid));
   for (int i = tid; i < args.m * args.r; i += kGemvThreads) {
     const float v = lora_xa<D>(partial, ksplit, args.m, args.r, i / args.r, i % args.r);
@@ -74,7 +78,9 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs args, c
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (tid >> 5); n < args.n;
        n += static_cast<int64_t>(gridDim.x) * kGemvWarps) {
     float acc[MT];
-    if (args.vec) {
+    if constexpr (kSharedX) {
+      gemv_row_lane<MT, D, true, true>(args, n, lane, code, xa, acc, xs);
+    } else if (args.vec) {
       gemv_row_lane<MT, D, true>(args, n, lane, code, xa, acc);
     } else {
       gemv_row_lane<MT, D, false>(args, n, lane, code, xa, acc);
@@ -124,9 +130,16 @@ void launch_typed(const GemvArgs& args, const LoraLaunch* lora, cudaStream_t str
   const int64_t want = (args.n + kGemvWarps - 1) / kGemvWarps;
   const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 1) * 8;
   const unsigned grid = static_cast<unsigned>(want < cap ? want : cap);
-  const size_t shared = (16 + static_cast<size_t>(args.m) * args.r) * sizeof(float);
-  nf4_gemv_kernel<MT, D><<<grid, kGemvThreads, shared, stream>>>(args, lora ? lora->workspace : nullptr, ksplit,
-                                                                  lora ? lora->xa_out : nullptr);
+  const size_t tail = (16 + static_cast<size_t>(args.m) * args.r) * sizeof(float);
+  const int64_t x_bytes = gemv_x_shared_bytes(args.m, args.k, static_cast<int>(sizeof(typename Elem<D>::T)));
+  float* workspace = lora ? lora->workspace : nullptr;
+  void* xa_out = lora ? lora->xa_out : nullptr;
+  if (args.vec && x_bytes + static_cast<int64_t>(tail) <= kGemvSharedLimit) {
+    nf4_gemv_kernel<MT, D, true><<<grid, kGemvThreads, static_cast<size_t>(x_bytes) + tail, stream>>>(
+        args, workspace, ksplit, xa_out, static_cast<int>(x_bytes));
+  } else {
+    nf4_gemv_kernel<MT, D, false><<<grid, kGemvThreads, tail, stream>>>(args, workspace, ksplit, xa_out, 0);
+  }
   check_launch("nf4_gemv_kernel", stream);
 }
 

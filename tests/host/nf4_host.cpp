@@ -18,6 +18,7 @@
 //   nf4_host convert DIR                    in.f32 -> bf16.u16 f16.u16; h.u16 -> h2f.f32
 //   nf4_host dequant DIR NUMEL BLOCKSIZE DQ DTYPE SHIFT_IN SHIFT_OUT   -> out.bin
 //   nf4_host gemv    DIR M N K R BLOCKSIZE DQ DTYPE HAS_BIAS SCALING P SEED VEC   -> y.bin xa.bin
+//                    (VEC: 0 nibble path, 1 16-byte loads, 2 16-byte loads with x staged)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -130,7 +131,7 @@ void run_dequant(const Weight& w, bool vec_in, int shift_out) {
 // ------------------------------------------------------------------------------- GEMV
 
 template <int MT, DType D>
-void run_gemv(const GemvArgs& a, const std::vector<uint8_t>& lora_a, float dropout_p, int64_t seed) {
+void run_gemv(const GemvArgs& a, const std::vector<uint8_t>& lora_a, float dropout_p, int64_t seed, bool shared_x) {
   using T = typename Elem<D>::T;
   std::vector<float> partial;
   int ksplit = 0;
@@ -175,12 +176,23 @@ void run_gemv(const GemvArgs& a, const std::vector<uint8_t>& lora_a, float dropo
     xa[i] = lora_xa<D>(partial.data(), ksplit, a.m, a.r, i / a.r, i % a.r);
     xa_out[i] = Elem<D>::store(xa[i]);
   }
+  // The staged copy of x, poisoned first so that a piece the copy misses shows up as NaN.
+  std::vector<T> xs;
+  if (shared_x) {
+    const int64_t bytes = gemv_x_shared_bytes(a.m, a.k, static_cast<int>(sizeof(T)));
+    std::vector<uint8_t> poison(static_cast<size_t>(bytes), 0xFF);
+    xs.resize(static_cast<size_t>(bytes) / sizeof(T));
+    std::memcpy(xs.data(), poison.data(), poison.size());
+    for (int t = 0; t < kGemvThreads; ++t) gemv_stage_x<D>(a, t, xs.data());
+  }
   T* y = static_cast<T*>(a.y);
   for (int64_t n = 0; n < a.n; ++n) {
     float total[MT] = {};
     for (int lane = 0; lane < 32; ++lane) {
       float acc[MT];
-      if (a.vec) {
+      if (shared_x) {
+        gemv_row_lane<MT, D, true, true>(a, n, lane, code.data(), xa.data(), acc, xs.data());
+      } else if (a.vec) {
         gemv_row_lane<MT, D, true>(a, n, lane, code.data(), xa.data(), acc);
       } else {
         gemv_row_lane<MT, D, false>(a, n, lane, code.data(), xa.data(), acc);
@@ -194,12 +206,12 @@ void run_gemv(const GemvArgs& a, const std::vector<uint8_t>& lora_a, float dropo
 }
 
 template <DType D>
-void gemv_dispatch(const GemvArgs& a, const std::vector<uint8_t>& lora_a, float p, int64_t seed) {
+void gemv_dispatch(const GemvArgs& a, const std::vector<uint8_t>& lora_a, float p, int64_t seed, bool shared_x) {
   switch (gemv_rows_tile(a.m)) {
-    case 1: return run_gemv<1, D>(a, lora_a, p, seed);
-    case 2: return run_gemv<2, D>(a, lora_a, p, seed);
-    case 4: return run_gemv<4, D>(a, lora_a, p, seed);
-    default: return run_gemv<16, D>(a, lora_a, p, seed);
+    case 1: return run_gemv<1, D>(a, lora_a, p, seed, shared_x);
+    case 2: return run_gemv<2, D>(a, lora_a, p, seed, shared_x);
+    case 4: return run_gemv<4, D>(a, lora_a, p, seed, shared_x);
+    default: return run_gemv<16, D>(a, lora_a, p, seed, shared_x);
   }
 }
 
@@ -273,7 +285,8 @@ int run(int argc, char** argv) {
     const bool has_bias = arg_i(argv, 10) != 0;
     const float scaling = std::strtof(argv[11], nullptr), p = std::strtof(argv[12], nullptr);
     const int64_t seed = arg_i(argv, 13);
-    const bool vec = arg_i(argv, 14) != 0;
+    const int64_t vec_mode = arg_i(argv, 14);  // 0 nibble path, 1 16-byte loads, 2 the same with x staged
+    const bool vec = vec_mode != 0, shared_x = vec_mode == 2;
     const Weight w(n * k, blocksize, dq, 0);
     const std::vector<uint8_t> x = read_file<uint8_t>("x.bin");
     const std::vector<uint8_t> bias = has_bias ? read_file<uint8_t>("bias.bin") : std::vector<uint8_t>();
@@ -294,9 +307,9 @@ int run(int argc, char** argv) {
     a.scaling = scaling;
     a.vec = vec;
     if (vec && k % kNf4BlockAlign != 0) throw std::runtime_error("VEC=1 needs K % 64 == 0");
-    if (dtype == 0) gemv_dispatch<DType::kFloat32>(a, lora_a, p, seed);
-    else if (dtype == 1) gemv_dispatch<DType::kFloat16>(a, lora_a, p, seed);
-    else gemv_dispatch<DType::kBFloat16>(a, lora_a, p, seed);
+    if (dtype == 0) gemv_dispatch<DType::kFloat32>(a, lora_a, p, seed, shared_x);
+    else if (dtype == 1) gemv_dispatch<DType::kFloat16>(a, lora_a, p, seed, shared_x);
+    else gemv_dispatch<DType::kBFloat16>(a, lora_a, p, seed, shared_x);
   } else {
     std::fprintf(stderr, "unknown command %s\n", cmd.c_str());
     return 2;

@@ -184,6 +184,15 @@ LK_HD float lora_xa(const float* partial, int ksplit, int m_rows, int r, int m, 
 // decode per 64 values, factored out of the block's dot product so each value
 // costs one shared-memory code lookup and one FMA per row of x. Accumulation is
 // fp32. The general path reads one nibble at a time (odd K, misaligned views).
+//
+// x is read by every row. From global memory, lane L's eight 16-byte pieces of x
+// for its block lie 128 B from lane L+1's, so each warp-wide load touches 32
+// cache lines: 8 x 32 = 256 L1 wavefronts per 64 weights a lane decodes, 4x the
+// cost of the code lookups and packed loads together, and the bound of the
+// first GPU measurement (0.63 TB/s of weights at M = 1 on an H200, marginal over
+// layer sizes). So when x fits (kGemvSharedLimit), each CTA first copies it into
+// shared memory ordered by (row, piece, block) (gemv_stage_x): the warp's 32
+// lanes then read 32 consecutive pieces, 4 wavefronts per load instead of 32.
 
 constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
@@ -200,12 +209,81 @@ struct GemvArgs {
   bool vec;             // the 16-byte-load path is legal
 };
 
-// Lane `lane`'s share of row n for rows m < MT of x: acc[m] (summed over the 32
-// lanes) is y[m, n]. code: the 16 NF4 values; xa: [M, r] fp32 (x's dtype values).
-template <int MT, DType D, bool kVec>
-LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* code, const float* xa, float acc[MT]) {
+// Staged x (vec path): 8-value pieces, piece (m, c, wi) = x[m, 64 c + 8 wi .. + 8] at
+// piece index (m * 8 + wi) * stride + c. An odd stride keeps the copy's 16-byte stores
+// of one block's 8 pieces in different banks.
+// Dynamic shared memory a launch gets without an opt-in: x is staged when it fits
+// next to the code table and xa (bf16 x: K up to ~24000 at M = 1, ~12000 at M = 2).
+constexpr int64_t kGemvSharedLimit = 48 * 1024;
+
+LK_HD int64_t gemv_x_stride(int64_t k) { return (k / kNf4BlockAlign) | 1; }
+
+LK_HD int64_t gemv_x_shared_bytes(int m, int64_t k, int elem_bytes) {
+  return static_cast<int64_t>(m) * 8 * gemv_x_stride(k) * 8 * elem_bytes;
+}
+
+// A 16-byte load from shared memory (load_vec16 reads through the read-only global path).
+LK_HD Vec16 load_shared_vec16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  return Vec16{{v.x, v.y, v.z, v.w}};
+#else
+  Vec16 v;
+  memcpy(&v, p, 16);
+  return v;
+#endif
+}
+
+// Before the barrier: thread tid's share of copying x [M, K] into xs. Pieces are
+// taken in x's memory order, so the global loads of a warp are contiguous.
+template <DType D>
+LK_HD void gemv_stage_x(const GemvArgs& a, int tid, typename Elem<D>::T* xs) {
   using T = typename Elem<D>::T;
+  constexpr int kVecs = static_cast<int>(8 * sizeof(T) / 16);  // 16-byte vectors per piece
   const T* x = static_cast<const T*>(a.x);
+  const int64_t per_row = 8 * (a.k / kNf4BlockAlign);
+  const int64_t stride = gemv_x_stride(a.k);
+  for (int64_t u = tid; u < a.m * per_row; u += kGemvThreads) {
+    const int64_t m = u / per_row, c = (u % per_row) / 8, wi = u % 8;
+    const T* src = x + m * a.k + 8 * (u % per_row);
+    T* dst = xs + ((m * 8 + wi) * stride + c) * 8;
+    LK_UNROLL
+    for (int v = 0; v < kVecs; ++v) store_vec16(dst + v * (16 / sizeof(T)), load_vec16(src + v * (16 / sizeof(T))));
+  }
+}
+
+// Eight values of piece `piece` of the staged x, as floats.
+template <DType D>
+LK_HD void load8_shared(const typename Elem<D>::T* piece, float out[8]) {
+  using T = typename Elem<D>::T;
+  if constexpr (sizeof(T) == 2) {
+    const Vec16 v = load_shared_vec16(piece);
+    LK_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      out[2 * j] = Elem<D>::load(static_cast<T>(v.w[j] & 0xFFFFu));
+      out[2 * j + 1] = Elem<D>::load(static_cast<T>(v.w[j] >> 16));
+    }
+  } else {
+    const Vec16 lo = load_shared_vec16(piece);
+    const Vec16 hi = load_shared_vec16(piece + 4);
+    LK_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      out[j] = bits_to_float(lo.w[j]);
+      out[4 + j] = bits_to_float(hi.w[j]);
+    }
+  }
+}
+
+// Lane `lane`'s share of row n for rows m < MT of x: acc[m] (summed over the 32
+// lanes) is y[m, n]. code: the 16 NF4 values; xa: [M, r] fp32 (x's dtype values);
+// xs: x staged by gemv_stage_x when kSharedX (vec path only), else unused.
+template <int MT, DType D, bool kVec, bool kSharedX = false>
+LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* code, const float* xa, float acc[MT],
+                         const typename Elem<D>::T* xs = nullptr) {
+  using T = typename Elem<D>::T;
+  static_assert(kVec || !kSharedX, "x is staged for the vec path only");
+  const T* x = static_cast<const T*>(a.x);
+  const int64_t x_stride = gemv_x_stride(a.k);
   const int64_t row0 = n * a.k;
   LK_UNROLL
   for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
@@ -236,7 +314,11 @@ LK_HD void gemv_row_lane(const GemvArgs& a, int64_t n, int lane, const float* co
           // cheaper than a branch in the innermost loop.
           const int64_t xm = m < a.m ? m : 0;
           float xv[8];
-          load8<D, true>(x, xm * a.k + kNf4BlockAlign * c + 8 * wi, xv);
+          if constexpr (kSharedX) {
+            load8_shared<D>(xs + ((xm * 8 + wi) * x_stride + c) * 8, xv);
+          } else {
+            load8<D, true>(x, xm * a.k + kNf4BlockAlign * c + 8 * wi, xv);
+          }
           LK_UNROLL
           for (int j = 0; j < 8; ++j) part[m] = fmaf(wv[j], xv[j], part[m]);
         }
