@@ -14,7 +14,7 @@ set -u -o pipefail
 OUTDIR=${1:-"$(dirname "$0")/results/gpu-$(date -u +%Y%m%d-%H%M)"}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "cannot create $OUTDIR" >&2; exit 2; }
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}  # some images have only python3
 BUDGET=${GPU_CHECK_BUDGET:-560}
 START=$(date +%s)
 FAILED=()
