@@ -16,8 +16,10 @@ through the public autograd ops, as a model runs them.
 
 Shapes are Llama-3-8B's linear layers (N x K): 4096x4096 (q/o), 14336x4096 (gate/up),
 4096x14336 (down), 1024x4096 (k/v), r = 16. M (tokens): 512, 2048 and 8192 for every
-group; the QLoRA forward at M in {1, 2, 3, 4, 8, 16} on 4096x4096 and 14336x4096 (where
-the GEMV hands over to dequantize + GEMM); M in {1, 16} on the other two shapes.
+group (8192 not on 4096x14336, for time); the QLoRA forward at M in {1, 2, 3, 4, 8, 16}
+on 4096x4096 and 14336x4096 (where the GEMV hands over to dequantize + GEMM); the QLoRA
+and bf16 LoRA forwards at M in {1, 16} on every shape. What was cut to fit the time slice
+of gpu_check.sh is listed in the results' notes.
 
 Every row has two times: ``time_us``, the do_bench median of eager calls (what a
 Python loop pays, CPU launch overhead included when the GPU outruns it), and
@@ -919,5 +921,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # The caching allocator's default segments, not expandable ones: CUDA graphs' private
+    # pools have had gaps and bugs with expandable segments across torch releases, and the
+    # largest operand here (dy of 8192 x 14336 bf16, 235 MB) fragments little on an 80+ GB card.
     raise SystemExit(main())
