@@ -87,14 +87,15 @@ void dequantize_2d(const NF4View& q, int64_t row0, int64_t rows, int64_t col0, i
     constexpr int64_t kChunk = 16384;
     const int64_t e0 = row0 * K, count = rows * K;
     const int64_t nchunks = (count + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (nchunks > 1)
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t s = c * kChunk, n = std::min(kChunk, count - s);
       nf4_decode_run(q, e0 + s, n, o + s * sz, t, is, stream);
     }
     return;
   }
-#pragma omp parallel for schedule(static)
+  // Small panels decode on the calling thread (a fork/join costs microseconds).
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * cols >= 16384)
   for (int64_t r = 0; r < rows; ++r) nf4_decode_run(q, (row0 + r) * K + col0, cols, o + r * ld_out * sz, t, is, stream);
 }
 

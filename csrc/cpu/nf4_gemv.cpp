@@ -251,13 +251,19 @@ void nf4_gemv_rows_avx2(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t
   kRows256[g.M - 1](q, g, n0, n1, acc);
 }
 
+// Below this many multiply-adds one thread runs the whole GEMV.
+constexpr int64_t kParallelMinMacs = 1 << 15;
+
 void nf4_gemv(const NF4View& q, const GemvArgs& g, Isa isa) {
   // 16 output features per chunk: small enough to balance 2-64 threads at N = 576,
   // large enough that the per-chunk epilogue is noise.
   constexpr int64_t kChunk = 16;
   constexpr int64_t kRowsPerPass = 8;
   const int64_t nchunks = (g.N + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+  // A fork/join costs microseconds (far more when the cores are busy: 2 threads took
+  // 300 us for a 64 x 64 weight on the 2-core machine under load, 18 us alone), so
+  // small products run on the calling thread; the bound is that of the dropout kernel.
+#pragma omp parallel for schedule(static) if (nchunks > 1 && g.M * g.N * g.K >= kParallelMinMacs)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kChunk, n1 = std::min(g.N, n0 + kChunk);
     float acc[kChunk * kGemvMaxM];

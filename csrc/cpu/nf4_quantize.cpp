@@ -54,7 +54,8 @@ void nf4_quantize(const void* w, DType dtype, int64_t numel, int64_t blocksize, 
   const Bounds bounds;
   const int64_t nblocks = (numel + blocksize - 1) / blocksize;
   const int64_t full = numel / blocksize;
-#pragma omp parallel for schedule(static)
+  // Small weights quantize on the calling thread (a fork/join costs microseconds).
+#pragma omp parallel for schedule(static) if (numel >= (1 << 15))
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t e0 = b * blocksize;
     const int64_t n = std::min(blocksize, numel - e0);
