@@ -335,6 +335,34 @@ def test_nf4_matmul_and_transpose(m, k, n, dtype):
     _check("dx", tk.nf4_matmul_t(dy, q), ref.nf4_matmul_t(dy.double(), q), ref.nf4_matmul_t(dy, q), dtype)
 
 
+@pytest.mark.parametrize("tile", [(16, 32, 128), (32, 64, 64)])
+@pytest.mark.parametrize("m,k,n,dtype,double_quant", [(33, 192, 40, torch.float16, True), (17, 320, 72, torch.float32, False),
+                                                     (40, 128, 33, torch.bfloat16, True)])
+def test_nf4_gemm_tiles_spanning_absmax_blocks(monkeypatch, tile, m, k, n, dtype, double_quant):
+    """NF4 GEMM tiles with BLOCK_K >= blocksize (the compiled configs; the interpreter's default
+    tile is 32 wide): several absmax blocks per tile row, absmax entries loaded one tile ahead
+    over 2-5 tiles, and the last tile partial (K = 192 with BLOCK_K = 128, N = 33 and 40)."""
+    if CUDA:
+        pytest.skip("forces interpreter configs")
+    from lorakern.kernels.triton import matmul
+
+    block_m, block_n, block_k = tile
+    configs = lambda: [_launch._cfg(4, 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=2)]  # noqa: E731
+    monkeypatch.setattr(matmul, "_lora_fwd_nf4", _launch.Tuned(matmul._lora_fwd_kernel, configs, key=matmul._GEMM_KEY))
+    monkeypatch.setattr(matmul, "_lora_dx_nf4", _launch.Tuned(matmul._lora_dx_kernel, configs, key=matmul._GEMM_KEY))
+    x, weight, bias, lora_A, lora_B, dy = _lora_inputs(m, k, n, 8, dtype, True, seed=m * k + n)
+    q = nf4.quantize(weight, 64, double_quant)
+    s, seed = 0.5, _seed(5)
+    y, xa = tk.qlora_linear_fwd(x, q, bias, lora_A, lora_B, s, 0.0, seed)
+    _check("y", y, ref.qlora_linear_fwd(*_up(x), q, *_up(bias, lora_A, lora_B), s, 0.0, seed)[0],
+           ref.qlora_linear_fwd(x, q, bias, lora_A, lora_B, s, 0.0, seed)[0], dtype)
+    _check("dx", tk.nf4_matmul_t(dy, q), ref.nf4_matmul_t(dy.double(), q), ref.nf4_matmul_t(dy, q), dtype)
+    p = 0.3
+    dx = tk.qlora_linear_bwd(dy, x, xa, q, lora_A, lora_B, s, p, seed, True)[0]
+    _check("dx with dropout", dx, ref.qlora_linear_bwd(*_up(dy, x, xa), q, *_up(lora_A, lora_B), s, p, seed, True)[0],
+           ref.qlora_linear_bwd(dy, x, xa, q, lora_A, lora_B, s, p, seed, True)[0], dtype)
+
+
 # ---------------------------------------------------------------------------- backend contract
 
 

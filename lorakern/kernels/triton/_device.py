@@ -99,16 +99,21 @@ def dropout_keep(key, rows, cols, row_len, threshold):
 
 
 @triton.jit
-def nf4_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT: tl.constexpr):
-    """fp32 absmax of blocks ``block`` (int64), the double quant decoded in place:
-    ``nested_code[absmax[b]] * nested_absmax[b // 256] + offset``. Masked-off blocks give 0."""
+def nf4_absmax_decode(stored, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of blocks ``block`` (int64) from their ``stored`` entries (uint8 codes with
+    double quant, else fp32): ``nested_code[stored] * nested_absmax[block // 256] + offset``."""
     if DOUBLE_QUANT:
-        qabsmax = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-        absmax = tl.load(nested_code_ptr + qabsmax) * scale + offset
+        return tl.load(nested_code_ptr + stored.to(tl.int32)) * scale + offset
     else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return absmax
+        return stored
+
+
+@triton.jit
+def nf4_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of blocks ``block`` (int64), the double quant decoded in place. Masked-off blocks give 0."""
+    stored = tl.load(absmax_ptr + block, mask=mask, other=0)
+    return nf4_absmax_decode(stored, nested_absmax_ptr, nested_code_ptr, offset, block, mask, DOUBLE_QUANT)
 
 
 @triton.jit
@@ -134,18 +139,44 @@ def nf4_decode(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_
     """fp32 value of the NF4 weights at flat (row-major) indices ``idx`` (int64, any shape).
 
     The general path: any shape, absmax blocks may straddle rows. Masked-off
-    elements decode to 0. The code-table gathers hit L1 (16 and 256 floats).
+    elements decode to 0. Both nibbles of the byte are looked up and the one
+    ``idx`` names is kept (two shuffles beat one gather from global memory).
     """
-    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-    shift = ((idx & 1) ^ 1).to(tl.int32) * 4  # the first value (even index) sits in the high nibble
-    value = tl.load(code_ptr + ((byte >> shift) & 0xF))
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0)
+    hi, lo = nf4_codes(byte, code_ptr)
+    value = tl.where((idx & 1) == 0, hi, lo)  # the first value (even index) sits in the high nibble
     return value * nf4_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, idx // BLOCKSIZE, mask, DOUBLE_QUANT)
 
 
 @triton.jit
-def nf4_rows(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rows, row_mask, k0, K,
+def nf4_tile_blocks(rows, row_mask, k0, K, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """(absmax block indices, mask) of the tile ``W[rows, k0:k0+BLOCK_K]`` (K % BLOCKSIZE == 0):
+    ``[len(rows), BLOCK_K // BLOCKSIZE]``, or ``[len(rows)]`` when the tile lies in one block per row."""
+    blocks_per_row = K // BLOCKSIZE
+    if BLOCK_K >= BLOCKSIZE:
+        nb = tl.arange(0, BLOCK_K // BLOCKSIZE) + k0 // BLOCKSIZE
+        return rows[:, None] * blocks_per_row + nb[None, :], row_mask[:, None] & (nb < blocks_per_row)[None, :]
+    else:
+        return rows * blocks_per_row + k0 // BLOCKSIZE, row_mask & (k0 < K)
+
+
+@triton.jit
+def nf4_tile_absmax(absmax_ptr, rows, row_mask, k0, K, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """The stored absmax entries of the tile ``W[rows, k0:k0+BLOCK_K]`` (see :func:`nf4_tile`).
+
+    GEMM main loops load them one tile ahead: with double quant they index the gather
+    ``nested_code[absmax]``, and loaded in the same iteration (one byte each, which cannot
+    go through cp.async) the loop stalled on a global load every iteration before it.
+    """
+    block, mask = nf4_tile_blocks(rows, row_mask, k0, K, BLOCK_K, BLOCKSIZE)
+    return tl.load(absmax_ptr + block, mask=mask, other=0)
+
+
+@triton.jit
+def nf4_tile(packed_ptr, stored_absmax, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rows, row_mask, k0, K,
              BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """fp32 tile ``W[rows, k0:k0+BLOCK_K]`` ([len(rows), BLOCK_K]) of an NF4 weight with K % BLOCKSIZE == 0.
+    """fp32 tile ``W[rows, k0:k0+BLOCK_K]`` ([len(rows), BLOCK_K]) of an NF4 weight with K % BLOCKSIZE == 0,
+    given the tile's stored absmax entries (:func:`nf4_tile_absmax`).
 
     Rows then start on a byte and on an absmax block, so the tile is read as
     BLOCK_K / 2 unique bytes per row (high and low nibbles interleaved back) and
@@ -161,20 +192,22 @@ def nf4_rows(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_pt
     byte = tl.load(packed_ptr + rows[:, None] * row_bytes + bytes_[None, :], mask=mask, other=0)
     hi, lo = nf4_codes(byte, code_ptr)
     values = tl.interleave(hi, lo)
-    blocks_per_row = K // BLOCKSIZE
+    block, bmask = nf4_tile_blocks(rows, row_mask, k0, K, BLOCK_K, BLOCKSIZE)
+    absmax = nf4_absmax_decode(stored_absmax, nested_absmax_ptr, nested_code_ptr, offset, block, bmask, DOUBLE_QUANT)
     if BLOCK_K >= BLOCKSIZE:
-        nb = tl.arange(0, BLOCK_K // BLOCKSIZE) + k0 // BLOCKSIZE
-        bmask = row_mask[:, None] & (nb < blocks_per_row)[None, :]
-        absmax = nf4_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                            rows[:, None] * blocks_per_row + nb[None, :], bmask, DOUBLE_QUANT)
         values = tl.reshape(values, (values.shape[0], BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * absmax[:, :, None]
-        values = tl.reshape(values, (values.shape[0], BLOCK_K))
+        return tl.reshape(values, (values.shape[0], BLOCK_K))
     else:
-        # The whole tile lies in one block per row (BLOCK_K divides BLOCKSIZE).
-        absmax = nf4_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                            rows * blocks_per_row + k0 // BLOCKSIZE, row_mask & (k0 < K), DOUBLE_QUANT)
-        values = values * absmax[:, None]
-    return values
+        return values * absmax[:, None]
+
+
+@triton.jit
+def nf4_rows(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rows, row_mask, k0, K,
+             BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """:func:`nf4_tile` with the absmax entries loaded in place."""
+    stored = nf4_tile_absmax(absmax_ptr, rows, row_mask, k0, K, BLOCK_K, BLOCKSIZE)
+    return nf4_tile(packed_ptr, stored, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, rows, row_mask, k0, K,
+                    BLOCK_K, BLOCKSIZE, DOUBLE_QUANT)
 
 
 @triton.jit

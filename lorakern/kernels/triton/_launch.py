@@ -116,7 +116,7 @@ _NF4_GEMM_TILES = {
     90: [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
          (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 64, 128, 4, 4)],
     80: [(128, 128, 32, 8, 4), (256, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
-         (64, 64, 64, 4, 4), (32, 128, 64, 4, 3), (16, 64, 128, 4, 3)],
+         (64, 64, 64, 4, 4), (32, 128, 32, 4, 4), (16, 64, 128, 4, 3)],
 }
 
 # NF4 GEMV tiles (BLOCK_N, BLOCK_K, warps): each program streams BLOCK_N rows of 4-bit weights;
@@ -155,10 +155,10 @@ def nf4_gemm_configs() -> list[triton.Config]:
 
 
 def gemm_configs_unpipelined() -> list[triton.Config]:
-    """The GEMM tiles with one pipeline stage, for NF4 weights whose K is not a multiple of
+    """The NF4 GEMM tiles with one pipeline stage, for NF4 weights whose K is not a multiple of
     the blocksize: their per-weight gathers (6 bytes of indices and scales per weight), when
     multi-buffered, need up to 260 KB of shared memory for a 128x128 fp32 tile on sm_80."""
-    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in gemm_configs()]
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in nf4_gemm_configs()]
 
 
 def gemv_configs() -> list[triton.Config]:

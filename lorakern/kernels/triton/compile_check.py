@@ -177,7 +177,7 @@ def _configs(kind: str | None, arch: int, all_configs: bool) -> list:
         "gemm_nf4": [_launch._cfg(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
                      for m, n, k, w, s in _launch._NF4_GEMM_TILES[arch]],
         "gemm_unpipelined": [_launch._cfg(w, 1, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
-                             for m, n, k, w, s in _launch._GEMM_TILES[arch]],
+                             for m, n, k, w, s in _launch._NF4_GEMM_TILES[arch]],
         "gemv": [_launch._cfg(w, 2, BLOCK_N=n, BLOCK_K=k) for n, k, w in _launch._GEMV_TILES],
         "tn": [_launch._cfg(w, s, BLOCK_J=j, BLOCK_L=l, BLOCK_M=m) for j, l, m, w, s in _launch._TN_TILES],
         "skinny": [_launch._cfg(w, s, BLOCK_M=m, BLOCK_K=k) for m, k, w, s in _launch._SKINNY_TILES],

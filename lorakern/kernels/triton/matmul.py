@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ...formats.nf4 import NF4Weight
 from ...reference.dropout import dropout_threshold
-from ._device import cast, dot, dropout_keep, dropout_key, nf4_decode, nf4_rows
+from ._device import cast, dot, dropout_keep, dropout_key, nf4_decode, nf4_tile, nf4_tile_absmax
 from ._launch import (Tuned, device_guard, dot_precision, gemm_configs, gemm_configs_unpipelined, m_bucket,
                       nf4_gemm_configs, nf4_operands, rank_block, skinny_configs, sm_count, tn_configs, upcast_dot)
 
@@ -71,6 +71,8 @@ def _lora_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_NF4:
         offset = tl.load(offset_ptr)
+        if NF4_ALIGNED:
+            stored_absmax = nf4_tile_absmax(absmax_ptr, cols, mask_n, 0, K, BLOCK_K, NF4_BLOCKSIZE)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mask_k = kk < K
@@ -79,8 +81,9 @@ def _lora_fwd_kernel(
         w_mask = mask_k[:, None] & mask_n[None, :]
         if W_NF4:
             if NF4_ALIGNED:
-                w = tl.trans(nf4_rows(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, cols,
+                w = tl.trans(nf4_tile(w_ptr, stored_absmax, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, cols,
                                       mask_n, k0, K, BLOCK_K, NF4_BLOCKSIZE, DOUBLE_QUANT))
+                stored_absmax = nf4_tile_absmax(absmax_ptr, cols, mask_n, k0 + BLOCK_K, K, BLOCK_K, NF4_BLOCKSIZE)
             else:
                 w = nf4_decode(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
                                cols[None, :] * K + kk[:, None], w_mask, NF4_BLOCKSIZE, DOUBLE_QUANT)
@@ -144,6 +147,10 @@ def _lora_dx_kernel(
             acc = tl.where(keep, acc * (scaling * keep_scale), 0.0)
     if W_NF4:
         offset = tl.load(offset_ptr)
+        if NF4_ALIGNED:
+            first = tl.arange(0, BLOCK_K)
+            stored_absmax = nf4_tile_absmax(absmax_ptr, first.to(tl.int64), first < N, pid_k * BLOCK_N, K, BLOCK_N,
+                                            NF4_BLOCKSIZE)
     for n0 in range(0, N, BLOCK_K):
         nn = n0 + tl.arange(0, BLOCK_K)
         mask_n = nn < N
@@ -152,8 +159,11 @@ def _lora_dx_kernel(
         w_mask = mask_n[:, None] & mask_k[None, :]
         if W_NF4:
             if NF4_ALIGNED:
-                w = nf4_rows(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, nn.to(tl.int64),
+                w = nf4_tile(w_ptr, stored_absmax, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, nn.to(tl.int64),
                              mask_n, pid_k * BLOCK_N, K, BLOCK_N, NF4_BLOCKSIZE, DOUBLE_QUANT)
+                ahead = nn + BLOCK_K
+                stored_absmax = nf4_tile_absmax(absmax_ptr, ahead.to(tl.int64), ahead < N, pid_k * BLOCK_N, K, BLOCK_N,
+                                                NF4_BLOCKSIZE)
             else:
                 w = nf4_decode(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
                                nn.to(tl.int64)[:, None] * K + cols[None, :], w_mask, NF4_BLOCKSIZE, DOUBLE_QUANT)
