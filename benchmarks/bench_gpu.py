@@ -881,6 +881,7 @@ def run(cfg: Config, timer, out: Path, time_budget: float = float("inf")) -> int
         write_results(out, env, peaks, sweep.rows, notes())
     total = time.monotonic() - start
     write_results(out, env, peaks, sweep.rows, notes(stopped + [f"sweep wall time {total:.0f}s"]))
+    print("\n".join(routing_markdown(sweep.rows)), flush=True)
     print(f"wrote {out / 'results.csv'} and results.md in {total:.0f}s")
     for line in sweep.notes:
         print(f"FAILED: {line}", file=sys.stderr)
