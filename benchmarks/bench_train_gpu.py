@@ -6,14 +6,16 @@
 There are no model files on the GPU machines and no network, so the model is a
 ``LlamaConfig`` with random weights (hidden 2048, 16 layers, MLP 8192, 32 query /
 8 KV heads, vocabulary 32000: 1.1B parameters, 2.2 GB in bf16), built once by a
-setup process, saved as safetensors under /dev/shm and loaded by every
+setup process, saved as safetensors (under /dev/shm when it has room) and loaded by every
 configuration the way its users load a model (``--model-dir`` benchmarks a real
-checkpoint instead). Why this size: the projections are those of Llama-3.2-1B /
-TinyLlama-class models, the largest that leaves a 90 s budget room for five
-processes that each import torch, transformers and PEFT (~4 s), load the model
-(~2 s) and JIT the first kernels; a step of 4 x 1024 tokens is ~18 TFLOP of
-frozen-base forward+backward, ~50-100 ms on an H100, so 10 timed steps cost ~1 s
-per configuration and the model loads dominate.
+checkpoint instead). Why this size: Llama-3.2-1B's blocks, the largest model class
+that leaves a 90 s budget room for six processes that each import torch and
+transformers (+ PEFT), load 2.2 GB and compile their first kernels (estimated
+8-15 s each on the GPU machines, where importing torch and lorakern alone took 4 s). A step of
+4 x 1024 tokens is ~18 TFLOP of frozen-base forward + backward (4 x 1.04B
+projection weights x 4096 tokens, plus attention): 25 ms at the 736 TFLOP/s bf16
+an H200 measured (``gpu-20261126-h200``), so 10 timed steps cost about a second
+per configuration and loading dominates.
 
 Every configuration runs in its own subprocess (its peak memory is its own, and a
 crash or hang loses only its row), under a per-configuration timeout and the
@@ -34,8 +36,9 @@ remaining total budget; a configuration whose library is not importable gives a
   path for PEFT and ``causal_lm_loss`` (fused head + cross-entropy) for lorakern;
 - every token is labelled (the least favourable case for lorakern's loss, which
   projects only labelled rows); tokens are drawn from a 1024-token subset of the
-  vocabulary so the loss has somewhere to go (ln 32000 = 10.37 -> ln 1024 = 6.93)
-  and the loss columns show both libraries training the same way;
+  vocabulary, so the loss can fall (ln 32000 = 10.37 at the start, ln 1024 = 6.93 once
+  the model has learnt the subset), and the loss columns show whether both libraries
+  train the same way;
 - warm-up steps excluded; each timed step ends with ``torch.cuda.synchronize()``,
   median of the timed steps reported; peak memory is ``max_memory_allocated``
   over the timed steps, counters reset after the warm-up (weights, adapters and
@@ -75,7 +78,8 @@ PAIRS = (("lorakern-qlora", "peft-bnb-qlora"), ("lorakern-lora", "peft-lora"))
 REQUIRES = {"lorakern-qlora": ("lorakern",), "lorakern-lora": ("lorakern",),
             "peft-bnb-qlora": ("peft", "bitsandbytes", "accelerate"), "peft-lora": ("peft",), "dense-frozen": ()}
 
-# Llama-3.2-1B-like projections (TinyLlama's 22 layers cut to 16 for the time budget).
+# Llama-3.2-1B's blocks with Llama 2's 32000-token vocabulary: Llama 3's 128256 would put a fifth
+# of the step's GEMM work (263M of 1.24B weights) in the head, which lorakern's fused loss is best at.
 MODEL_1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
 # --smoke: every code path in seconds on CPU; odd MLP width so nothing relies on powers of two.
@@ -112,8 +116,8 @@ class Settings:
 def make_model(model_dir: str, config: dict, device: str, seed: int = 0) -> dict:
     """Build a random-weight bf16 ``LlamaForCausalLM`` from ``config`` on ``device`` and save it to ``model_dir``.
 
-    Built on the device (1.1B normal draws take seconds on a GPU, minutes on two
-    CPU cores), saved from there. Returns the parameter count and device name.
+    Built on the device (a GPU draws 1.1B normal values in well under a second),
+    saved from there. Returns the parameter count and device name.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -382,12 +386,25 @@ def _ratios(rows: dict[str, dict]) -> None:
 
 
 CSV_FIELDS = ("config", "status", "reason", "tokens_per_s", "step_ms", "min_step_ms", "peak_mb", "reserved_mb",
-              "setup_mb", "memory", "baseline", "speedup", "memory_ratio", "loss_gap", "trainable", "adapters", "attention",
-              "setup_s", "wall_s", "losses")
+              "setup_mb", "memory", "baseline", "speedup", "memory_ratio", "loss_gap", "trainable", "adapters",
+              "attention", "setup_s", "wall_s", "losses")
 
 
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def _csv_row(r: dict) -> dict:
+    ms = lambda key: r.get(key) and r[key] * 1e3  # noqa: E731
+    return {"config": r["name"], "status": r["status"], "reason": r.get("reason", ""),
+            "tokens_per_s": _fmt(r.get("tokens_per_s"), ".1f"), "step_ms": _fmt(ms("step_s"), ".2f"),
+            "min_step_ms": _fmt(ms("min_step_s"), ".2f"), "peak_mb": _fmt(r.get("peak_mb"), ".0f"),
+            "reserved_mb": _fmt(r.get("reserved_mb"), ".0f"), "setup_mb": _fmt(r.get("setup_mb"), ".0f"),
+            "memory": r.get("memory", ""), "baseline": r.get("baseline", ""), "speedup": _fmt(r.get("speedup"), ".3f"),
+            "memory_ratio": _fmt(r.get("memory_ratio"), ".3f"), "loss_gap": _fmt(r.get("loss_gap"), ".2e"),
+            "trainable": r.get("trainable", ""), "adapters": r.get("adapters", ""), "attention": r.get("attention", ""),
+            "setup_s": _fmt(r.get("setup_s"), ".1f"), "wall_s": _fmt(r.get("wall_s"), ".1f"),
+            "losses": " ".join(f"{x:.5f}" for x in r.get("losses", []))}
 
 
 def write_results(out: str, rows: list[dict], meta: dict) -> str:
@@ -399,19 +416,7 @@ def write_results(out: str, rows: list[dict], meta: dict) -> str:
             f.write(f"# {key}: {json.dumps(meta[key]) if isinstance(meta[key], dict) else meta[key]}\n")
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
-        for r in rows:
-            w.writerow({"config": r["name"], "status": r["status"], "reason": r.get("reason", ""),
-                        "tokens_per_s": _fmt(r.get("tokens_per_s"), ".1f"),
-                        "step_ms": _fmt(r.get("step_s") and r["step_s"] * 1e3, ".2f"),
-                        "min_step_ms": _fmt(r.get("min_step_s") and r["min_step_s"] * 1e3, ".2f"),
-                        "peak_mb": _fmt(r.get("peak_mb"), ".0f"),
-                        "reserved_mb": _fmt(r.get("reserved_mb"), ".0f"), "setup_mb": _fmt(r.get("setup_mb"), ".0f"),
-                        "memory": r.get("memory", ""), "baseline": r.get("baseline", ""),
-                        "speedup": _fmt(r.get("speedup"), ".3f"), "memory_ratio": _fmt(r.get("memory_ratio"), ".3f"),
-                        "loss_gap": _fmt(r.get("loss_gap"), ".2e"), "trainable": r.get("trainable", ""),
-                        "adapters": r.get("adapters", ""), "attention": r.get("attention", ""),
-                        "setup_s": _fmt(r.get("setup_s"), ".1f"), "wall_s": _fmt(r.get("wall_s"), ".1f"),
-                        "losses": " ".join(f"{x:.5f}" for x in r.get("losses", []))})
+        w.writerows(_csv_row(r) for r in rows)
 
     s = meta["settings"]
     lines = [f"# Training step on {meta['device']}: lorakern vs PEFT (+ bitsandbytes)", "",
