@@ -308,26 +308,48 @@ def _allocated_mb(device) -> float | None:
 # ------------------------------------------------------------------------ the driver
 
 
-def _spawn(args: list[str], log_path: str, timeout: float) -> tuple[dict | None, str]:
-    """Run this script with ``args`` in a new process group; (its RESULT dict or None, why not).
+def _spawn(label: str, args: list[str], log_path: str, timeout: float) -> tuple[dict | None, str]:
+    """Run this script with ``args`` in a process group of its own; (its RESULT dict or None, why not).
 
-    On timeout the whole group is killed (a child's compile workers included).
+    The group is killed on timeout and whenever this process leaves early (an
+    exception, or SIGTERM from an outer ``timeout``, see :func:`_exit_on_sigterm`):
+    being in its own group, the child would otherwise outlive us and keep the GPU.
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, os.path.abspath(__file__), *args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
         try:
+            print(f"{label}: started (pid {proc.pid}, limit {timeout:.0f} s)", flush=True)
             stdout, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_group(proc)
             return None, f"timeout after {timeout:.0f} s"
+        except BaseException:
+            _kill_group(proc)
+            raise
         log.write(stdout)
     line = next((x for x in reversed(stdout.splitlines()) if x.startswith("RESULT ")), None)
     if proc.returncode == 0 and line is not None:
         return json.loads(line[len("RESULT "):]), ""
     return None, f"failed (exit {proc.returncode}): {_last_error(log_path)}"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended on its own meanwhile
+        pass
+    proc.communicate()
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the running child is killed and the model files removed on the way out."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _last_error(log_path: str) -> str:
@@ -521,10 +543,21 @@ def main(argv=None) -> int:
         return args.time_budget - (time.monotonic() - t_start)
 
     rows, device_name = [], None
+    meta = {"device": args.device, "model": model_desc, "commit": _commit(), "versions": _versions(),
+            "settings": asdict(settings),
+            "memory": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
+            "peak resident set of the configuration's process (VmHWM)"}
+
+    def report() -> str:  # after every configuration: a run stopped from outside keeps what it measured
+        _ratios({r["name"]: r for r in rows})
+        meta.update(device=device_name or args.device, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    total_s=time.monotonic() - t_start)
+        return write_results(out, rows, meta)
+
     try:
         if tmp is not None:
             spec = json.dumps({"config": model_config, "device": args.device})
-            made, why = _spawn(["--_make-model", model_dir, "--_settings", spec],
+            made, why = _spawn("model", ["--_make-model", model_dir, "--_settings", spec],
                                os.path.join(out, "train_gpu-setup.log"), max(min(left(), args.config_timeout), 1.0))
             if made is None:
                 rows = [{"name": n, "status": "not run", "reason": f"building the model: {why}"} for n in args.configs]
@@ -536,7 +569,7 @@ def main(argv=None) -> int:
                              "reason": f"time budget spent ({max(left(), 0):.0f} of {args.time_budget:.0f} s left)"})
                 continue
             t0 = time.monotonic()
-            result, why = _spawn(["--_child", name, "--_settings", json.dumps(asdict(settings))],
+            result, why = _spawn(name, ["--_child", name, "--_settings", json.dumps(asdict(settings))],
                                  os.path.join(out, f"train_gpu-{name}.log"), min(args.config_timeout, left()))
             if result is None:
                 result = {"name": name, "status": "timeout" if why.startswith("timeout") else "failed", "reason": why}
@@ -544,17 +577,11 @@ def main(argv=None) -> int:
             device_name = device_name or result.get("device_name")
             rows.append(result)
             print(_progress_line(result), flush=True)
+            report()
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    _ratios({r["name"]: r for r in rows})
-    meta = {"device": device_name or args.device, "model": model_desc, "commit": _commit(), "versions": _versions(),
-            "settings": asdict(settings),
-            "memory": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
-            "peak resident set of the configuration's process (VmHWM)",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "total_s": time.monotonic() - t_start}
-    print(write_results(out, rows, meta))
+    print(report())
     print(f"total {meta['total_s']:.0f} s")
     return 1 if any(r["status"] in ("failed", "timeout", "not run") for r in rows) else 0
 
@@ -581,4 +608,5 @@ def _saved_shape(model_dir: str) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
+    _exit_on_sigterm()
     raise SystemExit(main())

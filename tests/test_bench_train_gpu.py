@@ -15,6 +15,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -142,6 +144,21 @@ def test_timeout_kills_the_configuration(model_dir, tmp_path):
     row = _csv_rows(out)["lorakern-lora"]
     assert rc == 1
     assert (row["status"], row["reason"]) == ("timeout", "timeout after 1 s")
+
+
+def test_sigterm_kills_the_running_configuration(model_dir, tmp_path):
+    """An outer ``timeout`` signals the driver only (each configuration has its own process group):
+    the driver must take the running configuration down with it."""
+    cmd = [sys.executable, str(BENCH), "--device", "cpu", "--smoke", "--model-dir", str(model_dir[0]),
+           "--out", str(tmp_path), "--configs", "lorakern-lora"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    started = driver.stdout.readline()
+    assert started.startswith("lorakern-lora: started (pid "), started
+    child = int(started.split("pid ")[1].split(",")[0])
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # killed and reaped
 
 
 def test_spent_budget_skips_without_starting(model_dir, tmp_path):
