@@ -253,8 +253,13 @@ def _prepare(name: str, s: Settings, device):
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = getattr(model, "config", None)
-    info = {"adapters": adapters, "attention": getattr(config, "_attn_implementation", "?"),
-            "lorakern_backend": os.environ.get("LORAKERN_BACKEND", "auto")}
+    info = {"adapters": adapters, "attention": getattr(config, "_attn_implementation", "?")}
+    if name.startswith("lorakern"):
+        from lorakern.ops import _registry
+
+        # which kernels could run (a CUDA module that failed to build shows here)
+        info["lorakern_backends"] = {k: ok for k, (ok, _) in _registry.status().items()}
+        info["lorakern_backend_env"] = os.environ.get("LORAKERN_BACKEND", "auto")
     return model, loss_of, info
 
 
@@ -429,6 +434,14 @@ def _csv_row(r: dict) -> dict:
             "losses": " ".join(f"{x:.5f}" for x in r.get("losses", []))}
 
 
+def _backend_lines(rows: list[dict]) -> list[str]:
+    r = next((r for r in rows if "lorakern_backends" in r), None)
+    if r is None:
+        return []
+    available = ", ".join(k for k, ok in r["lorakern_backends"].items() if ok)
+    return [f"- lorakern backends available: {available}; LORAKERN_BACKEND={r['lorakern_backend_env']}"]
+
+
 def write_results(out: str, rows: list[dict], meta: dict) -> str:
     """Write train_gpu.{md,csv,json} to ``out``; return the markdown."""
     with open(os.path.join(out, "train_gpu.json"), "w") as f:
@@ -448,7 +461,8 @@ def write_results(out: str, rows: list[dict], meta: dict) -> str:
              f"dropout {s['dropout']} on all linear layers of every block, AdamW lr {s['lr']}, bf16 weights + bf16 "
              f"autocast, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}; median of "
              f"{s['steps']} timed steps after {s['warmup']} warm-up steps",
-             f"- memory: {meta['memory']}, counters reset after the warm-up steps", "",
+             f"- memory: {meta['memory']}, counters reset after the warm-up steps",
+             *_backend_lines(rows), "",
              "| configuration | tokens/s | step (ms) | peak memory (MB) | after setup (MB) | vs baseline | "
              "attention | setup (s) |", "|---|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:

@@ -108,6 +108,7 @@ def test_smoke_tables(smoke):
     for name in bench.CONFIGS:
         assert f"| {name} | " in md
     assert "- lorakern-qlora vs peft-bnb-qlora: " in md and "- lorakern-lora vs peft-lora: " in md
+    assert "- lorakern backends available: " in md and "reference" in md
     for name in bench.CONFIGS:
         assert (out / f"train_gpu-{name}.log").exists()
     assert not os.path.exists(meta["settings"]["model_dir"]), "the generated model is removed after the run"
