@@ -131,6 +131,10 @@ run_step test_gpu 120 "$PY" -m pytest -m gpu --ignore=tests/test_triton_kernels.
     --junitxml="$OUTDIR/junit-gpu.xml" "${JUNIT[@]}"
 unset LORAKERN_TRITON_AUTOTUNE
 
+# The training step of a random-weight 1.1B Llama, lorakern against PEFT (+ bitsandbytes):
+# five configurations, each in its own process, within its own 90 s budget.
+run_step bench_train_gpu 110 "$PY" benchmarks/bench_train_gpu.py --out "$OUTDIR" --time-budget 90
+
 left=$(( BUDGET - ($(date +%s) - START) ))
 bench_limit=$(( left > 200 ? left - 60 : left ))
 run_step bench "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR" --time-budget $(( bench_limit > 90 ? bench_limit - 60 : 30 ))
