@@ -291,3 +291,40 @@ def test_prepare_model_switches_gated_mlps_unless_asked_not_to():
     other = tiny_llama()
     prepare_model(other, "qlora", lean_mlp=False, r=4, alpha=8)
     assert not any("forward" in layer.mlp.__dict__ for layer in other.model.layers)
+
+
+def test_fp16_mixed_precision_scales_the_loss_and_checkpoints_the_scale(examples, tmp_path):
+    """float16 autocast runs with a GradScaler: gradients are unscaled before clipping (the
+    norm matches a float32 run's), the scale is saved in checkpoints and restored on resume."""
+
+    def trainer_for(precision, out=None):
+        model = tiny_llama(seed=0)
+        torch.manual_seed(0)
+        prepare_model(model, "lora", r=4, alpha=8, dropout=0.0)
+        config = TrainConfig(steps=4, batch_size=4, lr=5e-3, warmup_steps=0, output_dir=out, progress=False,
+                             mixed_precision=precision, seed=0)
+        return Trainer(model, examples, config)
+
+    fp32 = trainer_for("no")
+    assert fp32.scaler is None
+    ref = [fp32.train_step() for _ in range(2)]
+    trainer = trainer_for("fp16", str(tmp_path))
+    assert trainer.amp_dtype == torch.float16 and trainer.scaler is not None
+    records = [trainer.train_step() for _ in range(2)]
+    for got, want in zip(records, ref):
+        assert abs(got["loss"] - want["loss"]) < 2e-2 * want["loss"]
+        assert 0.8 < got["grad_norm"] / want["grad_norm"] < 1.25  # unscaled: not 65536x
+    trainer.scaler.update(1234.0)  # a scale no fresh trainer starts with
+    path = trainer.save()
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        assert json.load(f)["grad_scaler"]["scale"] == 1234.0
+    resumed = trainer_for("fp16", str(tmp_path))
+    assert resumed.resume() and resumed.scaler.get_scale() == 1234.0
+    assert resumed.train_step()["loss"] > 0
+
+
+def test_fp16_with_fsdp_is_refused(examples):
+    model = tiny_llama(seed=0)
+    prepare_model(model, "lora", r=4, alpha=8)
+    with pytest.raises(ValueError, match="loss scaling"):
+        Trainer(model, examples, TrainConfig(steps=1, progress=False, mixed_precision="fp16"), strategy="fsdp")

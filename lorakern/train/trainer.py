@@ -222,6 +222,15 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.device = _model_device(model)
         self.amp_dtype = autocast_dtype(self.device, config.mixed_precision)
+        # float16 has 5 exponent bits: small gradients underflow to zero unless the loss is
+        # scaled up for backward (and the gradients back down before clipping and the step).
+        self.scaler = None
+        if self.amp_dtype == torch.float16:
+            if strategy == "fsdp":
+                raise ValueError("float16 mixed precision needs loss scaling, which the fsdp strategy does not do "
+                                 "here (each rank sees only its gradient shard); use mixed_precision='bf16' "
+                                 "(or 'no'), or strategy='ddp'")
+            self.scaler = torch.amp.GradScaler(self.device.type)
         if config.gradient_checkpointing:
             self._enable_gradient_checkpointing()  # on the user's module, before any wrapper
         self.model = wrap_model(model, self.world, strategy)
@@ -297,15 +306,22 @@ class Trainer:
                     loss, _ = causal_lm_loss(self.model, b["input_ids"], b["labels"], b["attention_mask"],
                                              chunk_size=cfg.loss_chunk_size)
                 if loss.requires_grad:  # a micro-batch without labels contributes nothing
-                    (loss / max(n_labels, 1.0)).backward()
+                    scaled = loss / max(n_labels, 1.0)
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(loss.detach())
         loss_sum = self.world.all_reduce_sum(loss_sum)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None])))
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         seconds = time.perf_counter() - t0
@@ -326,8 +342,11 @@ class Trainer:
 
     def state(self) -> dict:
         """JSON-able trainer state stored in checkpoints (besides weights, optimizer, RNG)."""
-        return {"sampler": self.sampler.state_dict(), "config": _jsonable(asdict(self.config)),
-                "datasets": {k: len(v) for k, v in self.datasets.items()}, "world_size": self.world.world_size}
+        state = {"sampler": self.sampler.state_dict(), "config": _jsonable(asdict(self.config)),
+                 "datasets": {k: len(v) for k, v in self.datasets.items()}, "world_size": self.world.world_size}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()  # floats and ints: JSON
+        return state
 
     def save(self) -> str | None:
         """Write a checkpoint of the current step to ``output_dir`` (main process only)."""
@@ -351,6 +370,8 @@ class Trainer:
             state = load_checkpoint(path, model, optimizer)
         check_resume(state, self.config.batch_size, self.config.grad_accum, self.world.world_size)
         self.sampler.load_state_dict(state["sampler"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self._truncate_metrics(self.step)
         return True
