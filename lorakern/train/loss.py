@@ -171,9 +171,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
                          f"{tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be [{hidden.shape[0]}], got {tuple(targets.shape)}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"targets must be class indices in [0, {weight.shape[0]}) (ignored positions removed "
-                         f"beforehand), got values in [{int(targets.min())}, {int(targets.max())}]")
+    if targets.numel():
+        lo, hi = (int(v) for v in torch.aminmax(targets))  # one device sync for both bounds
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"targets must be class indices in [0, {weight.shape[0]}) (ignored positions removed "
+                             f"beforehand), got values in [{lo}, {hi}]")
     return LinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk_rows)
 
 
