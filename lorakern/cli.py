@@ -58,7 +58,7 @@ def _eval(args) -> int:
     from .train.data import clean_records, load_records, tokenize_records
     from .train.export import load_for_chat
 
-    model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize)
+    model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize, device=args.device)
     raw = clean_records(load_records(args.data))
     examples, _ = tokenize_records(tokenizer, raw, args.max_length)
     chats = raw.chats[:args.limit] if args.limit else raw.chats
@@ -76,7 +76,7 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     from .train.export import chat, load_for_chat
 
-    model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize)
+    model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize, device=args.device)
     chat(model, tokenizer, prompts=args.prompt or None, max_new_tokens=args.max_new_tokens, system=args.system)
     return 0
 
@@ -96,6 +96,7 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) 
     p.add_argument("--adapter", required=adapter_required, help="PEFT-format adapter directory to load")
     if not adapter_required:
         p.add_argument("--quantize", choices=("nf4",), default=None, help="load the adapter on an NF4 base")
+        p.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +130,15 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # its flags belong to the training pipeline's own parser
         return _train(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "device", None) is not None:
+        from .train.pipeline import resolve_device
+
+        try:
+            args.device = resolve_device(args.device)
+        except ValueError as e:
+            parser.error(str(e))
     if args.command == "env":
         from .env import main as env_main
 

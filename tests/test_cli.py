@@ -77,8 +77,10 @@ def test_device_flag(capsys, monkeypatch):
     with pytest.raises(ValueError, match="sees no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
-    # The command line says so before loading anything.
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--device", "cuda:1"])
-    assert e.value.code == 2
-    assert "sees no CUDA GPU" in capsys.readouterr().err
+    # The command lines say so before loading anything.
+    for argv in (["train", "--device", "cuda:1"], ["generate", "--device", "cuda", "--prompt", "hi"],
+                 ["eval", "--device", "cuda", "--data", "x.jsonl"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err

@@ -76,15 +76,16 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return merge_lora(clone) if _has_lora(clone) else clone
 
 
-def load_for_chat(model_spec: str | None = None, adapter: str | None = None, quantize: str | None = None):
+def load_for_chat(model_spec: str | None = None, adapter: str | None = None, quantize: str | None = None,
+                  device="cpu"):
     """Load a base model (see :func:`lorakern.train.models.resolve_model`) and optionally an adapter.
 
-    ``quantize="nf4"`` puts the adapter on an NF4 base (as it was trained with QLoRA).
-    Returns (model, tokenizer) in eval mode.
+    ``quantize="nf4"`` puts the adapter on an NF4 base (as it was trained with QLoRA),
+    quantized on ``device``. Returns (model, tokenizer) in eval mode.
     """
     from .models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(model_spec)
+    model, tokenizer = load_model_and_tokenizer(model_spec, device=device)
     if adapter is not None:
         from ..patch import load_adapter
 
