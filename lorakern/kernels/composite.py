@@ -103,6 +103,18 @@ def _triton_for(*tensors: torch.Tensor):
     return mod if mod.supports("composite", *tensors) is None else None
 
 
+@functools.lru_cache(maxsize=None)
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((), device=device, dtype=dtype)
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * (a @ b) in one GEMM (alpha in its epilogue: one launch, one rounding)."""
+    if scaling == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(_zero(a.device, a.dtype), a, b, beta=0, alpha=scaling)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
 
@@ -120,15 +132,15 @@ def _xa(x, lora_A, dropout_p: float, seed) -> torch.Tensor:
 def _lora_grads(dy, x, xa, lora_B, scaling: float, dropout_p: float, seed):
     """(g = dy B, dA = s g^T drop(x), dB = s dy^T xa)."""
     g = torch.mm(dy, lora_B)
-    d_lora_B = torch.mm(dy.t(), xa).mul_(scaling)
+    d_lora_B = _scaled_mm(dy.t(), xa, scaling)
     if dropout_p == 0.0:
-        d_lora_A = torch.mm(g.t(), x).mul_(scaling)
+        d_lora_A = _scaled_mm(g.t(), x, scaling)
     else:
         tk = _triton_for(g, x)
         if tk is not None:
             d_lora_A = tk.tn_matmul(g, x, scaling, dropout_p, seed)
         else:
-            d_lora_A = torch.mm(g.t(), _dropout.apply_dropout(x, seed, dropout_p)).mul_(scaling)
+            d_lora_A = _scaled_mm(g.t(), _dropout.apply_dropout(x, seed, dropout_p), scaling)
     return g, d_lora_A, d_lora_B
 
 
