@@ -49,7 +49,11 @@ def _train(argv: list[str]) -> int:
         pipeline.resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
-    pipeline.run(args)
+    try:
+        pipeline.run(args)
+    except OSError as e:  # a missing data or model file, a model the hub could not provide
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

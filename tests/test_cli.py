@@ -84,3 +84,19 @@ def test_device_flag(capsys, monkeypatch):
             main(argv)
         assert e.value.code == 2
         assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_or_unreachable_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    from lorakern.train.models import load_model_and_tokenizer
+
+    assert main(["train", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "run")]) == 1
+    assert "model directory not found" in capsys.readouterr().err
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(OSError, match="cannot load model 'some-hub-id': there is no such local directory"):
+        load_model_and_tokenizer("some-hub-id")

@@ -53,6 +53,11 @@ def resolve_model(spec: str | None) -> tuple[str, str | None]:
     return spec, None
 
 
+def _looks_like_a_path(spec: str) -> bool:
+    """A --model value that can only be a filesystem path (hub ids are ``name`` or ``org/name``)."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+
+
 def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a causal LM and its tokenizer (see :func:`resolve_model` for ``spec``).
 
@@ -62,12 +67,20 @@ def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch
     from transformers.utils import logging as hf_logging
 
     path, gguf_file = resolve_model(spec)
+    if gguf_file is None and not os.path.isdir(path) and _looks_like_a_path(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the GGUF loader warns about every dequantized tensor
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as e:
+        if os.path.isdir(path) or gguf_file:
+            raise
+        raise OSError(f"cannot load model {path!r}: there is no such local directory, and the Hugging Face hub "
+                      f"did not provide it ({type(e).__name__}: {str(e).splitlines()[0]}). Pass a local model "
+                      "directory or a .gguf file, or leave --model out for the packaged SmolLM2-135M-Instruct") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     if gguf_file:

@@ -228,7 +228,7 @@ def main(argv=None, prog: str | None = None) -> int:
         parser.error(str(e))
     try:
         run(args)
-    except FileNotFoundError as e:
+    except OSError as e:  # a missing data or model file, a model the hub could not provide
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
