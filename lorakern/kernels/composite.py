@@ -45,8 +45,8 @@ from ..reference import dropout as _dropout
 
 NAME = "composite"
 
-__all__ = ["availability", "supports", "nf4_quantize", "nf4_dequantize", "nf4_matmul", "nf4_matmul_t", "lora_linear_fwd", "lora_linear_bwd",
-           "qlora_linear_fwd", "qlora_linear_bwd"]
+__all__ = ["availability", "supports", "nf4_quantize", "nf4_dequantize", "nf4_matmul", "nf4_matmul_t",
+           "lora_linear_fwd", "lora_linear_bwd", "qlora_linear_fwd", "qlora_linear_bwd"]
 
 # Backends asked for quantization and dequantization, fastest first.
 _KERNEL_ORDER = ("cuda", "triton", "cpu", "reference")
