@@ -30,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import _launch, gemv, matmul, nf4
+from . import _launch, dropout, gemv, matmul, nf4
 
 # Largest dynamic shared memory per block (bytes): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -167,6 +167,7 @@ def _variants():
                     UPCAST_DOT=False, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_R=16), "gemv", True)
     yield ("nf4_dequantize", nf4._nf4_dequantize_kernel,
            dict(BLOCKSIZE=64, DOUBLE_QUANT=True, BLOCK=nf4.DEQUANT_BYTES_PER_PROGRAM), None, True)
+    yield ("dropout_add", dropout._dropout_add_kernel, dict(BLOCK=dropout._BLOCK), None, False)
 
 
 def _configs(kind: str | None, arch: int, all_configs: bool) -> list:
