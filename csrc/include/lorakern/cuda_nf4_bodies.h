@@ -222,18 +222,6 @@ LK_HD int64_t gemv_x_shared_bytes(int m, int64_t k, int elem_bytes) {
   return static_cast<int64_t>(m) * 8 * gemv_x_stride(k) * 8 * elem_bytes;
 }
 
-// A 16-byte load from shared memory (load_vec16 reads through the read-only global path).
-LK_HD Vec16 load_shared_vec16(const void* p) {
-#if defined(__CUDA_ARCH__)
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  return Vec16{{v.x, v.y, v.z, v.w}};
-#else
-  Vec16 v;
-  memcpy(&v, p, 16);
-  return v;
-#endif
-}
-
 // Before the barrier: thread tid's share of copying x [M, K] into xs. Pieces are
 // taken in x's memory order, so the global loads of a warp are contiguous.
 template <DType D>
@@ -252,26 +240,12 @@ LK_HD void gemv_stage_x(const GemvArgs& a, int tid, typename Elem<D>::T* xs) {
   }
 }
 
-// Eight values of piece `piece` of the staged x, as floats.
+// Eight values of piece `piece` of the staged x, as floats (load_vec16 reads global memory
+// through the read-only path, so shared memory has its own load).
 template <DType D>
 LK_HD void load8_shared(const typename Elem<D>::T* piece, float out[8]) {
-  using T = typename Elem<D>::T;
-  if constexpr (sizeof(T) == 2) {
-    const Vec16 v = load_shared_vec16(piece);
-    LK_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      out[2 * j] = Elem<D>::load(static_cast<T>(v.w[j] & 0xFFFFu));
-      out[2 * j + 1] = Elem<D>::load(static_cast<T>(v.w[j] >> 16));
-    }
-  } else {
-    const Vec16 lo = load_shared_vec16(piece);
-    const Vec16 hi = load_shared_vec16(piece + 4);
-    LK_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      out[j] = bits_to_float(lo.w[j]);
-      out[4 + j] = bits_to_float(hi.w[j]);
-    }
-  }
+  const Vec16 a = load_shared_vec16(piece);
+  unpack8<D>(a, sizeof(typename Elem<D>::T) == 2 ? a : load_shared_vec16(piece + 4), out);
 }
 
 // Lane `lane`'s share of row n for rows m < MT of x: acc[m] (summed over the 32

@@ -179,6 +179,18 @@ LK_HD Vec16 load_vec16(const void* p) {
 #endif
 }
 
+// 16 bytes from a 16-byte aligned address in shared memory (plain load: LDS.128).
+LK_HD Vec16 load_shared_vec16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  return Vec16{{v.x, v.y, v.z, v.w}};
+#else
+  Vec16 v;
+  memcpy(&v, p, 16);
+  return v;
+#endif
+}
+
 LK_HD void store_vec16(void* p, const Vec16& v) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
@@ -197,26 +209,36 @@ LK_HD T load_ro(const T* p) {
 #endif
 }
 
+// Eight values of dtype D as floats, from one 16-byte vector (fp16 / bf16: `b` unused)
+// or two (fp32).
+template <DType D>
+LK_HD void unpack8(const Vec16& a, const Vec16& b, float out[8]) {
+  using T = typename Elem<D>::T;
+  if constexpr (sizeof(T) == 2) {
+    LK_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      out[2 * j] = Elem<D>::load(static_cast<T>(a.w[j] & 0xFFFFu));
+      out[2 * j + 1] = Elem<D>::load(static_cast<T>(a.w[j] >> 16));
+    }
+  } else {
+    LK_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      out[j] = bits_to_float(a.w[j]);
+      out[4 + j] = bits_to_float(b.w[j]);
+    }
+  }
+}
+
 // Eight consecutive elements of dtype D starting at element i, as floats.
 // kVec: base is 16-byte aligned and i a multiple of 8, so 16-byte loads are legal.
 template <DType D, bool kVec>
 LK_HD void load8(const typename Elem<D>::T* base, int64_t i, float out[8]) {
   using T = typename Elem<D>::T;
   if constexpr (kVec && sizeof(T) == 2) {
-    const Vec16 v = load_vec16(base + i);
-    LK_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      out[2 * j] = Elem<D>::load(static_cast<T>(v.w[j] & 0xFFFFu));
-      out[2 * j + 1] = Elem<D>::load(static_cast<T>(v.w[j] >> 16));
-    }
-  } else if constexpr (kVec) {
     const Vec16 a = load_vec16(base + i);
-    const Vec16 b = load_vec16(base + i + 4);
-    LK_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      out[j] = bits_to_float(a.w[j]);
-      out[4 + j] = bits_to_float(b.w[j]);
-    }
+    unpack8<D>(a, a, out);
+  } else if constexpr (kVec) {
+    unpack8<D>(load_vec16(base + i), load_vec16(base + i + 4), out);
   } else {
     LK_UNROLL
     for (int j = 0; j < 8; ++j) out[j] = Elem<D>::load(load_ro(base + i + j));
