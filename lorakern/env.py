@@ -36,7 +36,7 @@ def cpu_features() -> dict[str, bool]:
 def report() -> str:
     import torch
 
-    from .ops._registry import ENV_VAR, requested, status
+    from .ops._registry import ENV_VAR, PREFERENCE, requested, status
 
     lines = [
         f"lorakern {_version('lorakern')}",
@@ -50,6 +50,9 @@ def report() -> str:
     ]
     for name, (ok, reason) in status().items():
         lines.append(f"  {name:<10} {'available' if ok else 'unavailable'}: {reason}")
+    lines.append("automatic order (first that supports and does not decline a call):")
+    for device, order in PREFERENCE.items():
+        lines.append(f"  {device} tensors: {' -> '.join(order)}")
     return "\n".join(lines)
 
 

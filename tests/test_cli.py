@@ -59,7 +59,9 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
 
 def test_env_command(capsys):
     assert main(["env"]) == 0
-    assert "backends" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backends" in out
+    assert "cuda tensors: cuda -> composite -> triton -> reference" in out
 
 
 def test_device_flag(capsys, monkeypatch):
