@@ -16,8 +16,8 @@ Public functions (leading batch dimensions of ``x`` are flattened and restored):
                                                                     grads: x, bias, lora_A, lora_B
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.library.custom_op infers each op's
+# schema from its annotations, and torch < 2.5 rejects string annotations ('Tensor').
 from typing import Optional, Sequence
 
 import torch

@@ -3,8 +3,8 @@
 All of them are ``@triton.jit`` functions inlined into the kernels that call them.
 """
 
-from __future__ import annotations
-
+# Annotations stay evaluated (no ``from __future__ import annotations``): triton 3.0's interpreter
+# finds constexpr parameters only by a real ``tl.constexpr`` annotation, not the string.
 import os
 import struct
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 
 import torch
@@ -179,11 +180,22 @@ def skinny_configs() -> list[triton.Config]:
     return _tuned_or_default([_cfg(w, s, BLOCK_M=m, BLOCK_K=k) for m, k, w, s in _SKINNY_TILES])
 
 
+# 5 ms warm-up and 20 ms of timing per config instead of triton's 25 + 100: a new
+# shape is tuned in ~0.3 s over 8 configs instead of ~1 s, and the tiles that win
+# do so by more than the noise of a 20 ms run.
+_AUTOTUNE_WARMUP_MS, _AUTOTUNE_REP_MS = 5, 20
+
+
 def _autotune_bench(kernel_call, quantiles):
-    # 5 ms warm-up and 20 ms of timing per config instead of triton's 25 + 100: a new
-    # shape is tuned in ~0.3 s over 8 configs instead of ~1 s, and the tiles that win
-    # do so by more than the noise of a 20 ms run.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    return triton.testing.do_bench(kernel_call, warmup=_AUTOTUNE_WARMUP_MS, rep=_AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
+def _autotune_timing() -> dict:
+    """The ``triton.autotune`` keywords that set the timing: ``do_bench`` where it exists
+    (triton >= 3.2, which deprecates ``warmup``/``rep``), else ``warmup``/``rep`` (triton 3.0, torch 2.4's)."""
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        return {"do_bench": _autotune_bench}
+    return {"warmup": _AUTOTUNE_WARMUP_MS, "rep": _AUTOTUNE_REP_MS}
 
 
 class Tuned:
@@ -200,7 +212,7 @@ class Tuned:
         arch = 0 if INTERPRET else _arch()
         kernel = self._kernels.get(arch)
         if kernel is None:
-            kernel = triton.autotune(configs=self.configs(), key=self.key, do_bench=_autotune_bench)(self.fn)
+            kernel = triton.autotune(configs=self.configs(), key=self.key, **_autotune_timing())(self.fn)
             self._kernels[arch] = kernel
         return kernel[grid]
 

@@ -7,8 +7,8 @@ costs about ten elementwise passes over ``[M, K]`` int64 values; here it is one
 pass that reads ``t`` and ``out`` and writes ``out``.
 """
 
-from __future__ import annotations
-
+# Annotations stay evaluated (no ``from __future__ import annotations``): triton 3.0's interpreter
+# finds constexpr parameters only by a real ``tl.constexpr`` annotation, not the string.
 import torch
 import triton
 import triton.language as tl

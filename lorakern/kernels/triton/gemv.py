@@ -7,8 +7,8 @@ M = 1 reduces in fp32 on the CUDA cores; 2 <= M <= 16 pads the rows to 16 and
 uses tl.dot (a per-row loop unrolled 16 times took 80 s to compile).
 """
 
-from __future__ import annotations
-
+# Annotations stay evaluated (no ``from __future__ import annotations``): triton 3.0's interpreter
+# finds constexpr parameters only by a real ``tl.constexpr`` annotation, not the string.
 import torch
 import triton
 import triton.language as tl

@@ -18,8 +18,8 @@ Weight gradients reduce over M: ``C = scale * P^T @ drop(Q)`` (_tn_kernel), spli
 over M into fp32 partial sums when the output alone gives too few programs.
 """
 
-from __future__ import annotations
-
+# Annotations stay evaluated (no ``from __future__ import annotations``): triton 3.0's interpreter
+# finds constexpr parameters only by a real ``tl.constexpr`` annotation, not the string.
 import torch
 import triton
 import triton.language as tl

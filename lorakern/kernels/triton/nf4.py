@@ -1,7 +1,7 @@
 """NF4 dequantization in one launch (double-quantized absmax decoded in the same kernel)."""
 
-from __future__ import annotations
-
+# Annotations stay evaluated (no ``from __future__ import annotations``): triton 3.0's interpreter
+# finds constexpr parameters only by a real ``tl.constexpr`` annotation, not the string.
 import torch
 import triton
 import triton.language as tl
