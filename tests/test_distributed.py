@@ -11,7 +11,8 @@ gradient off by a constant factor (e.g. averaged instead of summed).
 
 The FSDP cases skip on a torch whose FSDP2 cannot shard QLoRA's frozen uint8
 weights (2.11; 2.13 can), as found by the probe wrap_model itself runs; there
-the real error is checked instead. The DDP cases run everywhere.
+the real error is checked instead; on a torch without FSDP2 in torch.distributed.fsdp
+(< 2.6), the refusal of strategy='fsdp'. The DDP cases run everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.fsdp
 from safetensors.torch import load_file
 
 from lorakern.train import distributed as D
@@ -35,6 +37,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "dist_scripts"))
 import train_tiny  # noqa: E402
 
 STEPS, SAVE_AT = 6, 3
+# FSDP2 in torch.distributed.fsdp (torch >= 2.6); older torch has only a prototype elsewhere,
+# and strategy='fsdp' is then refused with a clear error.
+HAS_FSDP2 = hasattr(torch.distributed.fsdp, "fully_shard")
 # One process, CPU, about a second (mostly importing FSDP): None where FSDP2 shards QLoRA.
 FSDP_QLORA_UNSUPPORTED = D.fsdp_qlora_unsupported()
 needs_fsdp_qlora = pytest.mark.skipif(FSDP_QLORA_UNSUPPORTED is not None,
@@ -275,7 +280,7 @@ def test_wrap_model_argument_errors():
 def test_fsdp_on_a_torch_without_fully_shard_is_a_clear_error(monkeypatch):
     import torch.distributed.fsdp as fsdp
 
-    monkeypatch.delattr(fsdp, "fully_shard")
+    monkeypatch.delattr(fsdp, "fully_shard", raising=HAS_FSDP2)
     with pytest.raises(RuntimeError, match=r"needs FSDP2 .*torch >= 2.6.*strategy='ddp'"):
         D._fsdp_api()
 
@@ -348,7 +353,7 @@ def _shard_tiny_qlora(tmp_path):
     """A tiny QLoRA Llama after ``_shard_fsdp`` in a one-process gloo group (wrap_model returns one process's
     model unchanged), or the error it raised, and whether any module became an FSDP unit."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
+    import torch.distributed.fsdp as fsdp
 
     from lorakern.train.tiny import tiny_llama
     from lorakern.train.trainer import prepare_model
@@ -363,13 +368,17 @@ def _shard_tiny_qlora(tmp_path):
         error = e
     finally:
         dist.destroy_process_group()
-    return model, error, any(isinstance(m, FSDPModule) for m in model.modules())
+    return model, error, HAS_FSDP2 and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
 
 
 def test_fsdp_qlora_on_this_torch_shards_or_says_why(tmp_path):
     # The real fully_shard: on a torch the probe finds unable (2.11), the clear error and an
     # untouched model; elsewhere (2.13), NF4 weights sharded, still uint8 and frozen.
     model, error, sharded = _shard_tiny_qlora(tmp_path)
+    if not HAS_FSDP2:
+        assert error is not None and re.search(r"needs FSDP2 .*torch >= 2.6.*strategy='ddp'", str(error)), error
+        assert not sharded
+        return
     if FSDP_QLORA_UNSUPPORTED is not None:
         assert error is not None and re.search(CLEAR_UINT8_ERROR, str(error)), error
         assert "floating point dtype" in str(error.__cause__) and not sharded
@@ -379,6 +388,8 @@ def test_fsdp_qlora_on_this_torch_shards_or_says_why(tmp_path):
     assert nf4 and all(hasattr(p, "to_local") and not p.requires_grad for _, p in nf4), nf4[:2]
 
 
+@pytest.mark.skipif(not HAS_FSDP2, reason=f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard "
+                    "(FSDP2, torch >= 2.6) whose uint8 refusal could be simulated; its clear error is checked above")
 def test_fsdp_on_a_torch_that_cannot_shard_uint8_weights_says_so(tmp_path, monkeypatch):
     # torch 2.11's fully_shard refuses frozen uint8 parameters (GPU machines); simulated here so
     # that every torch checks the message names the cause and the way out, before any sharding.
