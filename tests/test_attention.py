@@ -1,5 +1,6 @@
 """lorakern.train.attention: outputs and q/k/v gradients equal float64 attention math and transformers' sdpa."""
 
+import inspect
 import math
 
 import pytest
@@ -192,7 +193,10 @@ def test_matches_transformers_sdpa_function(masked, is_causal):
     if masked:
         padding = torch.ones(2, 40, dtype=torch.bool)
         padding[0, :9] = False
-        mask = sdpa_mask(batch_size=2, q_length=40, kv_length=40, attention_mask=padding)
+        # transformers 5 takes the query length, 4.x (the newest for torch < 2.6) the cache positions
+        queries = {"q_length": 40} if "q_length" in inspect.signature(sdpa_mask).parameters else \
+            {"cache_position": torch.arange(40)}
+        mask = sdpa_mask(batch_size=2, kv_length=40, attention_mask=padding, **queries)
     upstream = torch.randn(2, 40, 9, 64, generator=torch.Generator().manual_seed(14))
     module = _Attn(3)
 
