@@ -357,12 +357,16 @@ def validate(q: NF4Weight, name: str = "qweight") -> None:
     _check_blocksize(q.blocksize, f"{name}.blocksize")
     if q.packed.dtype != torch.uint8 or q.packed.dim() != 1:
         raise ValueError(f"{name}.packed must be a 1-D uint8 tensor, got {q.packed.dtype} with shape {tuple(q.packed.shape)}")
-    if q.packed.numel() != (q.numel + 1) // 2:
-        raise ValueError(f"{name}.packed has {q.packed.numel()} bytes, expected {(q.numel + 1) // 2} for shape {q.shape}")
-    if q.absmax.numel() != q.nblocks:
-        raise ValueError(f"{name}.absmax has {q.absmax.numel()} values, expected {q.nblocks}")
-    if q.double_quant:
-        want = -(-q.nblocks // NESTED_BLOCKSIZE)
+    # Fields only, no properties: torch 2.4's dynamo cannot trace a NamedTuple's properties
+    # (torch.compile(fullgraph=True) of a QLoRA layer validates its weight here).
+    numel = math.prod(q.shape)
+    nblocks = -(-numel // q.blocksize)
+    if q.packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"{name}.packed has {q.packed.numel()} bytes, expected {(numel + 1) // 2} for shape {q.shape}")
+    if q.absmax.numel() != nblocks:
+        raise ValueError(f"{name}.absmax has {q.absmax.numel()} values, expected {nblocks}")
+    if q.absmax.dtype == torch.uint8:  # double quantization
+        want = -(-nblocks // NESTED_BLOCKSIZE)
         if q.nested_absmax.dtype != torch.float32 or q.nested_absmax.numel() != want:
             raise ValueError(f"{name}.nested_absmax must be float32 with {want} values, got {q.nested_absmax.dtype} {q.nested_absmax.numel()}")
         if q.nested_code.dtype != torch.float32 or q.nested_code.numel() != 256:

@@ -91,8 +91,8 @@ def nf4_weight(q, x: torch.Tensor | None = None, name: str = "qweight") -> tuple
         raise ValueError(f"{name}.packed must be contiguous")
     n, k = q.shape
     if x is not None:
-        if q.device != x.device:
-            raise ValueError(f"{name} is on {q.device} but x is on {x.device}; move them to the same device")
+        if q.packed.device != x.device:  # not q.device: torch 2.4's dynamo cannot trace NamedTuple properties
+            raise ValueError(f"{name} is on {q.packed.device} but x is on {x.device}; move them to the same device")
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features (last dim) but {name} expects K = {k} ({name} shape [N, K] = {q.shape})")
     return n, k
