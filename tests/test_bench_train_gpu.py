@@ -10,6 +10,7 @@ run, one found there costs the session's only GPU measurement.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -97,7 +98,8 @@ def test_smoke_tables(smoke):
     header = [line for line in (out / "train_gpu.csv").read_text().splitlines() if line.startswith("#")]
     for key in ("device", "commit", "versions", "settings", "date"):
         assert any(line.startswith(f"# {key}: ") for line in header), key
-    assert meta["commit"] != "unknown" and meta["versions"]["torch"] == torch.__version__
+    # the installed distribution's version: PyPI's CUDA wheels say 2.4.1 where torch.__version__ says 2.4.1+cu121
+    assert meta["commit"] != "unknown" and meta["versions"]["torch"] == importlib.metadata.version("torch")
     rows = _csv_rows(out)
     assert list(rows) == list(bench.CONFIGS)
     for ours, theirs in bench.PAIRS:
@@ -194,4 +196,5 @@ def test_cuda_requested_without_a_gpu(tmp_path):
     row = _csv_rows(out)["lorakern-qlora"]
     assert rc == 1
     assert row["status"] == "not run" and row["reason"].startswith("building the model: failed")
-    assert "CUDA" in row["reason"], row["reason"]
+    # a CPU build: "Torch not compiled with CUDA enabled"; a CUDA build on a machine without a GPU: "Found no NVIDIA driver"
+    assert "CUDA" in row["reason"] or "NVIDIA driver" in row["reason"], row["reason"]
