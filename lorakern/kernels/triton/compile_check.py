@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -85,11 +86,25 @@ def compile_kernel(fn, arch: int, constexprs: dict, config: triton.Config | None
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     signature = _signature(fn, consts, dtype, nf4_weight)
     unspecialized = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize} | _NO_HINT
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
-             for name, ty in signature.items() if ty != "constexpr" and name not in unspecialized}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    aligned = [name for name, ty in signature.items() if ty != "constexpr" and name not in unspecialized]
+    return triton.compile(_source(fn, signature, consts, aligned), target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _source(fn, signature: dict, consts: dict, aligned: list) -> ASTSource:
+    """The ASTSource of ``fn`` with ``consts`` folded in and ``aligned`` arguments hinted divisible by 16."""
+    index = fn.arg_names.index
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3
+        return ASTSource(fn=fn, signature=signature, constexprs={(index(k),): v for k, v in consts.items()},
+                         attrs={(index(name),): [["tt.divisibility", 16]] for name in aligned})
+    from triton.compiler.compiler import AttrsDescriptor
+
+    if not hasattr(AttrsDescriptor(), "divisible_by_16"):
+        raise RuntimeError(f"compile_check supports triton 3.0 and >= 3.3; this is triton {triton.__version__}")
+    # triton 3.0 (torch 2.4's): non-constexpr arguments only in the signature, constants by name,
+    # the specialisation (divisible by 16, equal to 1) as argument indices.
+    ones = {index(k) for k, v in consts.items() if v == 1 and not fn.params[index(k)].is_constexpr}
+    return ASTSource(fn=fn, signature={k: v for k, v in signature.items() if v != "constexpr"}, constants=consts,
+                     attrs=AttrsDescriptor(divisible_by_16={index(name) for name in aligned}, equal_to_1=ones))
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
