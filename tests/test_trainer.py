@@ -328,3 +328,16 @@ def test_fp16_with_fsdp_is_refused(examples):
     prepare_model(model, "lora", r=4, alpha=8)
     with pytest.raises(ValueError, match="loss scaling"):
         Trainer(model, examples, TrainConfig(steps=1, progress=False, mixed_precision="fp16"), strategy="fsdp")
+
+
+def test_fast_attention_keeps_sdpa_on_a_transformers_without_mask_registries(monkeypatch):
+    from lorakern.train import attention
+
+    def missing():
+        raise ImportError("cannot import name 'AttentionMaskInterface' from 'transformers.masking_utils'")
+
+    monkeypatch.setattr(attention, "register", missing)
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    assert attention.use_fast_attention(model) is False
+    assert model.config._attn_implementation == "sdpa"

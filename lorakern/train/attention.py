@@ -437,6 +437,9 @@ def use_fast_attention(model: nn.Module) -> bool:
         return False
     if any(p.device.type != "cpu" for p in model.parameters()):
         return False
-    register()
+    try:
+        register()
+    except ImportError:  # a transformers without attention/mask registries (before masking_utils): keep sdpa
+        return False
     model.set_attn_implementation(ATTENTION_NAME)
     return config._attn_implementation == ATTENTION_NAME
