@@ -42,3 +42,24 @@ def test_autotune_gets_timing_keywords_this_triton_accepts():
     accepted = inspect.signature(triton.autotune).parameters
     timing = _launch._autotune_timing()
     assert timing and set(timing) <= set(accepted)
+
+
+def test_triton_3_0_interpreter_with_numpy_2_is_reported_unavailable(monkeypatch):
+    """triton 3.0's interpreter (torch 2.4's) computes wrong results with numpy 2: the backend says so
+    instead of running (the composite backend and the registry then use torch for those pieces)."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from lorakern.kernels import triton as tk
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(triton, "__version__", "3.0.0")
+    monkeypatch.setattr(numpy, "__version__", "2.1.3")
+    ok, why = tk.availability()
+    assert not ok and "numpy < 2 or triton >= 3.1" in why
+    monkeypatch.setattr(numpy, "__version__", "1.26.4")
+    assert tk.availability()[0]
+    monkeypatch.setattr(triton, "__version__", "3.8.0+git5e1d2f")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert tk.availability()[0]
