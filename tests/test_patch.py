@@ -230,7 +230,17 @@ def test_hf_gradient_checkpointing_gives_the_same_grads(use_reentrant):
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _old_stack() -> bool:
+    import transformers
+
+    from lorakern.kernels.triton import _version_tuple
+
+    return _version_tuple(torch.__version__) < (2, 5) and _version_tuple(transformers.__version__) < (5,)
+
+
 @pytest.mark.slow  # about 30 s of inductor compilation on 2 CPU cores
+@pytest.mark.skipif(_old_stack(), reason="transformers 4.x's Llama does not compile with fullgraph=True on torch 2.4 "
+                                         "even without lorakern (dynamo fails in PretrainedConfig.get_text_config)")
 def test_torch_compile_fullgraph_forward_backward():
     model = FAMILIES["llama"][0]()
     lorakern.apply_lora(model, r=4, dropout=0.1)
