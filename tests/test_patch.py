@@ -233,9 +233,7 @@ def test_hf_gradient_checkpointing_gives_the_same_grads(use_reentrant):
 def _old_stack() -> bool:
     import transformers
 
-    from lorakern.kernels.triton import _version_tuple
-
-    return _version_tuple(torch.__version__) < (2, 5) and _version_tuple(transformers.__version__) < (5,)
+    return torch.__version__ < (2, 5) and int(transformers.__version__.split(".")[0]) < 5
 
 
 @pytest.mark.slow  # about 30 s of inductor compilation on 2 CPU cores

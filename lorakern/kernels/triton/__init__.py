@@ -24,7 +24,6 @@ for the dropout-masked LoRA pieces.
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
@@ -66,24 +65,14 @@ def availability() -> tuple[bool, str]:
         return True, f"triton {triton.__version__} on CUDA"
     if os.environ.get("TRITON_INTERPRET") == "1":
         import numpy
+        from torch.torch_version import TorchVersion  # a version string that compares with tuples
 
-        if _version_tuple(triton.__version__) < (3, 1) and _version_tuple(numpy.__version__) >= (2,):
+        if TorchVersion(triton.__version__) < (3, 1) and TorchVersion(numpy.__version__) >= (2,):
             # Seen with triton 3.0.0 (torch 2.4's) and numpy 2: a plain store kernel wrote zeros.
             return False, (f"triton {triton.__version__}'s interpreter computes wrong results with numpy "
                            f"{numpy.__version__}; use numpy < 2 or triton >= 3.1 to run the kernels on CPU")
         return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1, CPU tensors)"
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """(3, 0, 0) from "3.0.0", "3.0.0+git1a2b" or "2.4.6rc1": the leading digits of each dotted part."""
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = re.match(r"\d*", piece).group()
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
 
 
 def supports(op: str, *args) -> str | None:

@@ -10,9 +10,9 @@ Input gradient, one GEMM over the r columns of g = dy B and then the N columns o
     dx = drop'(s * g @ A) + dy @ W                                     (_lora_dx_kernel)
 
 With dropout the LoRA part must be masked on its own, so the kernel reduces it
-first and applies the regenerated mask before the main loop accumulates onto it. W is either a dense [N, K] tensor or
-an NF4 weight whose tiles are decoded in registers inside the main loop (the
-dequantized weight never exists in memory).
+first and applies the regenerated mask before the main loop accumulates onto it.
+W is either a dense [N, K] tensor or an NF4 weight whose tiles are decoded in
+registers inside the main loop (the dequantized weight never exists in memory).
 
 Weight gradients reduce over M: ``C = scale * P^T @ drop(Q)`` (_tn_kernel), split
 over M into fp32 partial sums when the output alone gives too few programs.
