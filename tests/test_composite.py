@@ -21,8 +21,9 @@ from lorakern.ops import _registry
 
 TRITON_OK = _registry.load("triton")[0] is not None
 DROPOUT_PATHS = ["triton", "torch"] if TRITON_OK else ["torch"]
-TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=4e-3, atol=4e-3),
-       torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+# Max error over the largest reference value: 2.5-4x the worst seen across these cases
+# (fp32 4.5e-7, fp16 7.9e-4, bf16 6.5e-3: rounding of y, xa and dx to the dtype, fp32 accumulation).
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SHAPES = [(1, 64, 40, 1), (7, 63, 72, 8), (33, 65, 40, 16), (129, 136, 17, 4)]  # (M, K, N, r)
 
 
@@ -49,9 +50,8 @@ def _close(got, want, dtype, what):
     assert got.dtype == dtype, what
     assert got.shape == want.shape, what
     scale = want.abs().max().clamp_min(1.0)
-    tol = TOL[dtype]
     err = (got.double() - want).abs().max() / scale
-    assert err <= tol["rtol"] + tol["atol"], f"{what}: relative error {err:.3g} ({dtype})"
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} ({dtype})"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
