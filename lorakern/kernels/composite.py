@@ -35,13 +35,13 @@ it for CUDA tensors only.
 from __future__ import annotations
 
 import functools
-import importlib
 from types import ModuleType
 
 import torch
 
 from ..formats.nf4 import NF4Weight
 from ..reference import dropout as _dropout
+from . import load, unsupported
 
 NAME = "composite"
 
@@ -68,26 +68,13 @@ def supports(op: str, *args) -> str | None:
 # ------------------------------------------------------------------------------------ pieces
 
 
-@functools.lru_cache(maxsize=None)
-def _backend(name: str) -> ModuleType | None:
-    """Sibling backend ``name`` when it imports and is available here, else None. (The
-    kernels layer sits below ``lorakern.ops``, so its registry is not used here.)"""
-    try:
-        mod = importlib.import_module("lorakern.reference" if name == "reference" else f"lorakern.kernels.{name}")
-        return mod if mod.availability()[0] else None
-    except Exception:  # a backend that cannot load is one this backend cannot use: try the next
-        return None
-
-
 def _kernel_backend(op: str, args: tuple) -> ModuleType:
     """The first backend of _KERNEL_ORDER that runs ``op(*args)`` (LORAKERN_BACKEND ignored: this is
     the composite's own choice of parts); the reference runs everything."""
     for name in _KERNEL_ORDER:
-        mod = _backend(name)
-        if mod is not None and hasattr(mod, op):
-            check = getattr(mod, "supports", None)
-            if check is None or check(op, *args) is None:
-                return mod
+        mod = load(name)[0]
+        if mod is not None and unsupported(mod, op, args) is None:
+            return mod
     raise AssertionError(f"the reference backend implements {op}")
 
 
@@ -97,7 +84,7 @@ def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def _triton_for(*tensors: torch.Tensor):
     """The Triton backend module when it can run on these tensors (CUDA, or CPU under the interpreter)."""
-    mod = _backend("triton")
+    mod = load("triton")[0]
     if mod is None or any(t.numel() == 0 for t in tensors):
         return None
     return mod if mod.supports("composite", *tensors) is None else None

@@ -20,18 +20,12 @@ set before triton is imported).
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
-BACKENDS = ("cuda", "composite", "triton", "cpu", "reference")
-_MODULES = {
-    "reference": "lorakern.reference",
-    "cpu": "lorakern.kernels.cpu",
-    "triton": "lorakern.kernels.triton",
-    "cuda": "lorakern.kernels.cuda",
-    "composite": "lorakern.kernels.composite",
-}
+from ..kernels import _MODULES, BACKENDS, _loaded, load  # noqa: F401 (re-exported: the backend table)
+from ..kernels import unsupported as _supports
+
 PREFERENCE = {
     "cuda": ("cuda", "composite", "triton", "reference"),
     "cpu": ("cpu", "reference"),
@@ -41,23 +35,6 @@ ENV_VAR = "LORAKERN_BACKEND"
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run the op."""
-
-
-_loaded: dict[str, tuple[ModuleType | None, str]] = {}
-
-
-def load(name: str) -> tuple[ModuleType | None, str]:
-    """Import backend ``name``; return (module or None, reason). Cached; never raises."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    if name not in _loaded:
-        try:
-            mod = importlib.import_module(_MODULES[name])
-            ok, reason = mod.availability()
-            _loaded[name] = (mod if ok else None, reason)
-        except Exception as e:  # a broken optional backend must not break import lorakern
-            _loaded[name] = (None, f"import failed: {type(e).__name__}: {e}")
-    return _loaded[name]
 
 
 def status() -> dict[str, tuple[bool, str]]:
@@ -72,14 +49,6 @@ def requested() -> str | None:
     if name not in _MODULES:
         raise BackendUnavailable(f"{ENV_VAR}={name!r} is not a backend; expected one of {BACKENDS} or 'auto'")
     return name
-
-
-def _supports(mod: ModuleType, op: str, args: tuple) -> str | None:
-    """None when ``mod`` can run ``op`` on ``args``, else why not."""
-    if not hasattr(mod, op):
-        return f"does not implement {op}"
-    check = getattr(mod, "supports", None)
-    return check(op, *args) if check is not None else None
 
 
 def _declines(mod: ModuleType, op: str, args: tuple) -> str | None:
