@@ -260,9 +260,10 @@ void nf4_gemv(const NF4View& q, const GemvArgs& g, Isa isa) {
   constexpr int64_t kChunk = 16;
   constexpr int64_t kRowsPerPass = 8;
   const int64_t nchunks = (g.N + kChunk - 1) / kChunk;
-  // A fork/join costs microseconds (far more when the cores are busy: 2 threads took
-  // 300 us for a 64 x 64 weight on the 2-core machine under load, 18 us alone), so
-  // small products run on the calling thread; the bound is that of the dropout kernel.
+  // A fork/join costs microseconds, far more when the cores are busy: a 64 x 64 weight
+  // took 300 us on 2 threads of the loaded 2-core machine, 18 us on 1 (Python call
+  // included). Small products run on the calling thread; the bound (not tuned for the
+  // GEMV) is the one measured for the dropout kernel.
 #pragma omp parallel for schedule(static) if (nchunks > 1 && g.M * g.N * g.K >= kParallelMinMacs)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * kChunk, n1 = std::min(g.N, n0 + kChunk);
