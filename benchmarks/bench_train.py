@@ -169,11 +169,11 @@ def run_one(name: str, model_dir: str, batch: int, seq: int, steps: int, r: int,
             "trainable": sum(p.numel() for p in params)}
 
 
-def _versions() -> dict:
+def _versions(packages=("torch", "transformers", "peft", "bitsandbytes", "lorakern")) -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "lorakern"):
+    for pkg in packages:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

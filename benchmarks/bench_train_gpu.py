@@ -60,7 +60,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -373,15 +372,10 @@ def _model_tmpdir(min_free: int) -> str:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_train import _versions as versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "lorakern"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return versions(("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "lorakern"))
 
 
 def _commit() -> str:
