@@ -8,8 +8,8 @@ from lorakern.train import loss as loss_mod
 from lorakern.train.loss import linear_cross_entropy
 
 
-def _reference(h, w, b, t, softcap):
-    logits = F.linear(h.double(), w.double(), None if b is None else b.double())
+def _reference(h, w, b, t, softcap, scale=1.0):
+    logits = F.linear(h.double(), w.double(), None if b is None else b.double()) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, t, reduction="sum")
@@ -26,17 +26,17 @@ def _grads(fn, *tensors):
 
 @pytest.mark.parametrize("n,v,h", [(1, 5, 3), (7, 97, 16), (33, 130, 24)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (3.0, 1.0), (None, 0.0625), (3.0, 4.0)])
 @pytest.mark.parametrize("train_head", [False, True])
-def test_matches_unfused_fp32(n, v, h, bias, softcap, train_head, monkeypatch):
+def test_matches_unfused_fp32(n, v, h, bias, softcap, scale, train_head, monkeypatch):
     monkeypatch.setattr(loss_mod, "CAST_BLOCK_ROWS", 32)  # several weight blocks (unused in fp32, kept honest)
     g = torch.Generator().manual_seed(n * 1000 + v)
     hid = torch.randn(n, h, generator=g, requires_grad=True)
     w = torch.randn(v, h, generator=g).requires_grad_(train_head)
     b = torch.randn(v, generator=g).requires_grad_(train_head) if bias else None
     t = torch.randint(0, v, (n,), generator=g)
-    got, got_g = _grads(lambda: linear_cross_entropy(hid, w, b, t, softcap, chunk_rows=5), hid, w, b)
-    want, want_g = _grads(lambda: _reference(hid, w, b, t, softcap), hid, w, b)
+    got, got_g = _grads(lambda: linear_cross_entropy(hid, w, b, t, softcap, chunk_rows=5, scale=scale), hid, w, b)
+    want, want_g = _grads(lambda: _reference(hid, w, b, t, softcap, scale), hid, w, b)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for a, e in zip(got_g, want_g):
@@ -101,6 +101,13 @@ def test_bad_shapes_are_named():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), None, torch.tensor([0, -100, 2]))
     with pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), None, torch.tensor([0, 5, 2]))
+    ok = (torch.randn(3, 4), torch.randn(5, 4), None, torch.tensor([0, 1, 2]))
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite nonzero number"):
+            linear_cross_entropy(*ok, scale=bad)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="softcap must be a positive number"):
+            linear_cross_entropy(*ok, softcap=bad)
 
 
 def _batch():
@@ -173,3 +180,94 @@ def test_loss_through_ddp_runs_the_fused_chunked_path(tmp_path, monkeypatch):
     torch.testing.assert_close(got, want)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[k], msg=k)
+
+
+def _tiny_family(model_type, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+# Families whose forward changes head(hidden) before the softmax: Granite divides by
+# logits_scaling, Cohere multiplies by logit_scale, Gemma 2 caps with tanh.
+LOGIT_FAMILIES = [
+    ("granite", dict(logits_scaling=4.0)),
+    ("cohere", dict(logit_scale=0.25)),
+    ("gemma2", dict(head_dim=16, final_logit_softcapping=5.0)),
+    ("llama", {}),
+]
+
+
+@pytest.mark.parametrize("model_type,extra", LOGIT_FAMILIES, ids=[f[0] for f in LOGIT_FAMILIES])
+def test_causal_lm_loss_applies_the_family_logit_transform(model_type, extra, monkeypatch):
+    import warnings
+
+    from lorakern.patch import apply_lora
+    from lorakern.train import causal_lm_loss
+
+    calls = []
+    real = loss_mod.LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_mod.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    model = _tiny_family(model_type, **extra)
+    apply_lora(model, r=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = _batch()
+    ids, labels, mask = batch["input_ids"] % 128, batch["labels"].clone(), batch["attention_mask"]
+    labels[labels >= 0] %= 128
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    want.backward()
+    want_g = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused path is taken: no fallback warning
+        got, n = causal_lm_loss(model, ids, labels, mask)
+    (got / n).backward()
+    assert calls == [1]
+    torch.testing.assert_close(got / n, want, rtol=1e-5, atol=1e-6)
+    for k, g in want_g.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_causal_lm_loss_falls_back_to_full_logits_for_an_unknown_transform():
+    from transformers import LlamaForCausalLM
+
+    from lorakern.train import causal_lm_loss
+
+    class OffsetLogits(LlamaForCausalLM):  # a family whose forward changes the logits in an unknown way
+        def forward(self, *args, **kwargs):
+            labels = kwargs.pop("labels", None)
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0 + torch.arange(out.logits.shape[-1]) * 0.01
+            if labels is not None:
+                out.loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                           ignore_index=-100)
+            return out
+
+    model = _tiny_family("llama")
+    odd = OffsetLogits(model.config).eval()
+    odd.load_state_dict(model.state_dict())
+    odd.train()
+    odd.model.layers[0].eval()  # a mixed train/eval state the check must leave as it was
+    modes = [m.training for m in odd.modules()]
+    batch = _batch()
+    ids, labels, mask = batch["input_ids"] % 128, batch["labels"].clone(), batch["attention_mask"]
+    labels[labels >= 0] %= 128
+    rng = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="OffsetLogits: head.*differs from the model's logits.*full logits"):
+        got, n = causal_lm_loss(odd, ids, labels, mask)
+    assert torch.equal(torch.get_rng_state(), rng)  # the check draws no random numbers
+    assert [m.training for m in odd.modules()] == modes
+    torch.testing.assert_close(got / n, odd(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                               rtol=1e-5, atol=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked once per model: no second warning
+        causal_lm_loss(odd, ids, labels, mask)

@@ -18,6 +18,10 @@ GEMMs it needs.
 
 from __future__ import annotations
 
+import math
+import warnings
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,7 +32,7 @@ from ..nn._base import active_autocast_dtype
 
 from .data import IGNORE_INDEX
 
-__all__ = ["split_causal_lm", "causal_lm_loss", "CausalLMLoss", "LinearCrossEntropy", "linear_cross_entropy"]
+__all__ = ["split_causal_lm", "logit_transform", "causal_lm_loss", "CausalLMLoss", "LinearCrossEntropy", "linear_cross_entropy"]
 
 
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -46,13 +50,42 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | Non
     return body, head
 
 
-def _logit_softcap(model: nn.Module) -> float | None:
-    # Gemma 2/3 squash logits with cap * tanh(logits / cap) before the softmax.
+def _configs(model: nn.Module) -> list:
     config = getattr(model, "config", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    if config is not None and getattr(config, "get_text_config", None):
-        cap = cap or getattr(config.get_text_config(), "final_logit_softcapping", None)
-    return float(cap) if cap else None
+    if config is None:
+        return []
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+    return [config] if text is None or text is config else [config, text]
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` with which ``model``'s own forward turns ``head(hidden)`` into logits.
+
+    ``logits = softcap * tanh(scale * head(hidden) / softcap)`` (no tanh when
+    ``softcap`` is None). Known cases: Cohere multiplies by ``logit_scale``,
+    Granite divides by ``config.logits_scaling``, Gemma 2/3 cap with
+    ``config.final_logit_softcapping``. :func:`causal_lm_loss` checks the result
+    against the model's forward once per model (:func:`_split_matches_forward`).
+    """
+    scale, softcap = 1.0, None
+    multiplier = _number(getattr(model, "logit_scale", None))
+    if multiplier is not None:
+        scale *= multiplier
+    for config in _configs(model):
+        divisor = _number(getattr(config, "logits_scaling", None))
+        if divisor:
+            scale /= divisor
+            break
+    for config in _configs(model):
+        cap = _number(getattr(config, "final_logit_softcapping", None))
+        if cap:
+            softcap = cap
+            break
+    return scale, softcap
 
 
 # Rows per chunk are capped so the fp32 logits of a chunk stay under this many
@@ -84,22 +117,23 @@ def _weight_blocks(weight: Tensor, dtype: torch.dtype):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(softcap(h_i W^T + b), t_i)`` and its gradients, one chunk of rows at a time.
+    """``sum_i CE(softcap(scale * (h_i W^T + b)), t_i)`` and its gradients, one chunk of rows at a time.
 
     Forward computes, per chunk of rows: logits in the compute dtype (the autocast
     dtype when autocast is on, else the weight's), their fp32 log-sum-exp and the
     loss, then right away ``p = softmax - onehot`` (times the softcap
-    derivative) and ``dh = p W`` (plus ``dW += p^T h``, ``db += sum p`` when the
+    derivative and the scale) and ``dh = p W`` (plus ``dW += p^T h``, ``db += sum p`` when the
     head is trainable). Backward only scales those by the incoming gradient. No
     logits survive a chunk; nothing is recomputed.
 
     Args (of ``apply``): hidden ``[n, H]``; weight ``[V, H]``; bias ``[V]`` or None;
-    targets int64 ``[n]`` in ``[0, V)``; softcap float or None; chunk_rows int.
+    targets int64 ``[n]`` in ``[0, V)``; softcap float or None; chunk_rows int;
+    scale float.
     Returns an fp32 scalar.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows, scale):
         n, v = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(hidden, weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -118,6 +152,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     z[:, v0:v0 + w.shape[0]] = h @ w.t()
                 if bias is not None:
                     z += bias.float()
+                if scale != 1.0:
+                    z.mul_(scale)
                 squash = None
                 if softcap is not None:
                     z.div_(softcap).tanh_()
@@ -132,6 +168,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p[rows_idx, t] -= 1.0
                 if squash is not None:
                     p.mul_(squash)
+                if scale != 1.0:
+                    p.mul_(scale)
                 if need_b:
                     grad_b += p.sum(0)
                 if need_h:
@@ -154,16 +192,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None
         db = (grad_b * g).to(ctx.bias_dtype) if grad_b is not None else None
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                         softcap: float | None = None, chunk_rows: int = 1024) -> Tensor:
+                         softcap: float | None = None, chunk_rows: int = 1024, scale: float = 1.0) -> Tensor:
     """Summed cross-entropy of ``hidden @ weight^T + bias`` against ``targets`` (fp32 scalar).
 
     Equal to ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets,
-    reduction="sum")`` (with Gemma-style ``softcap * tanh(logits / softcap)``
-    when ``softcap`` is set), without ever holding more than one chunk of
+    reduction="sum")`` (logits times ``scale``, then Gemma-style
+    ``softcap * tanh(logits / softcap)`` when ``softcap`` is set), without ever holding more than one chunk of
     logits; see :class:`LinearCrossEntropy`.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -176,7 +214,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets must be class indices in [0, {weight.shape[0]}) (ignored positions removed "
                              f"beforehand), got values in [{lo}, {hi}]")
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk_rows)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"scale must be a finite nonzero number, got {scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk_rows, scale)
 
 
 def _linear_head(head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
@@ -190,11 +233,78 @@ def _linear_head(head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     return weight, bias
 
 
-def _chunk_ce_sum(hidden: Tensor, targets: Tensor, head: nn.Module, softcap: float | None) -> Tensor:
-    logits = head(hidden).float()
+def _apply_transform(logits: Tensor, scale: float, softcap: float | None) -> Tensor:
+    logits = logits.float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return logits
+
+
+def _chunk_ce_sum(hidden: Tensor, targets: Tensor, head: nn.Module, scale: float, softcap: float | None) -> Tensor:
+    return F.cross_entropy(_apply_transform(head(hidden), scale, softcap), targets, reduction="sum")
+
+
+def _logits(out) -> Tensor:
+    return out if isinstance(out, Tensor) else out.logits if hasattr(out, "logits") else out[0]
+
+
+def _hidden(out) -> Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+# Result of _split_matches_forward per model object (weak: a deleted model leaves no entry).
+_SPLIT_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+CHECK_TOKENS = 16
+
+
+def _split_matches_forward(model: nn.Module, body: nn.Module, head: nn.Module, input_ids: Tensor) -> bool:
+    """Whether ``head(body(ids))`` under :func:`logit_transform` gives the logits of ``model(ids)``.
+
+    Checked once per model, on the first ``CHECK_TOKENS`` tokens of the first row,
+    without gradients and with every module in eval mode (no dropout, no random
+    numbers drawn; each module's mode is restored after). This guards against a
+    family whose forward changes its logits in a way :func:`logit_transform` does
+    not know: its loss then comes from the model's full logits, with a warning,
+    instead of being silently wrong. On a 135M model the check costs one forward
+    of 16 tokens.
+    """
+    known = _SPLIT_CHECKED.get(model)
+    if known is not None:
+        return known
+    ids = input_ids[:1, :CHECK_TOKENS]
+    modes = [(m, m.training) for m in model.modules()]
+    why = None
+    try:
+        model.eval()
+        with torch.no_grad():
+            full = _logits(model(input_ids=ids, use_cache=False)).float()
+            scale, softcap = logit_transform(model)
+            split = _apply_transform(head(_hidden(body(input_ids=ids, use_cache=False))), scale, softcap)
+            if split.shape != full.shape:
+                why = f"the head gives logits of shape {tuple(split.shape)}, the model {tuple(full.shape)}"
+            else:
+                err = float((split - full).abs().max())
+                limit = 1e-2 * float(full.abs().max()) + 1e-3  # bf16 rounding of the head passes; a wrong scale does not
+                if not err <= limit:
+                    why = f"head(hidden states) differs from the model's logits by up to {err:.3g}"
+    except Exception as e:  # noqa: BLE001 - any failure means the split cannot be trusted
+        why = f"comparing them failed ({type(e).__name__}: {e})"
+    finally:
+        for m, training in modes:
+            m.training = training
+    if why is not None:
+        warnings.warn(f"causal_lm_loss: {type(model).__name__}: {why}; computing the loss from the model's full "
+                      f"logits instead (correct, but slower and with more memory)", stacklevel=3)
+    _SPLIT_CHECKED[model] = why is None
+    return why is None
+
+
+def _full_logits_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, keep: Tensor,
+                      attention_mask: Tensor | None) -> Tensor:
+    out = model(input_ids) if attention_mask is None else model(input_ids, attention_mask=attention_mask)
+    return F.cross_entropy(_logits(out)[:, :-1][keep].float(), targets[keep], reduction="sum")
 
 
 def causal_lm_loss(
@@ -218,6 +328,12 @@ def causal_lm_loss(
         equals ``model(input_ids, labels=labels).loss`` of a Hugging Face model;
         callers divide by the label count of a whole accumulated batch so that
         gradient accumulation weights every token equally.
+
+    A Hugging Face causal LM runs as body, then the head on labelled positions
+    only, with the logit scale and softcap of its family (:func:`logit_transform`).
+    The first call for a model checks that split against the model's own forward
+    (:func:`_split_matches_forward`); a model that fails it, or any model without
+    ``get_output_embeddings``, is scored from its full logits.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -227,29 +343,26 @@ def causal_lm_loss(
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     body, head = split_causal_lm(model)
-    if body is None:
-        out = model(input_ids) if attention_mask is None else model(input_ids, attention_mask=attention_mask)
-        logits = out if isinstance(out, Tensor) else out.logits if hasattr(out, "logits") else out[0]
-        loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
-        return loss, n
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if body is None or not _split_matches_forward(model, body, head, input_ids):
+        return _full_logits_loss(model, input_ids, targets, keep, attention_mask), n
+    hidden = _hidden(body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
     selected = hidden[:, :-1][keep]  # [n, H]: the only rows that ever meet the head
     targets = targets[keep]
-    softcap = _logit_softcap(model)
+    scale, softcap = logit_transform(model)
     # Zero, but attached to the graph: a micro-batch without labels still runs a
     # backward, which DDP / FSDP need (every rank joins each gradient reduction).
     total = hidden[:, :0].float().sum()
     linear = _linear_head(head)
     if linear is not None:
-        return total + linear_cross_entropy(selected, linear[0], linear[1], targets, softcap, chunk_size), n
+        return total + linear_cross_entropy(selected, linear[0], linear[1], targets, softcap, chunk_size,
+                                                    scale), n
     for start in range(0, n, chunk_size):
         h, t = selected[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
             # Recompute this chunk's logits in backward instead of keeping them.
-            total = total + checkpoint(_chunk_ce_sum, h, t, head, softcap, use_reentrant=False)
+            total = total + checkpoint(_chunk_ce_sum, h, t, head, scale, softcap, use_reentrant=False)
         else:
-            total = total + _chunk_ce_sum(h, t, head, softcap)
+            total = total + _chunk_ce_sum(h, t, head, scale, softcap)
     return total, n
 
 
