@@ -97,6 +97,15 @@ def gpt_neox(seed=0):
                    attention_dropout=0.0)(seed)
 
 
+def falcon(seed=0):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    # new_decoder_architecture: grouped KV heads and parallel attention/MLP (Falcon-40B/180B layout);
+    # its query_key_value, dense and MLP layers are FalconLinear (an nn.Linear subclass).
+    return _causal(FalconConfig, FalconForCausalLM, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_kv_heads=2, new_decoder_architecture=True, hidden_dropout=0.0, attention_dropout=0.0)(seed)
+
+
 def opt(seed=0):
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -127,6 +136,7 @@ FAMILIES = {
     "phi3": (phi3, "model.layers.0.self_attn.qkv_proj", "lm_head"),
     "gpt2": (gpt2, "transformer.h.0.attn.c_attn", "lm_head"),
     "gpt_neox": (gpt_neox, "gpt_neox.layers.0.attention.query_key_value", "lm_head"),
+    "falcon": (falcon, "transformer.h.0.self_attention.query_key_value", "lm_head"),
     "opt": (opt, "model.decoder.layers.0.self_attn.q_proj", "lm_head"),
     "bert": (bert, "bert.encoder.layer.0.attention.self.query", "classifier"),
     "plain": (plain, "blocks.0.up", None),

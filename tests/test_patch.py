@@ -140,6 +140,107 @@ def test_multihead_attention_out_proj():
         lorakern.apply_lora(model, ["out_proj"])
 
 
+def test_linear_subclasses_with_their_own_forward_are_refused_unless_known_plain():
+    class Squared(nn.Linear):  # changes the function: an adapter beside it would be wrong
+        def forward(self, x):
+            return super().forward(x) ** 2
+
+    class Init(nn.Linear):  # only a different initializer: nn.Linear's forward
+        pass
+
+    model = nn.Sequential(Squared(8, 8), Init(8, 8))
+    for targets in ("all-linear", ["0"]):  # never skipped silently: it may be a quantized layer
+        with pytest.raises(TypeError, match=r"'0' is a .*Squared, an nn.Linear subclass with its own forward"):
+            lorakern.apply_lora(copy.deepcopy(model), targets)
+    assert lorakern.apply_lora(model, exclude=["0"]) == ["1"]  # excluding it is the way past
+    # Falcon's FalconLinear has its own forward computing x @ W^T + b: adapted like nn.Linear.
+    falcon = FAMILIES["falcon"][0]()
+    layer = falcon.transformer.h[0].self_attention.query_key_value
+    assert type(layer).__name__ == "FalconLinear" and type(layer).forward is not nn.Linear.forward
+    assert "transformer.h.0.self_attention.query_key_value" in lorakern.apply_lora(falcon, quantize="nf4")
+
+
+def _tiny(model_type, auto="AutoModelForCausalLM", **kw):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=128, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2, **kw)
+    torch.manual_seed(0)
+    return getattr(transformers, auto).from_config(config).eval()
+
+
+def test_all_linear_skips_layers_an_adapter_cannot_serve_and_explicit_targets_say_why():
+    # Mamba multiplies by dt_proj.weight directly; Llama 4's router is an nn.Linear
+    # subclass returning routing scores. Neither is an "all-linear" target.
+    mamba = _tiny("mamba", hidden_size=64, state_size=8, num_hidden_layers=2)
+    names = lorakern.apply_lora(copy.deepcopy(mamba), quantize="nf4")
+    assert names and not [n for n in names if n.endswith("dt_proj")]
+    assert "backbone.layers.0.mixer.x_proj" in names
+    with pytest.raises(TypeError, match=r"'backbone.layers.0.mixer.dt_proj' is the time-step projection of a "
+                                        r"MambaMixer, which multiplies by its weight directly"):
+        lorakern.apply_lora(copy.deepcopy(mamba), ["dt_proj"])
+    ids = torch.randint(3, 128, (2, 12))
+    patched = copy.deepcopy(mamba)
+    lorakern.apply_lora(patched, r=4)
+    randomize_adapters(patched)
+    assert not torch.equal(logits(patched, ids), logits(mamba, ids))  # the adapters are used
+    torch.testing.assert_close(logits(lorakern.merge_lora(copy.deepcopy(patched)), ids), logits(patched, ids),
+                               rtol=1e-5, atol=1e-5)
+
+    llama4 = _tiny("llama4_text", hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   num_local_experts=2)
+    names = lorakern.apply_lora(copy.deepcopy(llama4))
+    assert "model.layers.0.self_attn.q_proj" in names and not [n for n in names if "router" in n]
+    with pytest.raises(TypeError, match=r"Llama4Router, an nn.Linear subclass whose forward computes more than"):
+        lorakern.apply_lora(llama4, ["router"])
+
+
+def test_quantize_keeps_the_layers_hf_keeps_in_full_precision():
+    # T5 lists its feed-forward output "wo" in _keep_in_fp32_modules: its code casts the
+    # activations to wo.weight.dtype, which would be the packed uint8 of an NF4 layer.
+    from lorakern.nn import LoRALinear, QLoRALinear
+
+    t5 = _tiny("t5", auto="AutoModelForSeq2SeqLM", d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+               dropout_rate=0.0, decoder_start_token_id=0)
+    ids, labels = torch.randint(3, 128, (2, 10)), torch.randint(3, 128, (2, 6))
+    patched = copy.deepcopy(t5)
+    names = lorakern.apply_lora(patched, quantize="nf4", r=4)
+    kinds = {n: type(patched.get_submodule(n)) for n in names}
+    assert {n for n, k in kinds.items() if k is LoRALinear} == {n for n in names if n.endswith(".wo")}
+    assert sum(k is QLoRALinear for k in kinds.values()) == len(names) - 4  # one wo per block, 2 + 2 blocks
+    randomize_adapters(patched)
+    got = patched(input_ids=ids, labels=labels).loss
+    merged = lorakern.merge_lora(copy.deepcopy(patched))  # dequantized weights + adapters, plain layers
+    torch.testing.assert_close(got, merged(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-5)
+    got.backward()
+    assert all(m.lora_B.grad is not None for m in lora_modules(patched).values())
+
+
+@pytest.mark.parametrize("patterns,want", [
+    (["wo"], {"blocks.0.ff.wo", "blocks.1.ff.wo"}),                 # suffix at a boundary
+    (["blocks.1"], {"blocks.1", "blocks.1.ff", "blocks.1.ff.wo", "blocks.1.ff.wi"}),  # prefix: the subtree
+    (["blocks\\.\\d\\.ff\\.wi"], {"blocks.0.ff.wi", "blocks.1.ff.wi"}),      # regex from the start
+    (["ff.wi.weight"], {"blocks.0.ff.wi", "blocks.1.ff.wi"}),         # a parameter name means its module
+    (["o"], set()),                                                   # no match inside a name ("wo")
+])
+def test_kept_in_full_precision_follows_transformers_patterns(patterns, want):
+    from lorakern.patch.targets import kept_in_full_precision
+
+    class Model(nn.Module):
+        _keep_in_fp32_modules = patterns
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.ModuleDict({"ff": nn.ModuleDict({"wi": nn.Linear(4, 4),
+                                                                           "wo": nn.Linear(4, 4)})})
+                                        for _ in range(2))
+
+    assert kept_in_full_precision(Model()) == want
+    outer = nn.ModuleDict({"inner": Model()})  # patterns are relative to the class declaring them
+    assert kept_in_full_precision(outer) == {"inner." + n for n in want}
+
+
 def test_modules_to_save_stay_trainable():
     model = FAMILIES["bert"][0]()
     names = lorakern.apply_lora(model, ["query", "value"], modules_to_save=["classifier"])

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..nn import LoRALinear, QLoRALinear
 from ..nn._base import check_lora_args
-from .targets import Selector, resolve_targets, select
+from .targets import Selector, kept_in_full_precision, resolve_targets, select
 
 QUANTIZE = (None, "nf4")
 # Attribute on a patched model recording how it was patched (read by save_adapter).
@@ -69,7 +69,9 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
         modules_to_save: modules kept whole and trainable (e.g. a new classification head);
             :func:`save_adapter` stores their full weights, as PEFT does.
         r, alpha, dropout, use_rslora, init: the adapter (see :class:`~lorakern.nn.LoRALinear`).
-        quantize: None (dense base) or "nf4".
+        quantize: None (dense base) or "nf4". Layers a Hugging Face model keeps
+            in full precision (``_keep_in_fp32_modules``, e.g. T5's ``wo``) get a
+            dense LoRALinear, as when transformers loads the model in 4-bit.
         compute_dtype: NF4 layers only; default the weight's original dtype.
     """
     if not isinstance(model, nn.Module):
@@ -89,10 +91,11 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     keep = select(names, modules_to_save, "modules_to_save") if modules_to_save is not None else []
     keep = [k for k in keep if not any(k.startswith(other + ".") for other in keep)]
     targets = resolve_targets(model, target_modules, exclude, keep)
+    dense = kept_in_full_precision(model) if quantize is not None else set()
 
     for name in targets:
         old = model.get_submodule(name)
-        if quantize == "nf4":
+        if quantize == "nf4" and name not in dense:
             new = QLoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init, compute_dtype=compute_dtype)
         else:
             new = LoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init)

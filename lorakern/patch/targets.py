@@ -5,7 +5,11 @@ Forms accepted for ``target_modules`` / ``exclude`` / ``modules_to_save``:
 * ``"all-linear"`` (targets only): every ``nn.Linear`` and transformers ``Conv1D``
   except the output head (``model.get_output_embeddings()``; for
   ``*ForSequenceClassification`` / ``*ForTokenClassification`` models without one,
-  the ``score`` / ``classifier`` head), as PEFT does.
+  the ``score`` / ``classifier`` head), as PEFT does. Also left out: layers whose
+  parent reads their weight instead of calling them (``nn.MultiheadAttention``'s
+  ``out_proj``, a Mamba mixer's ``dt_proj``), and ``nn.Linear`` subclasses that a
+  transformers model defines with a forward of its own (MoE routers such as
+  Llama 4's): an adapter on either would be ignored or wrong.
 * a list of names: a module matches when its qualified name equals an entry or
   ends with ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
 * any other string: a regular expression that must match the whole qualified name.
@@ -33,6 +37,34 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+# nn.Linear subclasses whose forward computes x @ W^T + b like nn.Linear's (Falcon's
+# adds the bias as a separate op, which only changes bf16 rounding), by qualified name.
+PLAIN_LINEAR_SUBCLASSES = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
+def _model_specific_forward(module: nn.Module) -> bool:
+    """An nn.Linear subclass from a transformers model file with a forward of its own (a MoE router, ...)."""
+    cls = type(module)
+    return (cls.forward is not nn.Linear.forward and cls.__module__.startswith("transformers.models.")
+            and f"{cls.__module__}.{cls.__name__}" not in PLAIN_LINEAR_SUBCLASSES)
+
+
+def _weight_read_by_parent(name: str, parent: Optional[nn.Module]) -> Optional[str]:
+    leaf = name.rpartition(".")[2]
+    if isinstance(parent, nn.MultiheadAttention):
+        return (f"{name!r} is the output projection of an nn.MultiheadAttention, which reads its weight "
+                f"directly instead of calling it; an adapter there would be ignored")
+    if leaf == "dt_proj" and type(parent).__name__.endswith("MambaMixer"):
+        return (f"{name!r} is the time-step projection of a {type(parent).__name__}, which multiplies by its "
+                f"weight directly instead of calling it; an adapter there would be ignored")
+    return None
+
+
+def skipped_by_all_linear(name: str, module: nn.Module, parent: Optional[nn.Module]) -> bool:
+    """Linear layers "all-linear" leaves out without an error (see the module docstring)."""
+    return _weight_read_by_parent(name, parent) is not None or _model_specific_forward(module)
+
+
 def unsupported_reason(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     """None when ``module`` can be wrapped by LoRALinear / QLoRALinear, else why not."""
     kind = f"{type(module).__module__}.{type(module).__name__}"
@@ -40,13 +72,55 @@ def unsupported_reason(name: str, module: nn.Module, parent: Optional[nn.Module]
         return None
     if not isinstance(module, nn.Linear):
         return f"{name!r} is a {kind}; only nn.Linear and transformers Conv1D layers can take a LoRA adapter"
-    if type(module).forward is not nn.Linear.forward:
+    if _model_specific_forward(module):
+        return (f"{name!r} is a {kind}, an nn.Linear subclass whose forward computes more than x @ W^T + b "
+                f"(a router or similar); an adapter cannot be added to its output")
+    if type(module).forward is not nn.Linear.forward and kind not in PLAIN_LINEAR_SUBCLASSES:
         return (f"{name!r} is a {kind}, an nn.Linear subclass with its own forward (already quantized or "
                 f"adapted?); load the model with plain nn.Linear layers and use apply_lora(quantize=...)")
-    if isinstance(parent, nn.MultiheadAttention):
-        return (f"{name!r} is the output projection of an nn.MultiheadAttention, which reads its weight "
-                f"directly instead of calling it; an adapter there would be ignored")
-    return None
+    return _weight_read_by_parent(name, parent)
+
+
+def _hf_pattern_matches(name: str, pattern: str) -> bool:
+    """transformers' rule for ``_keep_in_fp32_modules`` entries: a regex matching from the start up to
+    a ``.`` boundary, or a suffix at a ``.`` boundary."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        m = re.match(pattern, name)
+    except re.error:
+        return False
+    return m is not None and (m.end() == len(name) or name[m.end()] == "." or name[m.end() - 1] == ".")
+
+
+def kept_in_full_precision(model: nn.Module) -> set[str]:
+    """Qualified names of the modules a Hugging Face model keeps out of quantization.
+
+    transformers models list them in ``_keep_in_fp32_modules`` (and
+    ``_keep_in_fp32_modules_strict``), patterns relative to the model class that
+    declares them; T5's feed-forward output ``wo`` is one: its code compares
+    ``wo.weight.dtype`` with the activations' and casts to it. Loading such a
+    model in 4-bit with bitsandbytes leaves these layers dense; so does
+    :func:`lorakern.apply_lora` with ``quantize``. A module inside a matched one
+    is matched too.
+    """
+    named = list(model.named_modules())
+    kept: set[str] = set()
+    for prefix, owner in named:
+        patterns = []
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            value = getattr(type(owner), attr, None)
+            if isinstance(value, (list, tuple, set)):
+                patterns += [p for p in value if isinstance(p, str) and p]
+        if not patterns:
+            continue
+        start = prefix + "." if prefix else ""
+        for name, _ in named:
+            if name.startswith(start) and name != prefix:
+                rel = name[len(start):]
+                if any(_hf_pattern_matches(rel, p) or _hf_pattern_matches(rel + ".weight", p) for p in patterns):
+                    kept.add(name)
+    return {n for n in (name for name, _ in named) if n in kept or any(n.startswith(k + ".") for k in kept)}
 
 
 def _check_selector(value, what: str, allow_all_linear: bool) -> None:
@@ -123,18 +197,18 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
     def inside_kept(n: str) -> bool:
         return any(n == k or n.startswith(k + ".") for k in keep)
 
+    excluded = set(select(names, exclude, "exclude")) if exclude is not None else set()
     if target_modules == ALL_LINEAR:
         heads = output_heads(model)
         candidates = [n for n in names if isinstance(modules[n], nn.Linear) or is_conv1d(modules[n])]
         chosen = []
         for n in candidates:
-            if n in heads or inside_kept(n):
+            if n in heads or inside_kept(n) or n in excluded or skipped_by_all_linear(n, modules[n], parents[n]):
                 continue
             reason = unsupported_reason(n, modules[n], parents[n])
-            if reason is None:
-                chosen.append(n)
-            elif not isinstance(parents[n], nn.MultiheadAttention):
+            if reason is not None:
                 raise TypeError(f"all-linear: {reason}")
+            chosen.append(n)
         if not chosen:
             raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer (outside the output head)")
     else:
@@ -146,7 +220,6 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
         if bad:
             raise TypeError("cannot add LoRA to explicitly targeted module(s): " + "; ".join(bad))
     if exclude is not None:
-        excluded = set(select(names, exclude, "exclude"))
         chosen = [n for n in chosen if n not in excluded]
         if not chosen:
             raise ValueError(f"exclude={exclude!r} removed every target")
