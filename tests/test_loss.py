@@ -235,6 +235,32 @@ def test_causal_lm_loss_applies_the_family_logit_transform(model_type, extra, mo
         torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_logit_transform_reads_each_family_convention():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lorakern.train.loss import logit_transform
+
+    def model(logit_scale=None, **config):
+        m = nn.Module()
+        m.config = SimpleNamespace(**config)
+        if logit_scale is not None:
+            m.logit_scale = logit_scale
+        return m
+
+    assert logit_transform(model()) == (1.0, None)
+    assert logit_transform(model(logit_scale=0.0625)) == (0.0625, None)                 # Cohere
+    assert logit_transform(model(logits_scaling=8.0)) == (0.125, None)                  # Granite
+    assert logit_transform(model(lm_head_multiplier=0.5)) == (0.5, None)                # Falcon-H1
+    assert logit_transform(model(final_logit_softcapping=30.0)) == (1.0, 30.0)          # Gemma 2/3
+    assert logit_transform(model(logits_soft_cap=30.0)) == (1.0, 30.0)                  # RecurrentGemma
+    assert logit_transform(model(final_logit_softcapping=None, logits_scaling=None)) == (1.0, None)
+    text = SimpleNamespace(logits_scaling=4.0)
+    m = model(get_text_config=lambda: text)                                             # multimodal: text config
+    assert logit_transform(m) == (0.25, None)
+
+
 def test_causal_lm_loss_falls_back_to_full_logits_for_an_unknown_transform():
     from transformers import LlamaForCausalLM
 

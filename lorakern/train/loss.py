@@ -67,8 +67,9 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
 
     ``logits = softcap * tanh(scale * head(hidden) / softcap)`` (no tanh when
     ``softcap`` is None). Known cases: Cohere multiplies by ``logit_scale``,
-    Granite divides by ``config.logits_scaling``, Gemma 2/3 cap with
-    ``config.final_logit_softcapping``. :func:`causal_lm_loss` checks the result
+    Granite divides by ``config.logits_scaling``, Falcon-H1 multiplies by
+    ``config.lm_head_multiplier``, Gemma 2/3 cap with
+    ``config.final_logit_softcapping``, RecurrentGemma with ``config.logits_soft_cap``. :func:`causal_lm_loss` checks the result
     against the model's forward once per model (:func:`_split_matches_forward`).
     """
     scale, softcap = 1.0, None
@@ -77,11 +78,13 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
         scale *= multiplier
     for config in _configs(model):
         divisor = _number(getattr(config, "logits_scaling", None))
-        if divisor:
-            scale /= divisor
+        factor = _number(getattr(config, "lm_head_multiplier", None))
+        if divisor or factor is not None:
+            scale = scale / (divisor or 1.0) * (1.0 if factor is None else factor)
             break
     for config in _configs(model):
-        cap = _number(getattr(config, "final_logit_softcapping", None))
+        cap = _number(getattr(config, "final_logit_softcapping", None)) or _number(
+            getattr(config, "logits_soft_cap", None))
         if cap:
             softcap = cap
             break
@@ -263,8 +266,10 @@ def _split_matches_forward(model: nn.Module, body: nn.Module, head: nn.Module, i
     """Whether ``head(body(ids))`` under :func:`logit_transform` gives the logits of ``model(ids)``.
 
     Checked once per model, on the first ``CHECK_TOKENS`` tokens of the first row,
-    without gradients and with every module in eval mode (no dropout, no random
-    numbers drawn; each module's mode is restored after). This guards against a
+    without gradients, without autocast, and with every module in eval mode (no
+    dropout, no random numbers drawn; each module's mode is restored after).
+    float32 logits must agree to 1e-5 of their largest value (both sides run the
+    same GEMMs; only the transform's rounding differs), half-precision ones to 1e-2. This guards against a
     family whose forward changes its logits in a way :func:`logit_transform` does
     not know: its loss then comes from the model's full logits, with a warning,
     instead of being silently wrong. On a 135M model the check costs one forward
@@ -278,15 +283,17 @@ def _split_matches_forward(model: nn.Module, body: nn.Module, head: nn.Module, i
     why = None
     try:
         model.eval()
-        with torch.no_grad():
-            full = _logits(model(input_ids=ids, use_cache=False)).float()
+        with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
+            full = _logits(model(input_ids=ids, use_cache=False))
+            rtol = 1e-5 if full.dtype in (torch.float32, torch.float64) else 1e-2
+            full = full.float()
             scale, softcap = logit_transform(model)
             split = _apply_transform(head(_hidden(body(input_ids=ids, use_cache=False))), scale, softcap)
             if split.shape != full.shape:
                 why = f"the head gives logits of shape {tuple(split.shape)}, the model {tuple(full.shape)}"
             else:
                 err = float((split - full).abs().max())
-                limit = 1e-2 * float(full.abs().max()) + 1e-3  # bf16 rounding of the head passes; a wrong scale does not
+                limit = rtol * float(full.abs().max()) + 1e-6
                 if not err <= limit:
                     why = f"head(hidden states) differs from the model's logits by up to {err:.3g}"
     except Exception as e:  # noqa: BLE001 - any failure means the split cannot be trusted
