@@ -43,18 +43,22 @@ _TASK_TYPES = (
 _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 _CLASSIFIER_HEADS = ("classifier", "score")
 
-# Config fields whose non-default value means an adapter this loader cannot reproduce exactly.
+# Config fields whose non-default value means an adapter this loader cannot reproduce exactly:
+# field -> (values that mean "off", what the field asks for). Checked in this order, so the cause is
+# named first: PEFT's "all-linear" on a transformers 5 MoE model (Mixtral, Qwen3-MoE) adds
+# target_parameters for the fused expert weights and, because of them, a rank_pattern.
 _UNSUPPORTED = {
-    "use_dora": (False, None),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
-    "layer_replication": (None,),
-    "lora_bias": (False, None),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "use_qalora": (False, None),
-    "alora_invocation_tokens": (None,),
-    "use_bdlora": (None, False),
+    "target_parameters": ((None, []), "LoRA on raw parameters such as fused MoE expert weights (only "
+                                      "nn.Linear and Conv1D layers can take an adapter here)"),
+    "use_dora": ((False, None), "DoRA"),
+    "rank_pattern": (({}, None), "per-layer ranks"),
+    "alpha_pattern": (({}, None), "per-layer alphas"),
+    "layer_replication": ((None,), "layer replication"),
+    "lora_bias": ((False, None), "LoRA biases"),
+    "trainable_token_indices": ((None,), "trainable tokens"),
+    "use_qalora": ((False, None), "QA-LoRA"),
+    "alora_invocation_tokens": ((None,), "activated LoRA"),
+    "use_bdlora": ((None, False), "block-diagonal LoRA"),
 }
 
 
@@ -171,10 +175,9 @@ def read_adapter_config(directory: str) -> dict:
         raise AdapterError(f"{path} must hold a JSON object")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only 'LORA')")
-    for key, defaults in _UNSUPPORTED.items():
+    for key, (defaults, feature) in _UNSUPPORTED.items():
         if key in config and config[key] not in defaults:
-            raise AdapterError(f"{path}: {key}={config[key]!r} is not supported (DoRA, per-layer rank/alpha "
-                               "patterns, layer selection, LoRA biases and trainable tokens cannot be loaded exactly)")
+            raise AdapterError(f"{path}: {key}={config[key]!r} is not supported: {feature} cannot be loaded exactly")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
     r, alpha = config.get("r"), config.get("lora_alpha")
