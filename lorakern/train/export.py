@@ -46,7 +46,8 @@ def merge_and_save(model: nn.Module, tokenizer, directory: str) -> str:
     """Merge LoRA layers into the base weights (in place) and ``save_pretrained`` the result.
 
     NF4 layers become dense in their compute dtype. The saved directory loads
-    with ``AutoModelForCausalLM.from_pretrained(directory)`` alone.
+    with the model's auto class alone: ``AutoModelForCausalLM.from_pretrained(directory)``
+    (``AutoModelForSeq2SeqLM`` for T5 and other encoder-decoders).
     """
     from ..patch import merge_lora
 
