@@ -1,9 +1,7 @@
 """Command line: ``python -m lorakern {train,eval,generate,merge,env}``.
 
 ``train`` runs :mod:`lorakern.train.pipeline`, the pipeline behind
-``examples/train_qlora.py`` (same flags), and can read them from a YAML or JSON file with ``--config``; flags
-given on the command line win over the file. Keys are the flag names with
-dashes or underscores (``batch_size: 8``, ``method: lora``).
+``examples/train_qlora.py`` (same flags, ``--config`` included).
 """
 
 from __future__ import annotations
@@ -13,48 +11,10 @@ import json
 import os
 import sys
 
-def read_config(path: str) -> dict:
-    """Flag values from a ``.yaml``/``.yml`` or ``.json`` file (a mapping of flag name to value)."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            values = yaml.safe_load(f) or {}
-        elif path.endswith(".json"):
-            values = json.load(f)
-        else:
-            raise ValueError(f"--config must be a .yaml, .yml or .json file, got {path!r}")
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
-
-
 def _train(argv: list[str]) -> int:
     from .train import pipeline
 
-    parser = pipeline.build_parser(prog="python -m lorakern train")
-    parser.add_argument("--config", help="YAML or JSON file with option values (command-line flags win)")
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        values = read_config(pre.config)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
-        if isinstance(values.get("data"), str):
-            values["data"] = [values["data"]]
-        parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    try:
-        pipeline.resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        pipeline.run(args)
-    except OSError as e:  # a missing data or model file, a model the hub could not provide
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return pipeline.main(argv, prog="python -m lorakern train")
 
 
 def _eval(args) -> int:
@@ -130,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args) -> None:
+    """eval / generate / merge: refuse bad values before a model loads."""
+    for name, low in (("limit", 0), ("max_length", 2), ("max_new_tokens", 1), ("num_samples", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    data = getattr(args, "data", None)
+    if data is not None and not os.path.isfile(data):
+        raise ValueError(f"--data: no such file: {data}")
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and not os.path.isdir(adapter):
+        raise ValueError(f"--adapter: no such directory: {adapter}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # its flags belong to the training pipeline's own parser
@@ -143,6 +117,10 @@ def main(argv=None) -> int:
             args.device = resolve_device(args.device)
         except ValueError as e:
             parser.error(str(e))
+    try:
+        _check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     if args.command == "env":
         from .env import main as env_main
 

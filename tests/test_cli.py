@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from lorakern.cli import main, read_config
+from lorakern.cli import main
+from lorakern.train.pipeline import read_config
 
 
 def test_read_config_yaml_and_json(tmp_path):
@@ -54,7 +55,69 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
     config.write_text(json.dumps({"stepz": 3}))
     with pytest.raises(SystemExit):
         main(["train", "--config", str(config)])
-    assert "unknown option(s)" in capsys.readouterr().err and "stepz" in capsys.readouterr().err + "stepz"
+    err = capsys.readouterr().err
+    assert "unknown option(s)" in err and "stepz" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--grad-accum", "-1"], "--grad-accum must be >= 1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--save-every", "-2"], "--save-every must be >= 0"),
+    (["--r", "0"], "--r (the LoRA rank) must be a positive int"),
+    (["--alpha", "-2"], "--alpha must be a positive finite number"),
+    (["--dropout", "1.0"], "--dropout must be a probability in [0, 1)"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["--max-length", "1"], "--max-length must be >= 2"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--data", "/nonexistent/train.jsonl"], "--data: no such file: /nonexistent/train.jsonl"),
+    (["--test-data", "/nonexistent/test.jsonl"], "--test-data: no such file"),
+    (["--adapter", "/nonexistent/adapter"], "--adapter: no such directory"),
+    (["--method", "full", "--adapter", "."], "--adapter continues LoRA training"),
+    (["--target-modules", "q_proj|("], "--target-modules 'q_proj|(' is neither a list of names nor a valid regular"),
+    (["--config", "/nonexistent/run.yaml"], "--config: .*No such file"),
+    (["--config", "run.toml"], "--config: --config must be a .yaml, .yml or .json file"),
+])
+def test_train_refuses_bad_options_before_loading_anything(flags, message, monkeypatch, capsys):
+    import re
+
+    from lorakern.train import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load for a bad option")
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", no_load)
+    with pytest.raises(SystemExit) as e:
+        main(["train", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message if message.startswith("--config") else re.escape(message), err), err
+
+
+def test_bad_values_in_a_config_file_are_usage_errors(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 0\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(config)])
+    assert e.value.code == 2 and "--steps must be >= 1, got 0" in capsys.readouterr().err
+    config.write_text("steps: [1, 2]\n")  # wrong type from YAML
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(config)])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--data", "/nonexistent.jsonl"], "--data: no such file"),
+    (["eval", "--data", __file__, "--limit", "-1"], "--limit must be >= 0"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["merge", "--adapter", "/nonexistent", "--output", "out"], "--adapter: no such directory"),
+])
+def test_other_commands_refuse_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_env_command(capsys):

@@ -26,10 +26,17 @@ DEFAULTS = {
 }
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (their help says what unset means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Fine-tune a causal LM with QLoRA, LoRA or full "
                                 "fine-tuning on your own data, and report the before/after evaluation.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
                    help="local Hugging Face model directory, hub id or .gguf file "
@@ -78,6 +85,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--output-dir", default=os.path.join("runs", "train_qlora"))
     e.add_argument("--merge", action="store_true", help="also save a merged full model under OUTPUT_DIR/merged")
     e.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay in metrics.jsonl)")
+    p.add_argument("--config", help="YAML or JSON file of option values, keys as the flag names with dashes or "
+                                    "underscores (batch_size: 8); command-line flags win")
     return p
 
 
@@ -119,14 +128,74 @@ def resolve_device(spec: str):
     return device
 
 
+def _train_config(args: argparse.Namespace):
+    from . import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
+                       gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                       save_every=args.save_every, seed=args.seed, output_dir=args.output_dir,
+                       progress=not args.no_progress)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad option values before anything loads (a model load and the first evaluation take minutes).
+
+    Raises ValueError naming the option and what it must be.
+    """
+    import re
+
+    from ..nn._base import check_lora_args
+
+    try:
+        _train_config(args)
+    except ValueError as e:  # TrainConfig.<field> -> the option's name
+        msg = str(e)
+        field = msg.split(" ", 1)[0].removeprefix("TrainConfig.")
+        raise ValueError(f"--{field.replace('_', '-')}{msg[len('TrainConfig.' + field):]}") from None
+    if args.method != "full" and not args.adapter:
+        try:
+            check_lora_args(args.r, args.alpha, args.dropout, "kaiming")
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+        targets = _targets(args.target_modules)
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ValueError(f"--target-modules {targets!r} is neither a list of names nor a valid "
+                                 f"regular expression: {e}") from None
+    for name in ("val_fraction", "test_fraction"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2 tokens, got {args.max_length}")
+    for name, low in (("eval_limit", 0), ("num_samples", 0), ("max_new_tokens", 1), ("eval_batch_size", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    files = [("--data", path) for path in args.data]
+    if args.test_data != "split":
+        files.append(("--test-data", args.test_data))
+    if args.general_data and args.general_data.lower() != "none":
+        files.append(("--general-data", args.general_data))
+    for option, path in files:
+        if not os.path.isfile(path):
+            raise ValueError(f"{option}: no such file: {path}")
+    if args.adapter and not os.path.isdir(args.adapter):
+        raise ValueError(f"--adapter: no such directory: {args.adapter}")
+    if args.adapter and args.method == "full":
+        raise ValueError("--adapter continues LoRA training; it does not apply to --method full")
+
+
 def run(args: argparse.Namespace) -> dict:
     """The whole pipeline for parsed ``args``; returns the before/after report."""
-    from . import (TrainConfig, Trainer, evaluate_model, format_comparison, load_records, prepare_dataset,
+    from . import (Trainer, evaluate_model, format_comparison, load_records, prepare_dataset,
                    prepare_model, tokenize_records)
     from .data import clean_records
     from .export import merged_copy, save_trained
     from .models import load_model_and_tokenizer
 
+    check_args(args)
     t_start = time.perf_counter()
     _seed_everything(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -170,12 +239,7 @@ def run(args: argparse.Namespace) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {trainable:,}")
 
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
-                         gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
-                         save_every=args.save_every, seed=args.seed, output_dir=args.output_dir,
-                         progress=not args.no_progress)
-    trainer = Trainer(model, data.train, config, eval_data=data.validation, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(model, data.train, _train_config(args), eval_data=data.validation, pad_token_id=tokenizer.pad_token_id)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step}")
 
@@ -219,16 +283,60 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv=None, prog: str | None = None) -> int:
+def read_config(path: str) -> dict:
+    """Flag values from a ``.yaml``/``.yml`` or ``.json`` file (a mapping of flag name to value)."""
+    if not path.endswith((".yaml", ".yml", ".json")):
+        raise ValueError(f"--config must be a .yaml, .yml or .json file, got {path!r}")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            values = json.load(f)
+        else:
+            import yaml
+
+            values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    """Parse and check the options (``--config`` file values first, command-line flags over them).
+
+    Exits with a usage error (status 2) naming the option for any bad value,
+    before anything is loaded.
+    """
     parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        try:
+            values = read_config(pre.config)
+        except (OSError, ValueError) as e:  # a missing file, bad YAML / JSON, not a mapping
+            parser.error(f"--config: {e}")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
+        if isinstance(values.get("data"), str):
+            values["data"] = [values["data"]]
+        parser.set_defaults(**values)
     args = parser.parse_args(argv)
     try:
         resolve_device(args.device)
-    except ValueError as e:
+        check_args(args)
+    except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type
         parser.error(str(e))
+    return args
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    from ..patch.adapter import AdapterError
+    from .data import DataError
+
     try:
         run(args)
-    except OSError as e:  # a missing data or model file, a model the hub could not provide
+    except (OSError, DataError, AdapterError) as e:  # a missing or malformed file, a model the hub lacks
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
