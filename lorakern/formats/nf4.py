@@ -134,8 +134,13 @@ def dynamic_map(device=None) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
+def _is_int(v) -> bool:
+    """A Python (or symbolic, under torch.compile) int; bool is not one here (True would read as 1)."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
 def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
-    if not isinstance(blocksize, int) or blocksize not in SUPPORTED_BLOCKSIZES:
+    if not _is_int(blocksize) or blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"{name} must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
 
 
@@ -222,6 +227,11 @@ def assemble(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple, blocksize
     dev = packed.device
     if double_quant:
         offset = absmax.mean()
+        # float32 mean, as bitsandbytes computes it: it overflows once the block maxima sum past
+        # 3.4e38 (three blocks of 2e38, or 2.6e5 blocks of 1.3e33), and every weight would decode to inf
+        if dev.type != "meta" and not bool(torch.isfinite(offset)):
+            raise ValueError(f"cannot double-quantize: the mean of the {absmax.numel()} block absmax values overflows "
+                             f"float32 (largest {absmax.max().item():.3g}); quantize with double_quant=False")
         code = dynamic_map(dev)
         qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
         return NF4Weight(packed, qabsmax, nested_absmax, code, offset.reshape(1), shape, blocksize, dtype)
@@ -230,6 +240,11 @@ def assemble(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple, blocksize
 
 def decode_absmax(q: NF4Weight) -> torch.Tensor:
     """The fp32 absmax of every block (double quant decoded)."""
+    validate(q, "q")
+    return _decode_absmax(q)
+
+
+def _decode_absmax(q: NF4Weight) -> torch.Tensor:
     if not q.double_quant:
         return q.absmax.float()
     scale = q.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: q.absmax.numel()]
@@ -237,12 +252,15 @@ def decode_absmax(q: NF4Weight) -> torch.Tensor:
 
 
 def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decode to a dense tensor of ``q.shape`` (fp32 math, then cast to ``dtype``)."""
+    """Decode to a dense tensor of ``q.shape`` (fp32 math, then cast to ``dtype``, a floating dtype)."""
+    validate(q, "q")
     dtype = q.dtype if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     n = q.numel
     idx = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:n].long()
     values = NF4_CODE.to(q.device)[idx]
-    absmax = decode_absmax(q).repeat_interleave(q.blocksize)[:n]
+    absmax = _decode_absmax(q).repeat_interleave(q.blocksize)[:n]
     return (values * absmax).to(dtype).reshape(q.shape)
 
 
@@ -303,10 +321,10 @@ def from_bnb_state_dict(sd: dict, prefix: str = "weight") -> NF4Weight:
     if info.get("quant_type") != "nf4":
         raise QuantStateError(f"{prefix}: quant_type must be 'nf4', got {info.get('quant_type')!r}")
     blocksize = info.get("blocksize")
-    if blocksize not in SUPPORTED_BLOCKSIZES:
+    if not _is_int(blocksize) or blocksize not in SUPPORTED_BLOCKSIZES:
         raise QuantStateError(f"{prefix}: blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
     shape = info.get("shape")
-    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+    if not (isinstance(shape, list) and shape and all(_is_int(s) and s > 0 for s in shape)):
         raise QuantStateError(f"{prefix}: shape must be a list of positive integers, got {shape!r}")
     dtype = _DTYPE_NAMES.get(str(info.get("dtype", "float32")).removeprefix("torch."))
     if dtype is None:
@@ -320,8 +338,8 @@ def from_bnb_state_dict(sd: dict, prefix: str = "weight") -> NF4Weight:
     packed = packed.reshape(-1)
     if packed.numel() != (numel + 1) // 2:
         raise QuantStateError(f"{prefix}: {packed.numel()} packed bytes, expected {(numel + 1) // 2} for shape {shape}")
-    quant_map = sd.get(f"{prefix}.quant_map")
-    if quant_map is not None and not torch.equal(quant_map.float().cpu(), NF4_CODE):
+    quant_map = _need(sd, f"{prefix}.quant_map") if f"{prefix}.quant_map" in sd else None
+    if quant_map is not None and not (quant_map.is_floating_point() and torch.equal(quant_map.float().cpu(), NF4_CODE)):
         raise QuantStateError(f"{prefix}.quant_map is not the NF4 code table")
 
     absmax = _need(sd, f"{prefix}.absmax").reshape(-1)
@@ -331,13 +349,19 @@ def from_bnb_state_dict(sd: dict, prefix: str = "weight") -> NF4Weight:
     if f"{prefix}.nested_absmax" in sd:
         if absmax.dtype != torch.uint8:
             raise QuantStateError(f"{prefix}.absmax must be uint8 with double quantization, got {absmax.dtype}")
-        nested = _need(sd, f"{prefix}.nested_absmax").reshape(-1).float()
+        nested = _need(sd, f"{prefix}.nested_absmax").reshape(-1)
+        if not nested.is_floating_point():
+            raise QuantStateError(f"{prefix}.nested_absmax must be floating point, got {nested.dtype}")
+        nested = nested.float()
         nested_bs = info.get("nested_blocksize", NESTED_BLOCKSIZE)
         if nested_bs != NESTED_BLOCKSIZE:
             raise QuantStateError(f"{prefix}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {nested_bs!r}")
         if nested.numel() != -(-nblocks // NESTED_BLOCKSIZE):
             raise QuantStateError(f"{prefix}.nested_absmax has {nested.numel()} values, expected {-(-nblocks // NESTED_BLOCKSIZE)}")
-        code = _need(sd, f"{prefix}.nested_quant_map").reshape(-1).float()
+        code = _need(sd, f"{prefix}.nested_quant_map").reshape(-1)
+        if not code.is_floating_point():
+            raise QuantStateError(f"{prefix}.nested_quant_map must be floating point, got {code.dtype}")
+        code = code.float()
         if code.numel() != 256:
             raise QuantStateError(f"{prefix}.nested_quant_map must have 256 values, got {code.numel()}")
         offset = info.get("nested_offset")
@@ -354,7 +378,14 @@ def validate(q: NF4Weight, name: str = "qweight") -> None:
     """Check that the tensors of ``q`` are consistent with its shape (before any kernel reads them)."""
     if not isinstance(q, NF4Weight):
         raise TypeError(f"{name} must be an NF4Weight, got {type(q).__name__}")
+    for f in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
+        if not isinstance(getattr(q, f), torch.Tensor):
+            raise TypeError(f"{name}.{f} must be a torch.Tensor, got {type(getattr(q, f)).__name__}")
+    if not isinstance(q.shape, (tuple, list, torch.Size)) or not all(_is_int(s) and s > 0 for s in q.shape):
+        raise ValueError(f"{name}.shape must be a tuple of positive ints, got {q.shape!r}")
     _check_blocksize(q.blocksize, f"{name}.blocksize")
+    if not isinstance(q.dtype, torch.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(f"{name}.dtype (the dtype before quantization) must be a floating torch.dtype, got {q.dtype!r}")
     if q.packed.dtype != torch.uint8 or q.packed.dim() != 1:
         raise ValueError(f"{name}.packed must be a 1-D uint8 tensor, got {q.packed.dtype} with shape {tuple(q.packed.shape)}")
     # Fields only, no properties: torch 2.4's dynamo cannot trace a NamedTuple's properties
