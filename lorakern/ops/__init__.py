@@ -5,7 +5,9 @@ Each op checks its inputs (the same checks run in its fake implementation, so
 :mod:`lorakern.ops._registry`, and has its autograd written once here, above
 dispatch. The gradient math is written out in :mod:`lorakern.reference`.
 
-Public functions (leading batch dimensions of ``x`` are flattened and restored):
+The ops compute in the dtype of their inputs whether autocast is on or not (the
+nn modules apply autocast before calling them). Public functions (leading batch
+dimensions of ``x`` are flattened and restored):
 
     nf4_quantize(weight, blocksize=64, double_quant=True) -> NF4Weight
     nf4_dequantize(q, dtype=None) -> Tensor of q.shape
@@ -18,6 +20,7 @@ Public functions (leading batch dimensions of ``x`` are flattened and restored):
 
 # No ``from __future__ import annotations`` here: torch.library.custom_op infers each op's
 # schema from its annotations, and torch < 2.5 rejects string annotations ('Tensor').
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -49,6 +52,49 @@ def _empty_to_none(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
 
 
+def _no_autocast(device_type: str):
+    """A context that turns autocast off for ``device_type`` while a backend runs (a no-op when it is off).
+
+    The ops compute in the dtype of their inputs, as their schemas (and fake
+    implementations) promise; the nn modules apply autocast before calling them.
+    Left on, autocast re-cast the GEMMs inside a backend: under CPU bf16 autocast
+    with float32 inputs the cpu backend's ``y.addmm_(xa, lora_B.t())`` met a bf16
+    ``xa`` and a float32 ``y`` (RuntimeError), and the reference backend returned
+    float32 outputs with bf16 rounding (2.7e-3 relative error instead of 2e-7) and
+    a bf16 ``xa`` where the schema says x's dtype.
+    """
+    if device_type in ("cpu", "cuda"):
+        enabled = torch.is_autocast_enabled(device_type)
+    else:
+        enabled = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def _call(op: str, device_type: str, args: tuple):
+    """``op(*args)`` on the backend the registry picks, autocast off."""
+    mod = pick(op, device_type, args)
+    with _no_autocast(device_type):
+        return getattr(mod, op)(*args)
+
+
+def _call_backward(op: str, device_type: str, args: tuple):
+    """A backward op for the eager twins: the registry's backend, or the reference under ``create_graph=True``.
+
+    The native backends write gradients through raw pointers and ``out=`` GEMMs that
+    autograd cannot record, so a second derivative through them failed inside torch
+    (``mm(): functions with out=... arguments don't support automatic differentiation``)
+    or would miss terms. The reference formulas are plain torch ops, differentiable
+    again. (Through the custom ops, as under torch.compile, double backward is an error
+    naming ``lorakern::*_bwd``: those ops have no autograd formula.)
+    """
+    if not torch.is_grad_enabled():  # grad mode is on in backward only with create_graph=True
+        return _call(op, device_type, args)
+    from .. import reference
+
+    with _no_autocast(device_type):
+        return getattr(reference, op)(*args)
+
+
 def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
     """May the LoRA ops run as a plain ``autograd.Function`` instead of through the custom op?
 
@@ -78,8 +124,7 @@ def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
 
 @torch.library.custom_op("lorakern::nf4_quantize", mutates_args=())
 def _nf4_quantize(weight: Tensor, blocksize: int, double_quant: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    mod = pick("nf4_quantize", weight.device.type, (weight, blocksize, double_quant))
-    q = mod.nf4_quantize(weight, blocksize, double_quant)
+    q = _call("nf4_quantize", weight.device.type, (weight, blocksize, double_quant))
     return q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset
 
 
@@ -110,7 +155,7 @@ def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
 def _nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
                     shape: Sequence[int], blocksize: int, dtype: torch.dtype) -> Tensor:
     q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
-    return pick("nf4_dequantize", packed.device.type, (q, dtype)).nf4_dequantize(q, dtype)
+    return _call("nf4_dequantize", packed.device.type, (q, dtype))
 
 
 @_nf4_dequantize.register_fake
@@ -119,21 +164,26 @@ def _(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtyp
 
 
 def nf4_dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Decode ``q`` to a dense tensor of ``q.shape`` in ``dtype`` (default: the dtype it was quantized from)."""
+    """Decode ``q`` to a dense tensor of ``q.shape`` in ``dtype`` (default: the dtype it was quantized from).
+
+    The NF4 state is frozen: the result never requires grad, whatever ``q``'s tensors do.
+    """
     from ..formats.nf4 import validate
 
     validate(q, "q")
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    return _nf4_dequantize(*q.tensors(), list(q.shape), q.blocksize, dtype)
+    if dtype not in check.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32 or float64), got {dtype!r}")
+    # detached: the op has no autograd formula, so a float absmax that requires grad
+    # (no double quant) made backward fail inside torch with "no autograd formula"
+    return _nf4_dequantize(*(t.detach() for t in q.tensors()), list(q.shape), q.blocksize, dtype)
 
 
 @torch.library.custom_op("lorakern::nf4_matmul", mutates_args=())
 def _nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
                 shape: Sequence[int], blocksize: int, bias: Optional[Tensor]) -> Tensor:
     q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
-    return pick("nf4_matmul", x.device.type, (x, q, bias)).nf4_matmul(x, q, bias)
+    return _call("nf4_matmul", x.device.type, (x, q, bias))
 
 
 @_nf4_matmul.register_fake
@@ -145,7 +195,7 @@ def _(x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, b
 def _nf4_matmul_t(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
                   shape: Sequence[int], blocksize: int) -> Tensor:
     q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
-    return pick("nf4_matmul_t", dy.device.type, (dy, q)).nf4_matmul_t(dy, q)
+    return _call("nf4_matmul_t", dy.device.type, (dy, q))
 
 
 @_nf4_matmul_t.register_fake
@@ -184,8 +234,7 @@ def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None) -> Tensor
 @torch.library.custom_op("lorakern::lora_linear_fwd", mutates_args=())
 def _lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                      scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
-    args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return pick("lora_linear_fwd", x.device.type, args).lora_linear_fwd(*args)
+    return _call("lora_linear_fwd", x.device.type, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
 
 
 @_lora_linear_fwd.register_fake
@@ -197,7 +246,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def _lora_linear_bwd(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                      dropout_p: float, seed: Tensor, need_dx: bool, need_dweight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dweight)
-    dx, dw, da, db = pick("lora_linear_bwd", dy.device.type, args).lora_linear_bwd(*args)
+    dx, dw, da, db = _call("lora_linear_bwd", dy.device.type, args)
     return _none_to_empty(dx, x), _none_to_empty(dw, x), da, db
 
 
@@ -225,12 +274,14 @@ _lora_linear_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 
 class _LoRALinear(torch.autograd.Function):
-    """Eager twin of ``lora_linear_fwd`` + its registered autograd (see :func:`_eager_fast_path`)."""
+    """Eager twin of ``lora_linear_fwd`` + its registered autograd (see :func:`_eager_fast_path`).
+
+    Backward under ``create_graph=True`` runs the reference formulas (see :func:`_call_backward`).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        y, xa = pick("lora_linear_fwd", x.device.type, args).lora_linear_fwd(*args)
+        y, xa = _call("lora_linear_fwd", x.device.type, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         return y
@@ -240,13 +291,20 @@ class _LoRALinear(torch.autograd.Function):
         x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
         args = (dy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0], need[1])
-        dx, dw, da, db = pick("lora_linear_bwd", dy.device.type, args).lora_linear_bwd(*args)
+        dx, dw, da, db = _call_backward("lora_linear_bwd", dy.device.type, args)
         dbias = dy.sum(0) if need[2] else None
         return dx if need[0] else None, dw if need[1] else None, dbias, da, db, None, None, None
 
 
 def new_seed(device) -> Tensor:
-    """A fresh dropout seed from torch's generator for ``device`` (int64, one element)."""
+    """A fresh dropout seed from torch's generator for ``device`` (int64, one element).
+
+    ``device``: a ``torch.device``, a device string (``"cpu"``, ``"cuda:0"``), a CUDA index,
+    or None (torch's default device).
+    """
+    if isinstance(device, bool) or not (device is None or isinstance(device, (torch.device, str, int))):
+        raise TypeError(f"device must be a torch.device, a device string or an index, got {type(device).__name__}"
+                        + (" (pass x.device, not the tensor)" if isinstance(device, Tensor) else ""))
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
@@ -287,8 +345,7 @@ def _qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: 
                       shape: Sequence[int], blocksize: int, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                       scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
-    args = (x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return pick("qlora_linear_fwd", x.device.type, args).qlora_linear_fwd(*args)
+    return _call("qlora_linear_fwd", x.device.type, (x, q, bias, lora_A, lora_B, scaling, dropout_p, seed))
 
 
 @_qlora_linear_fwd.register_fake
@@ -303,7 +360,7 @@ def _qlora_linear_bwd(dy: Tensor, x: Tensor, xa: Tensor, packed: Tensor, absmax:
                       need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     q = check.as_nf4(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize)
     args = (dy, x, xa, q, lora_A, lora_B, scaling, dropout_p, seed, need_dx)
-    dx, da, db = pick("qlora_linear_bwd", dy.device.type, args).qlora_linear_bwd(*args)
+    dx, da, db = _call("qlora_linear_bwd", dy.device.type, args)
     return _none_to_empty(dx, x), da, db
 
 
@@ -336,18 +393,20 @@ class _QLoRALinear(torch.autograd.Function):
 
     With ``out_dtype`` (wider than x's dtype) the backend computes the base GEMM
     and ``xa`` only (scaling 0, no bias); bias and ``scaling * xa B^T`` are then
-    added in ``out_dtype`` (see :func:`qlora_linear`).
+    added in ``out_dtype`` (see :func:`qlora_linear`). Backward under ``create_graph=True``
+    runs the reference formulas (see :func:`_call_backward`).
     """
 
     @staticmethod
     def forward(ctx, x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dtype):
         wide = out_dtype is not None
         args = (x, q, None if wide else bias, lora_A, lora_B, 0.0 if wide else scaling, dropout_p, seed)
-        y, xa = pick("qlora_linear_fwd", x.device.type, args).qlora_linear_fwd(*args)
+        y, xa = _call("qlora_linear_fwd", x.device.type, args)
         if wide:
-            y = y.to(out_dtype).addmm_(xa.to(out_dtype), lora_B.to(out_dtype).t(), alpha=scaling)
-            if bias is not None:
-                y += bias.to(out_dtype)
+            with _no_autocast(x.device.type):
+                y = y.to(out_dtype).addmm_(xa.to(out_dtype), lora_B.to(out_dtype).t(), alpha=scaling)
+                if bias is not None:
+                    y += bias.to(out_dtype)
         ctx.save_for_backward(x, xa, lora_A, lora_B, seed)
         ctx.q, ctx.scaling, ctx.dropout_p = q, scaling, dropout_p
         return y
@@ -359,7 +418,7 @@ class _QLoRALinear(torch.autograd.Function):
         dbias = dy.sum(0) if need[2] else None
         dy = dy.to(x.dtype)
         args = (dy, x, xa, ctx.q, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0])
-        dx, da, db = pick("qlora_linear_bwd", dy.device.type, args).qlora_linear_bwd(*args)
+        dx, da, db = _call_backward("qlora_linear_bwd", dy.device.type, args)
         return dx if need[0] else None, None, dbias, da, db, None, None, None, None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -32,14 +33,22 @@ def input_x(x, name: str = "x") -> None:
     tensor(x, name, dtypes=FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension [..., K], got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); the last dim K must be >= 1")
     if x.numel() == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one row")
 
 
 def scalars(scaling: float, dropout_p: float) -> None:
-    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    # numbers.Real admits NumPy scalars (hyperparameters read from arrays or configs); a
+    # tensor is refused: it would need a device sync here, and the op schema takes a float.
+    if not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number (float), got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number (float) in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
@@ -87,8 +96,9 @@ def nf4_weight(q, x: torch.Tensor | None = None, name: str = "qweight") -> tuple
     _nf4.validate(q, name)
     if len(q.shape) != 2:
         raise ValueError(f"{name} must be a 2-D [N, K] weight, got shape {q.shape}")
-    if not q.packed.is_contiguous():
-        raise ValueError(f"{name}.packed must be contiguous")
+    for f in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
+        if not getattr(q, f).is_contiguous():  # the native kernels index them as flat arrays
+            raise ValueError(f"{name}.{f} must be contiguous")
     n, k = q.shape
     if x is not None:
         if q.packed.device != x.device:  # not q.device: torch 2.4's dynamo cannot trace NamedTuple properties
