@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import weakref
 from typing import Optional
@@ -83,14 +84,37 @@ def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 
 def check_lora_args(r, alpha, dropout, init) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    # numbers.Integral / Real admit NumPy scalars (hyperparameter sweeps); bool is refused (True is not a rank)
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
         raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+def check_bias(bias, out_features: int, device: torch.device) -> None:
+    """``bias`` is None or a floating ``[out_features]`` tensor on the base weight's ``device``."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be None or a floating tensor [{out_features}], got "
+                        f"{type(bias).__name__} {getattr(bias, 'dtype', '')}".rstrip())
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but the base weight is on {device}; move them to the same device")
+
+
+def check_input(x) -> None:
+    """Forward input: a floating tensor. An int, bool or complex ``x`` was cast silently (a complex
+    one losing its imaginary part); ``nn.Linear`` refuses them too."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -143,11 +167,11 @@ class LoRABase(nn.Module):
                       use_rslora: bool, init: str, device, dtype: torch.dtype) -> None:
         check_lora_args(r, alpha, dropout, init)
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.use_rslora, self.init = bool(use_rslora), init
-        self.scaling = lora_scaling(r, alpha, use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.scaling = lora_scaling(self.r, self.alpha, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=device, dtype=dtype))
         self.reset_lora_parameters()
 
     @torch.no_grad()

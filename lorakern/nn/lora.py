@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._base import INITS, LoRABase, adapter_dtype, cast_input, dense_weight_of, frozen
+from ._base import INITS, LoRABase, adapter_dtype, cast_input, check_bias, check_input, dense_weight_of, frozen
 
 __all__ = ["LoRALinear", "INITS"]
 
@@ -39,8 +39,9 @@ class LoRALinear(LoRABase):
             raise ValueError(f"weight must be a 2-D floating tensor [out_features, in_features], got "
                              f"{type(weight).__name__} {getattr(weight, 'dtype', '')} {tuple(getattr(weight, 'shape', ()))}")
         n, k = weight.shape
-        if bias is not None and tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+        if k == 0:  # x [..., 0] would be refused at every forward
+            raise ValueError(f"weight must have in_features >= 1, got shape {tuple(weight.shape)}")
+        check_bias(bias, n, weight.device)
         self.weight = frozen(weight)
         self.bias = frozen(bias)
         self.fan_in_fan_out = bool(fan_in_fan_out)
@@ -59,6 +60,7 @@ class LoRALinear(LoRABase):
         return cls(weight, bias, r, alpha, dropout, use_rslora, init, fan_in_fan_out)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
         dtype = self._autocast_dtype(x) or self.weight.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         if self.merged:

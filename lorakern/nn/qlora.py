@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..formats import nf4 as nf4_format
 from ..formats.nf4 import NF4Weight, QuantStateError
-from ._base import LoRABase, adapter_dtype, cast_input, dense_weight_of, frozen
+from ._base import LoRABase, adapter_dtype, cast_input, check_bias, check_input, dense_weight_of, frozen
 from .lora import LoRALinear, _new_linear
 
 __all__ = ["QLoRALinear"]
@@ -67,8 +67,7 @@ class QLoRALinear(LoRABase):
         if compute_dtype not in _COMPUTE_DTYPES:
             raise TypeError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype!r}")
         n, k = q.shape
-        if bias is not None and tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+        check_bias(bias, n, q.packed.device)
         self.blocksize, self.quant_dtype, self.compute_dtype = q.blocksize, q.dtype, compute_dtype
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.merged = False  # always: an NF4 base is never merged in place (see merged_linear)
@@ -127,6 +126,7 @@ class QLoRALinear(LoRABase):
     wide_output: bool = True
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
         autocast = self._autocast_dtype(x)
         dtype = autocast or self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
