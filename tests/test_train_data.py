@@ -88,6 +88,33 @@ def test_json_and_csv_files(tmp_path):
         load_records(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv"])
+def test_files_saved_with_a_byte_order_mark_and_crlf(tmp_path, ext):
+    # Spreadsheet programs and some editors on Windows write UTF-8 with a BOM and CRLF.
+    rows = [{"instruction": "héllo", "response": "wörld"}, {"instruction": "a", "response": "b"}]
+    if ext == "jsonl":
+        text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
+    elif ext == "json":
+        text = json.dumps(rows, ensure_ascii=False)
+    else:
+        text = "instruction,response\r\n" + "".join(f"{r['instruction']},{r['response']}\r\n" for r in rows)
+    path = tmp_path / f"d.{ext}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    data = load_records(str(path))
+    assert not data.issues and len(data) == 2
+    assert data.chats[0] == [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "wörld"}]
+
+
+def test_no_training_example_left_is_an_error_saying_why(tok, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no training records in .*empty.jsonl"):
+        prepare_dataset(tok, str(empty))
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["not json", {"instruction": "x", "response": " "}])
+    with pytest.raises(DataError, match=r"(?s)2 bad record.*bad.jsonl:1: invalid JSON.*bad.jsonl:2: empty assistant"):
+        prepare_dataset(tok, bad)
+
+
 def test_clean_strips_dedups_and_reports(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"prompt": "  same  ", "response": "x\n"},

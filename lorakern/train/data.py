@@ -167,7 +167,7 @@ def _iter_file(path: str) -> Iterable[tuple[int, object | Exception]]:
     """Yield (line or record number, parsed record or the parse error) for one file."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -176,7 +176,7 @@ def _iter_file(path: str) -> Iterable[tuple[int, object | Exception]]:
                 except json.JSONDecodeError as e:
                     yield lineno, ValueError(f"invalid JSON: {e.msg} at column {e.colno}")
     elif ext == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
@@ -188,7 +188,7 @@ def _iter_file(path: str) -> Iterable[tuple[int, object | Exception]]:
         # no line numbers survive json.load: report the 1-based record index
         yield from enumerate(data, 1)
     elif ext == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             for rec in reader:
                 # line of the record's last physical line (quoted fields may span lines)
@@ -453,7 +453,9 @@ def prepare_dataset(
     """Load, clean, split and tokenize data files in one call (the usual path).
 
     Only the train split is packed (``packing=True``); evaluation splits stay one
-    example per sequence so per-example metrics remain meaningful.
+    example per sequence so per-example metrics remain meaningful. Raises
+    :class:`DataError` when no training example is left (listing why each record
+    was dropped), instead of a trainer with nothing to train on.
     """
     data = clean_records(load_records(paths, strict=strict))
     train, val, test = split_records(data, val_fraction, test_fraction, seed)
@@ -463,6 +465,9 @@ def prepare_dataset(
         examples, bad = tokenize_records(tokenizer, part, max_length, overlong)
         issues += bad
         splits[name] = examples
+    if not splits["train"]:
+        raise DataError(issues) if issues else DataError(
+            f"no training records in {paths if isinstance(paths, (str, os.PathLike)) else ', '.join(map(str, paths))}")
     if packing:
         splits["train"] = pack_examples(splits["train"], max_length)
     return PreparedData(splits["train"], splits["validation"], splits["test"],
