@@ -420,6 +420,13 @@ def test_format_dequantize_validates_first(change, exc, match):
         nf4.decode_absmax(q._replace(**change))
 
 
+def test_bnb_export_of_a_corrupted_weight_is_refused():
+    # before: written silently, failing only when the checkpoint was loaded
+    q = nf4.quantize(_randn(N, K))
+    with pytest.raises(ValueError, match="q.absmax has 40 values, expected 41"):
+        nf4.to_bnb_state_dict(q._replace(absmax=q.absmax[:-1]), "w")
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, "float32"])
 def test_format_dequantize_rejects_non_floating_dtype(dtype):
     # before: torch.int32 returned truncated integers

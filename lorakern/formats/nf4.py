@@ -269,6 +269,7 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def to_bnb_state_dict(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes writes for a ``Linear4bit`` weight, keyed ``{prefix}...``."""
+    validate(q, "q")  # an inconsistent q would be written silently and fail only when loaded
     out = {prefix: q.packed.reshape(-1, 1)}
     info = {
         "quant_type": "nf4",
