@@ -120,6 +120,36 @@ def test_exact_resume_bit_identical(examples, tmp_path, method):
     assert straight[-1] < straight[0]
 
 
+def test_each_rank_and_step_draws_its_own_dropout_seeds(examples, monkeypatch):
+    # In a data-parallel job every rank must draw different dropout masks (a generator
+    # state shared by all ranks drops the same units of every rank's rows), while a
+    # given (seed, step, rank) always draws the same ones (exact resume).
+    from lorakern import ops
+
+    drawn = []
+    real = ops.new_seed
+    monkeypatch.setattr(ops, "new_seed", lambda device: drawn.append(int(real(device))) or torch.tensor(
+        [drawn[-1]], dtype=torch.int64))
+
+    def seeds(rank, prior, steps=2):
+        model = tiny_llama(seed=0)
+        prepare_model(model, "lora", r=4, alpha=8, dropout=0.1)
+        config = TrainConfig(steps=steps, batch_size=2, lr=1e-3, progress=False, mixed_precision="no", seed=0)
+        trainer = Trainer(model, examples, config, world=World(rank, 2))
+        torch.manual_seed(prior)  # a job seeds every rank alike
+        per_step = []
+        for _ in range(steps):
+            drawn.clear()
+            trainer.train_step()
+            per_step.append(list(drawn))
+        return per_step
+
+    r0, r1, r0_again = seeds(0, prior=123), seeds(1, prior=123), seeds(0, prior=7)
+    assert r0 == r0_again and len(r0[0]) > 0      # the step decides, not the state before it
+    assert not set(r0[0]) & set(r1[0])            # ranks differ
+    assert not set(r0[0]) & set(r0[1])            # steps differ
+
+
 def test_checkpoint_files_are_safe_formats_and_atomic(examples, tmp_path):
     trainer, _ = _train(examples, 2, "lora", out=str(tmp_path), total=4, keep_checkpoints=1)
     trainer.train_step()

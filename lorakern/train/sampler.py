@@ -51,13 +51,17 @@ class World:
         """Wait for every rank (nothing to wait for in one process)."""
 
 
-def _seeded(*parts: int) -> torch.Generator:
-    # Mix the parts into one 63-bit seed; distinct tuples give unrelated streams.
+def mix_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit seed; distinct tuples give unrelated streams."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
-    return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(*parts))
 
 
 class MixtureSampler:

@@ -6,7 +6,8 @@ labelled tokens of the step (not a mean of per-micro-batch means), so the
 result does not depend on how a batch is split into micro-batches.
 
 Exact resume: the batch of every step is a pure function of the seed and the
-sampler position, and checkpoints hold trainable weights, AdamW state, the
+sampler position, torch's generators are reseeded from (seed, step, rank) at the
+start of every step, and checkpoints hold trainable weights, AdamW state, the
 learning-rate step and every RNG state, so N steps straight and k steps +
 resume + N-k steps give the same losses bit for bit on CPU.
 """
@@ -28,11 +29,13 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Collator, Example
 from .distributed import check_resume, full_state, no_sync, wrap_model
 from .loss import causal_lm_loss
-from .sampler import MixtureSampler, World
+from .sampler import MixtureSampler, World, mix_seed
 
 __all__ = ["TrainConfig", "Trainer", "prepare_model", "cosine_lr", "autocast_dtype"]
 
 METHODS = ("full", "lora", "qlora")
+# Last part of the per-step seed: keeps the step RNG stream apart from the sampler's streams.
+_STEP_STREAM = 0x5EED
 
 
 @dataclass
@@ -305,6 +308,11 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         self.model.train()
+        # The random numbers of a step (LoRA and model dropout) come from (seed, step,
+        # rank): every rank draws its own masks (one generator state copied to all
+        # ranks dropped the same units in every rank's rows), and a run resumed at any
+        # step draws what the uninterrupted run drew.
+        torch.manual_seed(mix_seed(cfg.seed, self.step, self.world.rank, _STEP_STREAM))
         batches = self._next_micro_batches()
         n_labels = self.world.all_reduce_sum(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
         n_tokens = self.world.all_reduce_sum(float(sum(int(b["attention_mask"].sum()) for b in batches)))
