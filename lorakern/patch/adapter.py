@@ -6,7 +6,8 @@ Key layout of ``adapter_model.safetensors`` (what ``peft.PeftModel.from_pretrain
     base_model.model.<path>.lora_B.weight    [out_features, r]
     base_model.model.<path>.<param>          every parameter of each modules_to_save module
                                              (PEFT keeps them under ``modules_to_save.<adapter>``
-                                             in memory and strips that part when saving)
+                                             in memory and strips that part when saving), and of
+                                             each module tied to one (a head's input embeddings)
 
 ``<path>`` is the qualified module name in the model given to :func:`apply_lora`.
 Only JSON and safetensors are read: never pickle (a ``.bin`` adapter is refused).
@@ -119,6 +120,10 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         for head in _CLASSIFIER_HEADS:
             if head in names and not any(head == k or head.startswith(k + ".") for k in keep):
                 keep.append(head)
+    # A kept module trained here still shares tied weights with its partners (an output head with
+    # the input embeddings); PEFT gives each modules_to_save entry its own copy, so the partners
+    # are stored too, or PEFT would run the trained head with the original embeddings.
+    keep += _tied_partners(model, keep, modules)
 
     tensors = {}
     for name, module in modules.items():
@@ -212,9 +217,11 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     exclude_modules and layers_to_transform selected when it saved), with the
     config's r, lora_alpha, lora_dropout, use_rslora and modules_to_save;
     ``quantize="nf4"`` puts the adapter on an NF4 base. A patched model must
-    already have exactly the adapter's layers, ranks and scaling. Then every
-    tensor is copied in; a key that belongs to no layer, a layer without
-    weights, or a shape mismatch is an :class:`AdapterError` naming it.
+    already have exactly the adapter's layers, ranks and scaling. As in PEFT,
+    each modules_to_save module gets its own copy of a weight it shares with
+    another module (a head tied to the input embeddings loads apart from them).
+    Then every tensor is copied in; a key that belongs to no layer, a layer
+    without weights, or a shape mismatch is an :class:`AdapterError` naming it.
     """
     model = _unwrap(model)
     config = read_adapter_config(directory)
@@ -241,6 +248,7 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     state = lora_state(model)
     keep = list(state.modules_to_save) if state is not None else []
     _check_layers(modules, config, directory)
+    _untie_modules_to_save(model, keep)
 
     lora_keys = {f"{PREFIX}{n}{s}": (n, s) for n in modules for s in _LORA_SUFFIXES}
     keep_keys = {f"{PREFIX}{n}.{k}": (n, k) for n in keep for k in model.get_submodule(n).state_dict()}
@@ -262,6 +270,68 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
             if sub:
                 model.get_submodule(name).load_state_dict(sub, strict=True)
     return list(modules)
+
+
+def _kept_root(name: str, keep) -> Optional[str]:
+    return next((k for k in keep if name == k or name.startswith(k + ".")), None)
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(parameter) -> every (module name, module, attribute) that holds it directly."""
+    owners: dict[int, list] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((name, module, attr))
+    return owners
+
+
+def _tied_partners(model: nn.Module, keep, lora_layers: dict) -> list[str]:
+    """Modules outside ``keep`` that hold a parameter of a ``keep`` module (tied weights), in model order."""
+    partners = {}
+    for entries in _parameter_owners(model).values():
+        roots = {_kept_root(name, keep) for name, _, _ in entries}
+        if len(roots) < 2 or roots == {None}:
+            continue
+        for name, _, attr in entries:
+            if _kept_root(name, keep) is not None:
+                continue
+            owner = _kept_root(name, lora_layers) or name
+            if owner in lora_layers:
+                raise ValueError(f"modules_to_save shares the parameter {name}.{attr} with the LoRA layer {owner!r} "
+                                 "(tied weights); PEFT's format cannot hold a trained base weight of a LoRA layer")
+            partners[name] = None
+    return list(partners)
+
+
+def _untie_modules_to_save(model: nn.Module, keep) -> None:
+    """Give each modules_to_save module its own copy of any parameter it shares with another module.
+
+    PEFT keeps a copy of every modules_to_save module, so an adapter that trained a
+    head tied to the input embeddings holds a new head and leaves the embeddings as
+    they were; loaded into the tied model as is, the head's weights would overwrite
+    the embeddings too. Modules outside ``keep`` keep the original parameter, frozen.
+    A module registered under two names (one kept, one not) stays one module with
+    one weight for both names, as it was when trained here: it cannot hold two copies.
+    """
+    for entries in _parameter_owners(model).values():
+        roots = {_kept_root(name, keep) for name, _, _ in entries}
+        if len(roots) < 2:
+            continue
+        aliases: dict[tuple[int, str], set] = {}
+        for name, module, attr in entries:
+            aliases.setdefault((id(module), attr), set()).add(_kept_root(name, keep))
+        if any(len(r) > 1 for r in aliases.values()):
+            continue
+        original = getattr(entries[0][1], entries[0][2])
+        copies: dict[str, nn.Parameter] = {}
+        for name, module, attr in entries:
+            root = _kept_root(name, keep)
+            if root is not None:
+                if root not in copies:
+                    copies[root] = nn.Parameter(original.detach().clone(), requires_grad=True)
+                setattr(module, attr, copies[root])
+        if None in roots:
+            original.requires_grad_(False)
 
 
 def _adapted_paths(weights: dict) -> list[str]:
