@@ -332,3 +332,40 @@ def test_peft_all_linear_adapter_loads_here(family, tmp_path):
 def test_all_linear_leaves_out_layers_the_fused_mamba_path_reads(family):
     names = lorakern.apply_lora(_base(family), "all-linear", r=2)
     assert not [n for n in names if n.rpartition(".")[2] in EXCLUDE[family]]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "t5"])
+def test_trained_tied_head_travels_both_ways(family, tmp_path):
+    """modules_to_save on a head tied to the input embeddings (T5: to three embedding modules).
+
+    Here the kept head still shares its weight with the embeddings, so training it trains
+    them too; PEFT trains a copy of the head alone. Each side's adapter must load into the
+    other with the same logits.
+    """
+    ours = _base(family)
+    assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
+    lorakern.apply_lora(ours, "all-linear", r=4, alpha=8, modules_to_save=["lm_head"])
+    randomize_adapters(ours)
+    with torch.no_grad():
+        ours.lm_head.weight.add_(torch.randn(ours.lm_head.weight.shape, generator=torch.Generator().manual_seed(4)))
+    lorakern.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(_base(family), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(theirs, family), _logits(ours, family), atol=ATOL, rtol=RTOL)
+    again = _base(family)
+    lorakern.load_adapter(again, tmp_path / "ours")
+    assert torch.equal(_logits(again, family), _logits(ours, family))
+
+    theirs = peft.get_peft_model(_base(family), peft.LoraConfig(r=2, target_modules=["v_proj", "v"][family in SEQ2SEQ:],
+                                                                 modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.1)
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = _base(family)
+    lorakern.load_adapter(loaded, tmp_path / "theirs")
+    torch.testing.assert_close(_logits(loaded, family), _logits(theirs.eval(), family), atol=ATOL, rtol=RTOL)
+    untrained = _base(family).get_input_embeddings().weight
+    assert torch.equal(loaded.get_input_embeddings().weight, untrained)  # PEFT trained the head alone
+    trainable = sorted(n for n, p in loaded.named_parameters() if p.requires_grad and ".lora_" not in n)
+    assert trainable == ["lm_head.weight"]
