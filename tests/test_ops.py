@@ -196,7 +196,6 @@ def _call_lora(**over):
     "over, exc, match",
     [
         (dict(x=torch.randn(7, 64)), ValueError, "x has 64 features .* expects K = 65"),
-        (dict(x=torch.randn(0, 65)), ValueError, "x is an empty batch"),
         (dict(x=torch.tensor(1.0)), ValueError, "at least 1 dimension"),
         (dict(x=torch.ones(7, 65, dtype=torch.int64)), TypeError, "x must have dtype in"),
         (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
@@ -238,8 +237,30 @@ def test_nf4_ops_bad_inputs():
         ops.nf4_matmul(x, q._replace(packed=strided))
     with pytest.raises(TypeError, match="floating dtype"):
         ops.nf4_dequantize(q, torch.int8)
-    with pytest.raises(ValueError, match="x is an empty batch"):
-        ops.qlora_linear(torch.randn(0, 65), q, None, torch.randn(4, 65), torch.randn(40, 4))
+    with pytest.raises(ValueError, match="x has no features"):
+        ops.qlora_linear(torch.randn(3, 0), q, None, torch.randn(4, 65), torch.randn(40, 4))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_a_batch_without_rows_gives_an_empty_result_and_zero_gradients(lead):
+    # As nn.Linear: an MoE expert no token was routed to calls its layers with such a batch.
+    from lorakern.nn import LoRALinear, QLoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(65, 40)
+    for layer in (LoRALinear.from_linear(base, r=4, alpha=8), QLoRALinear.from_linear(base, r=4, alpha=8)):
+        x = torch.randn(*lead, 65, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (*lead, 40) and y.dtype == torch.float32
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        for p in (layer.lora_A, layer.lora_B):
+            assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+    q = ops.nf4_quantize(base.weight.detach())
+    assert ops.nf4_matmul(torch.randn(*lead, 65), q, base.bias).shape == (*lead, 40)
+    y = ops.qlora_linear(torch.randn(*lead, 65, dtype=torch.bfloat16), q, None, torch.randn(4, 65, dtype=torch.bfloat16),
+                         torch.randn(40, 4, dtype=torch.bfloat16), out_dtype=torch.float32)
+    assert y.shape == (*lead, 40) and y.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------- compile

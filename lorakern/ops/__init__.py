@@ -219,11 +219,32 @@ def _nf4_matmul_backward(ctx, dy):
 _nf4_matmul.register_autograd(_nf4_matmul_backward, setup_context=_nf4_matmul_setup)
 
 
+def _empty_rows(x: Tensor, n: int, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Optional[Tensor] = None,
+                lora_B: Optional[Tensor] = None, scaling: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The ``[..., N]`` result of a batch without rows, on the autograd graph of every input (zero gradients).
+
+    ``nn.Linear`` takes such batches, and models call their layers with them: an MoE
+    expert that no token was routed to, a filtered batch that came out empty. Plain
+    torch ops on empty tensors give exactly that; no kernel is launched.
+    """
+    with _no_autocast(x.device.type):
+        x2 = x.reshape(0, x.shape[-1])
+        y = x2 @ (weight.t() if weight is not None else x2.new_zeros(x2.shape[1], n))
+        if lora_A is not None:
+            y = y + scaling * ((x2 @ lora_A.t()) @ lora_B.t())
+        y = y.to(out_dtype or x.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ dequant(q)^T + bias`` without materialising the dequantized weight (backend permitting)."""
     check.input_x(x)
     n, k = check.nf4_weight(q, x)
     check.bias(bias, n, x)
+    if x.numel() == 0:
+        return _empty_rows(x, n, None, bias)
     y = _nf4_matmul(x.reshape(-1, k), *q.tensors(), list(q.shape), q.blocksize, bias)
     return y.reshape(*x.shape[:-1], n)
 
@@ -328,6 +349,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     check.bias(bias, n, x)
     check.lora(lora_A, lora_B, n, k, x)
     check.scalars(scaling, dropout_p)
+    if x.numel() == 0:
+        return _empty_rows(x, n, weight, bias, lora_A, lora_B, float(scaling))
     seed = _seed_or_zero(seed, x, dropout_p)
     args = (x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     if _eager_fast_path(x, weight, bias, lora_A, lora_B, seed):
@@ -458,6 +481,8 @@ def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point
                                   or torch.finfo(out_dtype).bits <= torch.finfo(x.dtype).bits):
         raise ValueError(f"out_dtype must be a floating dtype wider than x's {x.dtype}, got {out_dtype!r}")
+    if x.numel() == 0:
+        return _empty_rows(x, n, None, bias, lora_A, lora_B, float(scaling), out_dtype)
     seed = _seed_or_zero(seed, x, dropout_p)
     x2 = x.reshape(-1, k)
     if _eager_fast_path(x, *q.tensors(), bias, lora_A, lora_B, seed):

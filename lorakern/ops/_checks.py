@@ -35,8 +35,6 @@ def input_x(x, name: str = "x") -> None:
         raise ValueError(f"{name} must have at least 1 dimension [..., K], got a scalar")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); the last dim K must be >= 1")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one row")
 
 
 def scalars(scaling: float, dropout_p: float) -> None:
