@@ -5,7 +5,9 @@ For each family, dense and NF4: apply_lora("all-linear") -> one training step
 dense base and computes the same logits -> load_adapter into a fresh model
 gives the same logits -> merge_lora / merged_copy / merge_and_save give plain
 layers with the same logits, and the merged model survives save_pretrained +
-from_pretrained (safetensors).
+from_pretrained (safetensors). Also: "all-linear" picks PEFT's layers, PEFT's
+all-linear adapters load here, and a trained tied head (modules_to_save) travels
+both ways.
 
 Every model is a tiny random one built from its config (hidden 64, 2 layers,
 vocab 128, dropout off), once per module and deep-copied by each test.
