@@ -371,3 +371,8 @@ def test_trained_tied_head_travels_both_ways(family, tmp_path):
     assert torch.equal(loaded.get_input_embeddings().weight, untrained)  # PEFT trained the head alone
     trainable = sorted(n for n, p in loaded.named_parameters() if p.requires_grad and ".lora_" not in n)
     assert trainable == ["lm_head.weight"]
+    # the merged model keeps the untied head through save_pretrained / from_pretrained
+    merge_and_save(loaded, None, tmp_path / "merged")
+    reloaded = _auto_class(family).from_pretrained(tmp_path / "merged").eval()
+    assert reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight
+    _assert_reloaded_close(_logits(reloaded, family), _logits(loaded, family))
