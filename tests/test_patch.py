@@ -175,9 +175,9 @@ def test_all_linear_skips_layers_an_adapter_cannot_serve_and_explicit_targets_sa
     mamba = _tiny("mamba", hidden_size=64, state_size=8, num_hidden_layers=2)
     names = lorakern.apply_lora(copy.deepcopy(mamba), quantize="nf4")
     assert names and not [n for n in names if n.endswith("dt_proj")]
-    assert "backbone.layers.0.mixer.x_proj" in names
-    with pytest.raises(TypeError, match=r"'backbone.layers.0.mixer.dt_proj' is the time-step projection of a "
-                                        r"MambaMixer, which multiplies by its weight directly"):
+    assert "backbone.layers.0.mixer.in_proj" in names and not [n for n in names if n.endswith(("x_proj", "out_proj"))]
+    with pytest.raises(TypeError, match=r"'backbone.layers.0.mixer.dt_proj' is a projection of a "
+                                        r"MambaMixer, which multiplies by its weight or passes it to a fused kernel"):
         lorakern.apply_lora(copy.deepcopy(mamba), ["dt_proj"])
     ids = torch.randint(3, 128, (2, 12))
     patched = copy.deepcopy(mamba)

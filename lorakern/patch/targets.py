@@ -7,7 +7,8 @@ Forms accepted for ``target_modules`` / ``exclude`` / ``modules_to_save``:
   ``*ForSequenceClassification`` / ``*ForTokenClassification`` models without one,
   the ``score`` / ``classifier`` head), as PEFT does. Also left out: layers whose
   parent reads their weight instead of calling them (``nn.MultiheadAttention``'s
-  ``out_proj``, a Mamba mixer's ``dt_proj``), and ``nn.Linear`` subclasses that a
+  ``out_proj``, the projections a Mamba mixer hands to its fused kernel:
+  ``WEIGHTS_READ_BY_MIXER``), and ``nn.Linear`` subclasses that a
   transformers model defines with a forward of its own (MoE routers such as
   Llama 4's): an adapter on either would be ignored or wrong.
 * a list of names: a module matches when its qualified name equals an entry or
@@ -49,14 +50,32 @@ def _model_specific_forward(module: nn.Module) -> bool:
             and f"{cls.__module__}.{cls.__name__}" not in PLAIN_LINEAR_SUBCLASSES)
 
 
+# State-space mixers (transformers class name -> child layers) whose weight the mixer reads
+# itself: it multiplies by dt_proj.weight, and on a GPU with the mamba_ssm / causal-conv
+# kernels installed it hands these weights to one fused kernel. Exact names: Jamba's mixer
+# calls its x_proj and out_proj like any layer.
+WEIGHTS_READ_BY_MIXER = {
+    "MambaMixer": ("x_proj", "dt_proj", "out_proj"),
+    "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
+    "JambaMambaMixer": ("dt_proj",),
+    "Mamba2Mixer": ("out_proj",),
+    "FalconH1Mixer": ("out_proj",),
+    "BambaMixer": ("out_proj",),
+    "NemotronHMamba2Mixer": ("out_proj",),
+    "GraniteMoeHybridMambaLayer": ("out_proj",),
+    "Zamba2MambaMixer": ("out_proj",),
+}
+
+
 def _weight_read_by_parent(name: str, parent: Optional[nn.Module]) -> Optional[str]:
     leaf = name.rpartition(".")[2]
     if isinstance(parent, nn.MultiheadAttention):
         return (f"{name!r} is the output projection of an nn.MultiheadAttention, which reads its weight "
                 f"directly instead of calling it; an adapter there would be ignored")
-    if leaf == "dt_proj" and type(parent).__name__.endswith("MambaMixer"):
-        return (f"{name!r} is the time-step projection of a {type(parent).__name__}, which multiplies by its "
-                f"weight directly instead of calling it; an adapter there would be ignored")
+    kind = type(parent).__name__
+    if leaf in WEIGHTS_READ_BY_MIXER.get(kind, ()):
+        return (f"{name!r} is a projection of a {kind}, which multiplies by its weight or passes it to a fused "
+                f"kernel instead of calling it; an adapter there would be ignored")
     return None
 
 
