@@ -96,6 +96,16 @@ def test_train_refuses_bad_options_before_loading_anything(flags, message, monke
     assert re.search(message if message.startswith("--config") else re.escape(message), err), err
 
 
+def test_targets_the_model_lacks_end_with_one_line(tiny_model_dir, tmp_path, capsys):
+    base = ["train", "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--no-progress"]
+    assert main(base + ["--target-modules", "nonexistent_proj"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model-loading progress bars
+    assert last.startswith("error: --target-modules nonexistent_proj: target_modules entries matched no module")
+    assert main(base + ["--target-modules", ".*mlp"]) == 1  # matches the MLP containers, not linear layers
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "LlamaMLP; only nn.Linear and transformers Conv1D" in err
+
+
 def test_bad_values_in_a_config_file_are_usage_errors(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("steps: 0\n")

@@ -128,6 +128,10 @@ def resolve_device(spec: str):
     return device
 
 
+class OptionError(ValueError):
+    """An option value that only turned out wrong once the model was loaded (e.g. --target-modules)."""
+
+
 def _train_config(args: argparse.Namespace):
     from . import TrainConfig
 
@@ -233,8 +237,11 @@ def run(args: argparse.Namespace) -> dict:
     elif args.method == "full":
         prepare_model(model, "full")
     else:
-        names = prepare_model(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
-                              target_modules=_targets(args.target_modules))
+        try:
+            names = prepare_model(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                                  target_modules=_targets(args.target_modules))
+        except (TypeError, ValueError) as e:  # targets that match nothing or a layer that cannot be adapted
+            raise OptionError(f"--target-modules {args.target_modules}: {e}") from None
         print(f"{args.method}: adapters on {len(names)} layers (r={args.r}, alpha={args.alpha})")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {trainable:,}")
@@ -336,7 +343,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
     try:
         run(args)
-    except (OSError, DataError, AdapterError) as e:  # a missing or malformed file, a model the hub lacks
+    except (OSError, DataError, AdapterError, OptionError) as e:  # a missing or bad file or option value
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
