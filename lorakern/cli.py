@@ -125,4 +125,12 @@ def main(argv=None) -> int:
         from .env import main as env_main
 
         return env_main()
-    return {"eval": _eval, "generate": _generate, "merge": _merge}[args.command](args)
+    from .patch.adapter import AdapterError
+    from .train.data import DataError
+    from .train.models import ModelError
+
+    try:
+        return {"eval": _eval, "generate": _generate, "merge": _merge}[args.command](args)
+    except (OSError, DataError, AdapterError, ModelError) as e:  # a missing or bad file, a model it cannot serve
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -106,6 +106,22 @@ def test_targets_the_model_lacks_end_with_one_line(tiny_model_dir, tmp_path, cap
     assert "Traceback" not in err and "LlamaMLP; only nn.Linear and transformers Conv1D" in err
 
 
+def test_a_model_that_is_not_a_causal_lm_is_one_error_line(tmp_path, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lorakern.train.tiny import tiny_tokenizer
+
+    path = str(tmp_path / "t5")
+    T5ForConditionalGeneration(T5Config(vocab_size=300, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                        decoder_start_token_id=0, pad_token_id=0)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    for argv in (["train", "--model", path, "--output-dir", str(tmp_path / "run")],
+                 ["generate", "--model", path, "--prompt", "hi"]):
+        assert main(argv) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {path} holds a 't5' model, which is not a causal language model"), last
+
+
 def test_bad_values_in_a_config_file_are_usage_errors(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("steps: 0\n")

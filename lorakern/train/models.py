@@ -58,6 +58,10 @@ def _looks_like_a_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
 
 
+class ModelError(ValueError):
+    """A model that loads but is not one the trainer can fine-tune."""
+
+
 def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a causal LM and its tokenizer (see :func:`resolve_model` for ``spec``).
 
@@ -75,6 +79,16 @@ def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        from transformers import AutoConfig
+
+        kind = getattr(AutoConfig.from_pretrained(path, **kwargs), "model_type", "unknown")
+        raise ModelError(f"{path} holds a {kind!r} model, which is not a causal language model: the trainer "
+                         "fine-tunes models that AutoModelForCausalLM loads (decoder-only LMs). For others "
+                         "(encoder-decoders such as T5, classifiers) call lorakern.apply_lora on the model and "
+                         "train it with your own loop") from None
     except OSError as e:
         if os.path.isdir(path) or gguf_file:
             raise

@@ -340,10 +340,11 @@ def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     from ..patch.adapter import AdapterError
     from .data import DataError
+    from .models import ModelError
 
     try:
         run(args)
-    except (OSError, DataError, AdapterError, OptionError) as e:  # a missing or bad file or option value
+    except (OSError, DataError, AdapterError, ModelError, OptionError) as e:  # a missing or bad file or option value
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
