@@ -41,9 +41,11 @@ def test_example_runs_on_tiny_model(tiny_model_dir, tmp_path, method, capsys):
 
 
 def test_example_reports_missing_data(tiny_model_dir, tmp_path, capsys):
-    code = load_example().main(["--model", tiny_model_dir, "--data", str(tmp_path / "nope.jsonl"),
-                                "--output-dir", str(tmp_path / "o")])
-    assert code == 1 and "data file not found" in capsys.readouterr().err
+    # A usage error before the model loads (exit status 2), naming the option and the path.
+    with pytest.raises(SystemExit) as e:
+        load_example().main(["--model", tiny_model_dir, "--data", str(tmp_path / "nope.jsonl"),
+                             "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and f"--data: no such file: {tmp_path / 'nope.jsonl'}" in capsys.readouterr().err
 
 
 def test_missing_default_model_names_the_pip_command(monkeypatch):
