@@ -230,6 +230,64 @@ def test_resume_with_another_global_batch_is_an_error(runs, tmp_path):
 
 # ------------------------------------------------------------------ launch checks (no processes)
 
+@needs_fsdp_qlora
+def test_fsdp_trains_families_that_lay_out_differently(tmp_path):
+    # OPT's forward bypasses the sharded body (the loss check must run before sharding);
+    # Mamba names a block and a part of it in _no_split_modules; Gemma 2 and Cohere change
+    # their logits. Two FSDP ranks must reproduce one process step for step.
+    families = ["opt", "mamba", "gemma2", "cohere"]
+    script = os.path.join(ROOT, "tests", "dist_scripts", "train_families.py")
+    _torchrun([script, "fsdp", tmp_path / "two.json", *families], tmp_path)
+    subprocess.run([sys.executable, script, "none", str(tmp_path / "one.json"), *families], cwd=ROOT, check=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, timeout=240)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    for family in families:
+        _close(two[family], one[family], rtol=1e-4)
+        assert one[family][-1] < one[family][0]
+
+
+def test_transformer_blocks_are_the_outermost_named_modules():
+    from torch import nn
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer = Mixer()
+
+    class Model(nn.Module):
+        _no_split_modules = ["Block", "Mixer"]  # as Mamba lists MambaBlock and MambaMixer
+
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(3))
+            self.extra = Mixer()  # outside any block: a unit of its own
+
+    model = Model()
+    assert D.transformer_blocks(model) == [*model.layers, model.extra]
+    assert D.transformer_blocks(model, [Mixer]) == [b.mixer for b in model.layers] + [model.extra]
+
+
+def test_fsdp_is_refused_for_a_model_scored_from_full_logits(monkeypatch):
+    from lorakern.train import Example, TrainConfig, Trainer
+    from lorakern.train import trainer as trainer_mod
+    from lorakern.train.tiny import tiny_llama
+    from lorakern.train.trainer import prepare_model
+
+    model = tiny_llama()
+    prepare_model(model, "qlora", r=2)
+    seen = []
+    monkeypatch.setattr(trainer_mod, "check_loss_split", lambda m, ids: seen.append(ids.shape) or False)
+    with pytest.raises(ValueError, match="strategy='fsdp' needs the loss computed from the model's body"):
+        Trainer(model, [Example([5, 6, 7], [-100, 6, 7])], TrainConfig(steps=1, progress=False),
+                world=World(0, 1), strategy="fsdp")
+    assert seen == [(1, 3)]  # checked on the first training example, before any wrapping
+
+
 def test_single_process_without_torchrun_variables(monkeypatch):
     for key in D.RENDEZVOUS_VARS:
         monkeypatch.delenv(key, raising=False)

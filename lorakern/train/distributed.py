@@ -256,11 +256,29 @@ def transformer_blocks(model: nn.Module, block_types: Optional[Sequence[type]] =
     """
     if block_types is None:
         names = set(getattr(model, "_no_split_modules", None) or ())
-        blocks = [m for m in model.modules() if type(m).__name__ in names]
+        blocks = _outermost(model, lambda m: type(m).__name__ in names)
         if blocks:
             return blocks
         return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
-    return [m for m in model.modules() if isinstance(m, tuple(block_types))]
+    return _outermost(model, lambda m: isinstance(m, tuple(block_types)))
+
+
+def _outermost(model: nn.Module, wanted) -> list[nn.Module]:
+    """Modules for which ``wanted`` holds, leaving out those inside another one.
+
+    ``_no_split_modules`` can name a block and a part of it (Mamba: MambaBlock and its
+    MambaMixer); sharding the block and then the part inside it made fully_shard
+    meet parameters that were already sharded (an error deep in DeviceMesh).
+    """
+    found: list[nn.Module] = []
+    skip: set[int] = set()
+    for m in model.modules():  # parents come before their children
+        if id(m) in skip:
+            continue
+        if wanted(m):
+            found.append(m)
+            skip.update(id(c) for c in m.modules())
+    return found
 
 
 def _integer_parameter_refusal(fully_shard) -> Optional[RuntimeError]:

@@ -32,7 +32,7 @@ from ..nn._base import active_autocast_dtype
 
 from .data import IGNORE_INDEX
 
-__all__ = ["split_causal_lm", "logit_transform", "causal_lm_loss", "CausalLMLoss", "LinearCrossEntropy", "linear_cross_entropy"]
+__all__ = ["split_causal_lm", "logit_transform", "check_loss_split", "causal_lm_loss", "CausalLMLoss", "LinearCrossEntropy", "linear_cross_entropy"]
 
 
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -278,6 +278,12 @@ def _split_matches_forward(model: nn.Module, body: nn.Module, head: nn.Module, i
     known = _SPLIT_CHECKED.get(model)
     if known is not None:
         return known
+    if any(_is_dtensor(p) for p in model.parameters()):
+        # Sharded (FSDP2) before it was checked: its forward may call a submodule past the
+        # sharded unit's hooks (OPT calls model.decoder, not model), so it cannot be run
+        # here. The Trainer checks before sharding (check_loss_split); a model sharded by
+        # hand keeps the known transforms unchecked.
+        return True
     ids = input_ids[:1, :CHECK_TOKENS]
     modes = [(m, m.training) for m in model.modules()]
     why = None
@@ -306,6 +312,27 @@ def _split_matches_forward(model: nn.Module, body: nn.Module, head: nn.Module, i
                       f"logits instead (correct, but slower and with more memory)", stacklevel=3)
     _SPLIT_CHECKED[model] = why is None
     return why is None
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 has it elsewhere, and no FSDP2 here
+        return False
+    return isinstance(t, DTensor)
+
+
+def check_loss_split(model: nn.Module, input_ids: Tensor) -> bool:
+    """Whether :func:`causal_lm_loss` can score ``model`` from its body and head (the fused path).
+
+    Runs :func:`_split_matches_forward` once for ``model`` (its first call would
+    otherwise): the :class:`~lorakern.train.Trainer` calls it before wrapping the
+    model for FSDP, which a forward of the whole model could bypass. True for a
+    model without ``get_output_embeddings`` is never returned: it is always scored
+    from its full logits (False).
+    """
+    body, head = split_causal_lm(model)
+    return body is not None and _split_matches_forward(model, body, head, input_ids)
 
 
 def _full_logits_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, keep: Tensor,

@@ -28,7 +28,7 @@ from torch import nn
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Collator, Example
 from .distributed import check_resume, full_state, no_sync, wrap_model
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, check_loss_split
 from .sampler import MixtureSampler, World, mix_seed
 
 __all__ = ["TrainConfig", "Trainer", "prepare_model", "cosine_lr", "autocast_dtype"]
@@ -249,6 +249,14 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type)
         if config.gradient_checkpointing:
             self._enable_gradient_checkpointing()  # on the user's module, before any wrapper
+        # The loss's one-time check of the body + head split runs the whole model, which
+        # only works before FSDP shards it; a model that fails it needs its full logits.
+        sample = next(iter(self.datasets.values()))[0].input_ids
+        fused_loss = check_loss_split(model, torch.tensor([sample], device=_model_device(model)))
+        if strategy == "fsdp" and not fused_loss:
+            raise ValueError("strategy='fsdp' needs the loss computed from the model's body and output head, and "
+                             f"{type(model).__name__}'s logits are not head(hidden states) (see the warning above); "
+                             "use strategy='ddp'")
         self.model = wrap_model(model, self.world, strategy)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
