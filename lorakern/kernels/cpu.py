@@ -21,6 +21,7 @@ Same functions and signatures as :mod:`lorakern.reference` (2-D inputs). What ru
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -116,12 +117,23 @@ def isa() -> int:
 
 
 def supports(op: str, *args) -> str | None:
-    """None when this backend runs ``op`` on ``args``; else why not (the registry then falls back)."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    qs = [a for a in args if isinstance(a, NF4Weight)]
-    for t in tensors + [q.packed for q in qs]:
-        if t.device.type != "cpu":
-            return f"tensor on {t.device}; this backend runs CPU tensors"
+    """None when this backend runs ``op`` on ``args``; else why not (the registry then falls back).
+
+    The registry asks on every op call, so this is one pass over ``args`` with
+    ``is_cpu`` (``t.device.type`` builds a device and a string: 0.3 us a tensor).
+    """
+    tensors = []
+    qs = ()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if not a.is_cpu:
+                return f"tensor on {a.device}; this backend runs CPU tensors"
+            tensors.append(a)
+        elif isinstance(a, NF4Weight):
+            qs += (a,)
+    for q in qs:
+        if not q.packed.is_cpu:
+            return f"tensor on {q.packed.device}; this backend runs CPU tensors"
     for q in qs:
         if q.blocksize % 32 or not 32 <= q.blocksize <= 4096:
             return f"blocksize {q.blocksize} is not a multiple of 32 in [32, 4096]"
@@ -129,9 +141,8 @@ def supports(op: str, *args) -> str | None:
         return None if args[0].dtype in _DTYPE_CODE else f"cannot quantize {args[0].dtype}"
     if op == "nf4_dequantize":
         return None if args[1] in _DTYPE_CODE else f"output dtype {args[1]} (float32, bfloat16 or float16 only)"
-    float_tensors = [t for t in tensors if t.is_floating_point()]
-    for t in float_tensors:
-        if t.dtype not in _DTYPE_CODE:
+    for t in tensors:
+        if t.dtype not in _DTYPE_CODE and t.is_floating_point():
             return f"dtype {t.dtype} (float32, bfloat16 or float16 only)"
     return None
 
@@ -143,17 +154,22 @@ def _check_dtype(t: torch.Tensor, name: str) -> int:
 
 
 def _view(q: NF4Weight):
-    """The C++ view of ``q``, after checking what the kernels read blindly."""
-    _nf4.validate(q, "q")
-    for name in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
-        t = getattr(q, name)
-        if t.device.type != "cpu":
+    """The C++ view of ``q``, after checking what the kernels read blindly.
+
+    A :class:`~lorakern.formats.nf4.CheckedNF4Weight` was validated by the op that
+    called this backend, in the same call; every other weight is validated here.
+    """
+    if type(q) is not _nf4.CheckedNF4Weight:
+        _nf4.validate(q, "q")
+    packed, absmax, nested_absmax, nested_code, offset = q.tensors()
+    for name, t in zip(("packed", "absmax", "nested_absmax", "nested_code", "offset"), q.tensors()):
+        if not t.is_cpu:
             raise ValueError(f"q.{name} is on {t.device}; the cpu backend needs CPU tensors")
         if not t.is_contiguous():
             raise ValueError(f"q.{name} must be contiguous")
-    dq = q.double_quant
-    return _C.NF4View(q.packed.data_ptr(), q.absmax.data_ptr(), dq, q.nested_absmax.data_ptr() if dq else 0,
-                      q.nested_code.data_ptr() if dq else 0, q.offset.data_ptr(), q.numel, q.blocksize)
+    dq = absmax.dtype == torch.uint8
+    return _C.NF4View(packed.data_ptr(), absmax.data_ptr(), dq, nested_absmax.data_ptr() if dq else 0,
+                      nested_code.data_ptr() if dq else 0, offset.data_ptr(), math.prod(q.shape), q.blocksize)
 
 
 def _check_x(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:

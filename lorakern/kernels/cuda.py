@@ -63,7 +63,7 @@ def supports(op: str, *args) -> str | None:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     qs = [a for a in args if isinstance(a, NF4Weight)]
     for t in tensors + [q.packed for q in qs]:
-        if t.device.type != "cuda":
+        if not t.is_cuda:  # not t.device.type: 0.3 us a tensor, on every op call
             return f"tensor on {t.device}; the CUDA kernels need CUDA tensors"
     for q in qs:
         if q.blocksize < MIN_BLOCKSIZE:
@@ -109,8 +109,13 @@ def _stream(device: torch.device) -> int:
 
 
 def _nf4_args(q: NF4Weight) -> tuple[dict, list[torch.Tensor]]:
-    """Pointer arguments of ``q`` for the native calls, and the tensors to keep alive until the launch."""
-    _nf4.validate(q, "q")
+    """Pointer arguments of ``q`` for the native calls, and the tensors to keep alive until the launch.
+
+    A :class:`~lorakern.formats.nf4.CheckedNF4Weight` was validated by the op that
+    called this backend, in the same call; every other weight is validated here.
+    """
+    if type(q) is not _nf4.CheckedNF4Weight:
+        _nf4.validate(q, "q")
     if q.packed.device.type != "cuda":
         raise ValueError(f"q.packed is on {q.packed.device}; the cuda backend needs CUDA tensors")
     keep = [t.contiguous() for t in q.tensors()]

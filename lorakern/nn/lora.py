@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._base import INITS, LoRABase, adapter_dtype, cast_input, check_bias, check_input, dense_weight_of, frozen
+from ._base import (INITS, LoRABase, adapter_dtype, as_dtype, cast_input, check_bias, check_input, dense_weight_of,
+                    frozen)
 
 __all__ = ["LoRALinear", "INITS"]
 
@@ -61,16 +62,17 @@ class LoRALinear(LoRABase):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x)
-        dtype = self._autocast_dtype(x) or self.weight.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
+        weight = self.weight
+        dtype = self._autocast_dtype(x) or weight.dtype
+        bias = as_dtype(self.bias, dtype)
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
                 raise RuntimeError("LoRALinear is merged: a training forward would give the adapter no gradient; "
                                    "call unmerge() before training")
-            return nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)
+            return nn.functional.linear(x.to(dtype), weight.to(dtype), bias)
         dropout_p, seed = self._dropout_args(x)
-        return ops.lora_linear(cast_input(x, dtype), self.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
-                               self.scaling, dropout_p, seed)
+        return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), bias, as_dtype(self.lora_A, dtype),
+                               as_dtype(self.lora_B, dtype), self.scaling, dropout_p, seed)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..formats import nf4 as nf4_format
 from ..formats.nf4 import NF4Weight, QuantStateError
-from ._base import LoRABase, adapter_dtype, cast_input, check_bias, check_input, dense_weight_of, frozen
+from ._base import LoRABase, adapter_dtype, as_dtype, cast_input, check_bias, check_input, dense_weight_of, frozen
 from .lora import LoRALinear, _new_linear
 
 __all__ = ["QLoRALinear"]
@@ -113,9 +113,17 @@ class QLoRALinear(LoRABase):
         return self.absmax.dtype == torch.uint8
 
     def quantized_weight(self) -> NF4Weight:
-        """The base weight as an :class:`NF4Weight` of shape ``(out_features, in_features)`` (views, no copy)."""
-        return NF4Weight(self.weight.reshape(-1), self.absmax, self.nested_absmax, self.nested_code, self.offset,
-                         (self.out_features, self.in_features), self.blocksize, self.quant_dtype)
+        """The base weight as an :class:`NF4Weight` of shape ``(out_features, in_features)`` (views, no copy).
+
+        Built on every forward: the buffers are read from ``_buffers`` (where
+        :meth:`_apply` keeps them too), not through ``nn.Module.__getattr__``,
+        0.5 us each. Nothing is cached across calls: the op validates the
+        weight on every call, so a buffer changed in any way (``resize_``,
+        ``.data =``, a new tensor) is checked before a kernel reads it.
+        """
+        buffers = self._buffers
+        return NF4Weight(self.weight.reshape(-1), buffers["absmax"], buffers["nested_absmax"], buffers["nested_code"],
+                         buffers["offset"], (self.out_features, self.in_features), self.blocksize, self.quant_dtype)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The dense base weight ``[N, K]`` in ``dtype`` (default: compute dtype)."""
@@ -129,13 +137,13 @@ class QLoRALinear(LoRABase):
         check_input(x)
         autocast = self._autocast_dtype(x)
         dtype = autocast or self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
+        bias = as_dtype(self.bias, dtype)
         dropout_p, seed = self._dropout_args(x)
         out_dtype = None
         if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
             out_dtype = self.compute_dtype
-        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, self.lora_A.to(dtype),
-                                self.lora_B.to(dtype), self.scaling, dropout_p, seed, out_dtype=out_dtype)
+        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, as_dtype(self.lora_A, dtype),
+                                as_dtype(self.lora_B, dtype), self.scaling, dropout_p, seed, out_dtype=out_dtype)
 
     # --------------------------------------------------------------------------- merging
 

@@ -24,9 +24,10 @@ import contextlib
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from ..formats.nf4 import NF4Weight
+from ..formats.nf4 import CheckedNF4Weight, NF4Weight
 from . import _checks as check
 from ._registry import BackendUnavailable, pick, status
 
@@ -52,6 +53,17 @@ def _empty_to_none(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
 
 
+def _device_type(t: Tensor) -> str:
+    """``t.device.type`` without building a device and a string (0.3 us) for the two common types."""
+    return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+
+
+def _autocast_on(device_type: str) -> bool:
+    if device_type in ("cpu", "cuda"):
+        return torch.is_autocast_enabled(device_type)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _no_autocast(device_type: str):
     """A context that turns autocast off for ``device_type`` while a backend runs (a no-op when it is off).
 
@@ -63,18 +75,16 @@ def _no_autocast(device_type: str):
     float32 outputs with bf16 rounding (2.7e-3 relative error instead of 2e-7) and
     a bf16 ``xa`` where the schema says x's dtype.
     """
-    if device_type in ("cpu", "cuda"):
-        enabled = torch.is_autocast_enabled(device_type)
-    else:
-        enabled = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext()
 
 
 def _call(op: str, device_type: str, args: tuple):
     """``op(*args)`` on the backend the registry picks, autocast off."""
-    mod = pick(op, device_type, args)
-    with _no_autocast(device_type):
-        return getattr(mod, op)(*args)
+    fn = getattr(pick(op, device_type, args), op)
+    if _autocast_on(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return fn(*args)  # without entering a null context: ~0.4 us of every eager call
 
 
 def _call_backward(op: str, device_type: str, args: tuple):
@@ -95,6 +105,11 @@ def _call_backward(op: str, device_type: str, args: tuple):
         return getattr(reference, op)(*args)
 
 
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
     """May the LoRA ops run as a plain ``autograd.Function`` instead of through the custom op?
 
@@ -103,20 +118,38 @@ def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
     wrapper) costs ~0.4 ms per layer forward + backward on one Zen 4 core:
     ~90 ms of a 1024-token QLoRA step of SmolLM2-135M (210 layers). Eager calls on
     plain CPU/CUDA tensors therefore call the same backend functions through an
-    ``autograd.Function``; anything traced, faked or wrapped takes the custom op.
+    ``autograd.Function`` (or directly, when nothing is recorded: see
+    :func:`_records_autograd`); anything traced, faked or wrapped takes the custom op.
     """
     if torch.compiler.is_compiling():
         return False
-    dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    if dispatch_stack is None or dispatch_stack() > 0:
+    if _dispatch_stack_len is None or _dispatch_stack_len() > 0:
         return False
-    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if functorch is None or functorch():
+    if _functorch_active is None or _functorch_active():
         return False
-    for t in tensors:
-        if t is not None and (type(t) not in (Tensor, torch.nn.Parameter) or t.device.type not in ("cpu", "cuda")):
+    for t in tensors:  # is_cpu / is_cuda: t.device.type costs 0.3 us a tensor, 10 tensors a QLoRA call
+        if t is not None and (type(t) not in _PLAIN_TENSORS or not (t.is_cpu or t.is_cuda)):
             return False
     return True
+
+
+def _records_autograd(*tensors: Optional[Tensor]) -> bool:
+    """Must an eager call go through its ``autograd.Function``?
+
+    Only when it has a backward to record (grad mode on and an input that requires
+    grad) or forward-mode AD is active (the Function refuses it with a named error).
+    Otherwise the backend is called directly, with the same result: the Function's
+    ``apply`` alone costs ~6 us a call on one core of the 2-core CI VM, as much as
+    the fused GEMV of a 64 x 64 layer.
+    """
+    if _forward_ad._current_level >= 0:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------------ NF4
@@ -219,6 +252,22 @@ def _nf4_matmul_backward(ctx, dy):
 _nf4_matmul.register_autograd(_nf4_matmul_backward, setup_context=_nf4_matmul_setup)
 
 
+def _rows(x: Tensor, k: int) -> Tensor:
+    """``x [..., K]`` as ``[M, K]``: x itself when it already is.
+
+    Not ``x.reshape(-1, k)`` regardless: that is 0.9 us, and under autograd a view
+    node (and one more for the output's reshape back): 12 us of a 64 x 64 LoRA
+    layer's forward + backward (164 us instead of 176 us) on one core of the
+    2-core CI VM, for a 2-D input as MoE experts and flattened-token models pass.
+    """
+    return x if x.dim() == 2 else x.reshape(-1, k)
+
+
+def _unrows_like(y: Tensor, x: Tensor) -> Tensor:
+    """``y [M, N]`` as ``[..., N]`` with the leading dimensions of ``x`` (y itself for a 2-D x)."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def _empty_rows(x: Tensor, n: int, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Optional[Tensor] = None,
                 lora_B: Optional[Tensor] = None, scaling: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The ``[..., N]`` result of a batch without rows, on the autograd graph of every input (zero gradients).
@@ -302,7 +351,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, xa = _call("lora_linear_fwd", x.device.type, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
+        y, xa = _call("lora_linear_fwd", _device_type(x), (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         return y
@@ -312,7 +361,7 @@ class _LoRALinear(torch.autograd.Function):
         x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
         args = (dy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0], need[1])
-        dx, dw, da, db = _call_backward("lora_linear_bwd", dy.device.type, args)
+        dx, dw, da, db = _call_backward("lora_linear_bwd", _device_type(dy), args)
         dbias = dy.sum(0) if need[2] else None
         return dx if need[0] else None, dw if need[1] else None, dbias, da, db, None, None, None
 
@@ -329,9 +378,39 @@ def new_seed(device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def _seed_or_zero(seed: Optional[Tensor], x: Tensor, dropout_p: float) -> Tensor:
+_ZERO_SEEDS: dict = {}
+
+
+def _zero_seed(device: torch.device) -> Tensor:
+    """The seed of an eager call without dropout: one int64 zero per device, never written.
+
+    Saves a ``torch.zeros`` per call (1.3 us on CPU; a fill kernel launch on CUDA).
+    Made outside inference mode: an inference tensor made by a first call under
+    ``torch.inference_mode()`` could not be saved for backward by a later training
+    call. On CUDA the fill is waited for once, as later calls may read the seed on
+    other streams; one made while a CUDA graph is being captured is not kept (its
+    fill runs only when the graph is replayed).
+    """
+    seed = _ZERO_SEEDS.get(device)
     if seed is None:
-        return new_seed(x.device) if dropout_p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+        with torch.inference_mode(False):
+            seed = torch.zeros(1, dtype=torch.int64, device=device)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                if torch.cuda.is_current_stream_capturing():
+                    return seed
+                torch.cuda.current_stream().synchronize()
+        _ZERO_SEEDS[device] = seed
+    return seed
+
+
+def _seed_or_zero(seed: Optional[Tensor], x: Tensor, dropout_p: float, eager: bool = False) -> Tensor:
+    """The caller's seed (checked), a fresh one for dropout, or zero. ``eager``: the call runs eagerly
+    (:func:`_eager_fast_path`), so the zero may be the shared one; traced code gets its own."""
+    if seed is None:
+        if dropout_p > 0:
+            return new_seed(x.device)
+        return _zero_seed(x.device) if eager else torch.zeros(1, dtype=torch.int64, device=x.device)
     check.seed(seed, x)
     return seed
 
@@ -351,13 +430,16 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     check.scalars(scaling, dropout_p)
     if x.numel() == 0:
         return _empty_rows(x, n, weight, bias, lora_A, lora_B, float(scaling))
-    seed = _seed_or_zero(seed, x, dropout_p)
-    args = (x.reshape(-1, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
-    if _eager_fast_path(x, weight, bias, lora_A, lora_B, seed):
+    eager = _eager_fast_path(x, weight, bias, lora_A, lora_B, seed)  # (a seed made here is a plain tensor)
+    seed = _seed_or_zero(seed, x, dropout_p, eager)
+    args = (_rows(x, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    if not eager:
+        y, _ = _lora_linear_fwd(*args)
+    elif _records_autograd(x, weight, bias, lora_A, lora_B):
         y = _LoRALinear.apply(*args)
     else:
-        y, _ = _lora_linear_fwd(*args)
-    return y.reshape(*x.shape[:-1], n)
+        y, _ = _call("lora_linear_fwd", _device_type(x), args)
+    return _unrows_like(y, x)
 
 
 # ---------------------------------------------------------------------------------- QLoRA
@@ -422,16 +504,10 @@ class _QLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dtype):
-        wide = out_dtype is not None
-        args = (x, q, None if wide else bias, lora_A, lora_B, 0.0 if wide else scaling, dropout_p, seed)
-        y, xa = _call("qlora_linear_fwd", x.device.type, args)
-        if wide:
-            with _no_autocast(x.device.type):
-                y = y.to(out_dtype).addmm_(xa.to(out_dtype), lora_B.to(out_dtype).t(), alpha=scaling)
-                if bias is not None:
-                    y += bias.to(out_dtype)
+        y, xa = _qlora_forward(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dtype)
         ctx.save_for_backward(x, xa, lora_A, lora_B, seed)
-        ctx.q, ctx.scaling, ctx.dropout_p = q, scaling, dropout_p
+        # the plain tuple: backward validates it again (see CheckedNF4Weight)
+        ctx.q, ctx.scaling, ctx.dropout_p = NF4Weight._make(q), scaling, dropout_p
         return y
 
     @staticmethod
@@ -441,8 +517,26 @@ class _QLoRALinear(torch.autograd.Function):
         dbias = dy.sum(0) if need[2] else None
         dy = dy.to(x.dtype)
         args = (dy, x, xa, ctx.q, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need[0])
-        dx, da, db = _call_backward("qlora_linear_bwd", dy.device.type, args)
+        dx, da, db = _call_backward("qlora_linear_bwd", _device_type(dy), args)
         return dx if need[0] else None, None, dbias, da, db, None, None, None, None
+
+
+def _qlora_forward(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dtype):
+    """(y, xa) of an eager call; ``q`` was validated by :func:`qlora_linear` in this call.
+
+    With ``out_dtype`` the backend computes the base GEMM and ``xa`` only (scaling 0,
+    no bias); bias and ``scaling * xa B^T`` are then added in ``out_dtype``.
+    """
+    wide = out_dtype is not None
+    args = (x, CheckedNF4Weight._make(q), None if wide else bias, lora_A, lora_B, 0.0 if wide else scaling, dropout_p,
+            seed)
+    y, xa = _call("qlora_linear_fwd", _device_type(x), args)
+    if wide:
+        with _no_autocast(x.device.type):
+            y = y.to(out_dtype).addmm_(xa.to(out_dtype), lora_B.to(out_dtype).t(), alpha=scaling)
+            if bias is not None:
+                y += bias.to(out_dtype)
+    return y, xa
 
 
 def _qlora_wide_composite(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dtype):
@@ -483,13 +577,16 @@ def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor
         raise ValueError(f"out_dtype must be a floating dtype wider than x's {x.dtype}, got {out_dtype!r}")
     if x.numel() == 0:
         return _empty_rows(x, n, None, bias, lora_A, lora_B, float(scaling), out_dtype)
-    seed = _seed_or_zero(seed, x, dropout_p)
-    x2 = x.reshape(-1, k)
-    if _eager_fast_path(x, *q.tensors(), bias, lora_A, lora_B, seed):
+    eager = _eager_fast_path(x, *q.tensors(), bias, lora_A, lora_B, seed)  # (a seed made here is a plain tensor)
+    seed = _seed_or_zero(seed, x, dropout_p, eager)
+    x2 = _rows(x, k)
+    if eager and _records_autograd(x, bias, lora_A, lora_B):  # q is frozen: never differentiated
         y = _QLoRALinear.apply(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, out_dtype)
+    elif eager:
+        y, _ = _qlora_forward(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, out_dtype)
     elif out_dtype is not None:
         y = _qlora_wide_composite(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, out_dtype)
     else:
         y, _ = _qlora_linear_fwd(x2, *q.tensors(), list(q.shape), q.blocksize, bias, lora_A, lora_B,
                                  float(scaling), float(dropout_p), seed)
-    return y.reshape(*x.shape[:-1], n)
+    return _unrows_like(y, x)

@@ -1,4 +1,11 @@
-"""Input validation at the op boundary: every bad input is a clear error naming the argument."""
+"""Input validation at the op boundary: every bad input is a clear error naming the argument.
+
+These run on every op call, so the checks a layer meets on each forward first
+test that everything is in order in one expression and return; only a failing
+input walks the checks one by one, in their documented order, to name the first
+problem. (The one-by-one walk alone took ~7 us of the ~60 us of Python around a
+64 x 64 QLoRA layer's forward on one core of the 2-core CI VM.)
+"""
 
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ def input_x(x, name: str = "x") -> None:
 
 
 def scalars(scaling: float, dropout_p: float) -> None:
+    if type(scaling) is float and type(dropout_p) is float and math.isfinite(scaling) and 0.0 <= dropout_p < 1.0:
+        return
     # numbers.Real admits NumPy scalars (hyperparameters read from arrays or configs); a
     # tensor is refused: it would need a device sync here, and the op schema takes a float.
     if not isinstance(scaling, numbers.Real):
@@ -59,7 +68,8 @@ def seed(s, x: torch.Tensor) -> None:
 
 
 def bias(b, n: int, x: torch.Tensor) -> None:
-    if b is None:
+    if b is None or (isinstance(b, torch.Tensor) and b.dim() == 1 and b.device == x.device and b.dtype == x.dtype
+                     and b.shape[0] == n):
         return
     tensor(b, "bias", dim=1, device=x.device)
     same_dtype(b, "bias", x.dtype)
@@ -68,6 +78,11 @@ def bias(b, n: int, x: torch.Tensor) -> None:
 
 
 def lora(lora_A, lora_B, n: int, k: int, x: torch.Tensor) -> None:
+    if (isinstance(lora_A, torch.Tensor) and isinstance(lora_B, torch.Tensor) and lora_A.dim() == 2
+            and lora_B.dim() == 2 and lora_A.dtype == x.dtype and lora_B.dtype == x.dtype):
+        device, (r, ka) = x.device, lora_A.shape
+        if lora_A.device == device and lora_B.device == device and r >= 1 and ka == k and lora_B.shape == (n, r):
+            return
     tensor(lora_A, "lora_A", dim=2, device=x.device)
     tensor(lora_B, "lora_B", dim=2, device=x.device)
     same_dtype(lora_A, "lora_A", x.dtype)
@@ -82,6 +97,10 @@ def lora(lora_A, lora_B, n: int, k: int, x: torch.Tensor) -> None:
 
 
 def dense_weight(weight, x: torch.Tensor) -> tuple[int, int]:
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == x.dtype and weight.device == x.device:
+        n, k = weight.shape
+        if x.shape[-1] == k:
+            return n, k
     tensor(weight, "weight", dim=2, device=x.device)
     same_dtype(weight, "weight", x.dtype)
     n, k = weight.shape
@@ -94,9 +113,12 @@ def nf4_weight(q, x: torch.Tensor | None = None, name: str = "qweight") -> tuple
     _nf4.validate(q, name)
     if len(q.shape) != 2:
         raise ValueError(f"{name} must be a 2-D [N, K] weight, got shape {q.shape}")
-    for f in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
-        if not getattr(q, f).is_contiguous():  # the native kernels index them as flat arrays
-            raise ValueError(f"{name}.{f} must be contiguous")
+    packed, absmax, nested_absmax, nested_code, offset = q.tensors()
+    if not (packed.is_contiguous() and absmax.is_contiguous() and nested_absmax.is_contiguous()
+            and nested_code.is_contiguous() and offset.is_contiguous()):
+        for f in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
+            if not getattr(q, f).is_contiguous():  # the native kernels index them as flat arrays
+                raise ValueError(f"{name}.{f} must be contiguous")
     n, k = q.shape
     if x is not None:
         if q.packed.device != x.device:  # not q.device: torch 2.4's dynamo cannot trace NamedTuple properties
