@@ -13,6 +13,10 @@ writes the medians, ratios, GB/s and % of the copy bandwidth measured in the sam
 run to benchmarks/results/cpu.md (and cpu.json). Bandwidth-bound cases rotate
 through several weights whose total exceeds the 32 MiB L3, so the numbers are
 DRAM numbers, not cache numbers.
+
+The ``overhead`` groups time one layer call at decode-sized shapes, where Python
+and dispatch, not the kernels, set the time; they go to results/cpu-overhead.md
+(and .json), so they can be rerun alone (``-k overhead``) without clobbering cpu.md.
 """
 
 from __future__ import annotations
@@ -52,10 +56,11 @@ def rounds_for(flops_or_bytes: float, big: float, small_rounds: int = 40, big_ro
     return big_rounds if flops_or_bytes >= big else small_rounds
 
 
-def run(benchmark, fn, group: str, impl: str, rounds: int, nbytes: float = 0.0, flops: float = 0.0):
+def run(benchmark, fn, group: str, impl: str, rounds: int, nbytes: float = 0.0, flops: float = 0.0,
+        iterations: int = 1):
     benchmark.group = group
     benchmark.extra_info.update(impl=impl)
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
     if benchmark.disabled:
         return
     RESULTS.append(dict(group=group, impl=impl, median_s=benchmark.stats.stats.median, rounds=rounds, bytes=nbytes,
@@ -257,6 +262,74 @@ def test_lora_dropout(benchmark, monkeypatch, dname, impl):
     run(benchmark, fn, group, impl, 100, nbytes=2 * x.numel() * dtype.itemsize)
 
 
+# --------------------------------------------------------------------------- call overhead
+
+# (M, K, N): a layer small enough that the kernels take a few us and the Python around them
+# is the time, and SmolLM2-135M's MLP up-projection at decode (M = 1), where the same
+# Python runs once per layer and token.
+OVERHEAD_SHAPES = [(1, 64, 64), (1, 576, 1536)]
+OVERHEAD_IMPLS = {
+    "lora": ["lorakern", "torch nn.Linear", "peft on nn.Linear"],
+    "qlora": ["lorakern", "torch nn.Linear", "bitsandbytes Linear4bit", "peft on bnb Linear4bit"],
+}
+
+
+def _overhead_layer(kind: str, impl: str, k: int, n: int, dtype: torch.dtype) -> torch.nn.Module:
+    """One layer as a model calls it: the module itself (PEFT's LoRA layer, not the PeftModel around it)."""
+    from lorakern.nn import LoRALinear, QLoRALinear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+    if impl == "torch nn.Linear":
+        return dense  # trained in full: dx, dW
+    if impl == "lorakern":
+        layer = (LoRALinear if kind == "lora" else QLoRALinear).from_linear(dense, r=RANK, alpha=ALPHA)
+        torch.nn.init.normal_(layer.lora_B)
+        return layer
+    base = dense
+    if kind == "qlora":
+        base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+        base.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                        compress_statistics=True)
+        base = base.to("cpu")
+        if impl == "bitsandbytes Linear4bit":
+            return base
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    return _peft_model(base, dtype).base_model.model.lin
+
+
+@pytest.mark.parametrize("shape", OVERHEAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("mode", ["fwd no_grad", "fwd+bwd"])
+@pytest.mark.parametrize("kind, impl", [(kind, impl) for kind, impls in OVERHEAD_IMPLS.items() for impl in impls])
+def test_layer_call_overhead(benchmark, shape, dname, mode, kind, impl):
+    """One LoRA / QLoRA layer call at decode size, module to module: lorakern's LoRALinear / QLoRALinear
+    against nn.Linear (the floor a LoRA layer adds to), PEFT's LoRA layer and bitsandbytes' Linear4bit.
+
+    ``fwd no_grad`` is a generation step; ``fwd+bwd`` returns the gradients of x and of every trained
+    parameter (LoRA A and B; nn.Linear's weight; x alone for the frozen Linear4bit)."""
+    m, k, n = shape
+    dtype = DTYPES[dname]
+    layer = _overhead_layer(kind, impl, k, n, dtype)
+    x = torch.randn(1, m, k, dtype=dtype)  # [batch, tokens, K], as a model passes it
+    group = f"overhead {kind} {mode} r={RANK} {m}x{k}x{n} {dname}"
+    if mode == "fwd no_grad":
+        layer.eval()
+
+        def fn():
+            with torch.no_grad():
+                return layer(x)
+    else:
+        layer.train()
+        x.requires_grad_()
+        dy = torch.randn(1, m, n, dtype=dtype)
+        params = [x] + [p for p in layer.parameters() if p.requires_grad]
+        fn = lambda: torch.autograd.grad(layer(x), params, dy)
+    iterations = 100 if k * n <= 2**16 else 10
+    run(benchmark, fn, group, impl, 30, iterations=iterations)
+
+
 # ------------------------------------------------------------------------------- report
 
 
@@ -275,9 +348,11 @@ def _machine() -> str:
 def _commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc/cpu", "lorakern/kernels/cpu.py"],
-                               capture_output=True, text=True, cwd=HERE).stdout.strip()
-        return rev + (" (cpu sources modified)" if dirty else "")
+        # the kernels, and the Python every call runs through on its way to them
+        paths = ["csrc/cpu", "lorakern/kernels/cpu.py", "lorakern/ops", "lorakern/nn", "lorakern/formats/nf4.py"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], capture_output=True, text=True,
+                               cwd=os.path.dirname(HERE)).stdout.strip()
+        return rev + (" (sources modified)" if dirty else "")
     except OSError:
         return "?"
 
@@ -335,12 +410,9 @@ def write_report(results: list[dict], path_md: str, path_json: str, timer: str, 
         f"lorakern {_version('lorakern')}",
         f"- git commit: {commit}",
         f"- timer: {timer}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        f"- copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s",
+        *([f"- copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s"] if copy else []),
         "",
-        "Targets:",
-        "",
-        *target_lines(results, copy_bw),
-        "",
+        *(["Targets:", "", *targets, ""] if (targets := target_lines(results, copy_bw)) else []),
         "| group | impl | median ms | vs lorakern | GB/s | % copy | GFLOP/s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -367,6 +439,9 @@ def write_report(results: list[dict], path_md: str, path_json: str, timer: str, 
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
     yield
-    if RESULTS:
-        timer = str(request.config.getoption("benchmark_timer", default="?"))
-        write_report(RESULTS, os.path.join(HERE, "results", "cpu.md"), os.path.join(HERE, "results", "cpu.json"), timer)
+    timer = str(request.config.getoption("benchmark_timer", default="?"))
+    overhead = [r for r in RESULTS if r["group"].startswith("overhead ")]
+    for name, results in (("cpu", [r for r in RESULTS if r not in overhead]), ("cpu-overhead", overhead)):
+        if results:
+            path = os.path.join(HERE, "results", name)
+            write_report(results, path + ".md", path + ".json", timer)
