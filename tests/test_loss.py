@@ -297,3 +297,12 @@ def test_causal_lm_loss_falls_back_to_full_logits_for_an_unknown_transform():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # checked once per model: no second warning
         causal_lm_loss(odd, ids, labels, mask)
+
+
+def test_split_check_waits_for_a_model_on_the_meta_device():
+    from lorakern.train.loss import _SPLIT_CHECKED, check_loss_split
+
+    with torch.device("meta"):
+        model = _tiny_family("llama")
+    assert check_loss_split(model, torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    assert model not in _SPLIT_CHECKED  # decided once its weights exist

@@ -278,6 +278,8 @@ def _split_matches_forward(model: nn.Module, body: nn.Module, head: nn.Module, i
     known = _SPLIT_CHECKED.get(model)
     if known is not None:
         return known
+    if any(p.is_meta for p in model.parameters()):
+        return True  # not materialized yet (deferred init): nothing to run; checked on a later call
     if any(_is_dtensor(p) for p in model.parameters()):
         # Sharded (FSDP2) before it was checked: its forward may call a submodule past the
         # sharded unit's hooks (OPT calls model.decoder, not model), so it cannot be run
