@@ -403,7 +403,8 @@ def write_report(results: list[dict], path_md: str, path_json: str, timer: str, 
         "below: wall clock by default, or CPU seconds of the process); "
         "`vs lorakern` = that row's time / lorakern's time (above 1: lorakern is faster). GB/s counts the bytes a "
         "call must move (4-bit codes + absmax + activations + output); % copy is against the torch copy_ bandwidth "
-        "measured in the same run. Training rows: GFLOP/s counts the two base GEMMs (4 M N K).",
+        "measured in the same run. Training rows: GFLOP/s counts the two base GEMMs (4 M N K). Overhead rows: one "
+        "layer call, module to module, at decode size (M = 1), where Python and dispatch set the time.",
         "",
         f"- machine: {_machine()}",
         f"- versions: torch {torch.__version__}, bitsandbytes {_version('bitsandbytes')}, peft {_version('peft')}, "
