@@ -3,8 +3,8 @@
 These run on every op call, so the checks a layer meets on each forward first
 test that everything is in order in one expression and return; only a failing
 input walks the checks one by one, in their documented order, to name the first
-problem. (The one-by-one walk alone took ~7 us of the ~60 us of Python around a
-64 x 64 QLoRA layer's forward on one core of the 2-core CI VM.)
+problem. (A QLoRA call's checks: 7.7 us walked one by one, 5.0 us so, on one
+core of the 2-core CI VM; most of the rest is validating the NF4 weight.)
 """
 
 from __future__ import annotations
