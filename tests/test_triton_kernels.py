@@ -381,6 +381,19 @@ def test_supports_rejects_what_the_kernels_do_not_handle():
     ok, reason = tk.availability()
     assert ok, reason
 
+def test_backend_entry_points_validate_a_weight_the_op_did_not():
+    # Called directly (or by the composite backend), a corrupted NF4 weight is refused by
+    # name before any kernel indexes it; the ops pass weights they validated as CheckedNF4Weight.
+    x = torch.randn(4, 64, device=DEVICE)
+    q = nf4.quantize(torch.randn(8, 64, device=DEVICE), 64, True)
+    short = q._replace(absmax=q.absmax[:-1])
+    with pytest.raises(ValueError, match="q.absmax has 7 values, expected 8"):
+        tk.nf4_dequantize(short, torch.float32)
+    with pytest.raises(ValueError, match="q.absmax has 7 values, expected 8"):
+        tk.nf4_matmul(x, short, None)
+    torch.testing.assert_close(tk.nf4_matmul(x, nf4.CheckedNF4Weight._make(q), None), tk.nf4_matmul(x, q, None))
+
+
 
 def test_ops_dispatch_to_triton_with_autograd(backend):
     """The public op with LORAKERN_BACKEND=triton: forward and all gradients equal the reference's."""

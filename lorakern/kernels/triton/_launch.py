@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.testing
 
+from ...formats import nf4 as nf4_format
 from ...formats.nf4 import NF4_CODE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -60,7 +61,11 @@ def nf4_operands(q) -> tuple[torch.Tensor, ...]:
     Contiguous (kernels index them as flat arrays). Without double quantization the nested
     tensors are empty and never read; the absmax stands in for them, since an empty CUDA
     tensor may have a null data pointer, which triton's launcher refuses.
+    A weight that is not a :class:`~lorakern.formats.nf4.CheckedNF4Weight` (validated
+    by the op in the same call) is validated here: the kernels index it unchecked.
     """
+    if type(q) is not nf4_format.CheckedNF4Weight:
+        nf4_format.validate(q, "q")
     absmax = q.absmax.contiguous()
     nested_absmax = q.nested_absmax.contiguous() if q.nested_absmax.numel() else absmax
     nested_code = q.nested_code.contiguous() if q.nested_code.numel() else absmax
