@@ -164,6 +164,52 @@ def test_nf4_matmul_every_isa(isa, m, dtype):
     assert_close(cpu.nf4_matmul(x, q, None), x.double() @ w.t(), x.double().abs() @ w.abs().t(), dtype, isa)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_decode_shapes(isa, dtype, double_quant):
+    """M = 1, blocksize 64, K a multiple of 64 (the permuted-x kernel on AVX-512): pairs of rows and an odd
+    last one, chunks of 16 rows, absmax runs across nested blocks of 256, K over 256 groups; bias and LoRA."""
+    g = torch.Generator().manual_seed(7)
+    for n, k in ((1, 64), (37, 576), (18, 1088), (3, 16448)):
+        q = random_nf4(n, k, dtype, double_quant)
+        w = nf4.dequantize(q, torch.float64 if dtype == torch.float32 else dtype).double()
+        x, bias = torch.randn(1, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+        a, b = (torch.randn(4, k, generator=g) * 0.3).to(dtype), (torch.randn(n, 4, generator=g) * 0.3).to(dtype)
+        want, bound = x.double() @ w.t() + bias.double(), x.double().abs() @ w.abs().t() + bias.double().abs()
+        assert_close(cpu.nf4_matmul(x, q, bias), want, bound, dtype, f"nf4_matmul n={n} k={k}")
+        y, xa = cpu.qlora_linear_fwd(x, q, bias, a, b, 0.5, 0.0, torch.tensor([1], dtype=torch.int64))
+        lora = 0.5 * xa.double() @ b.double().t()
+        assert_close(y, want + lora, bound + lora.abs(), dtype, f"qlora_linear_fwd n={n} k={k}")
+        # fp32 x, fp32 output with a row stride: fp32 weights, fp32 tolerance, nothing written past N.
+        xf, w64 = x.float(), nf4.dequantize(q, torch.float64)
+        yp = torch.full((1, n + 5), float("nan"))
+        _C.nf4_gemv(cpu._view(q), xf.data_ptr(), 1, n, k, 0, 0, 0, 0, 0, 0, yp.data_ptr(), 0, n + 5, cpu.isa())
+        assert yp[:, n:].isnan().all(), "the GEMV wrote past N"
+        assert_close(yp[:, :n], xf.double() @ w64.t(), xf.double().abs() @ w64.abs().t(), torch.float32, f"fp32 n={n} k={k}")
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512_bf16() or _C.best_isa() < 2, reason="needs AVX512_BF16")
+def test_gemv_decode_bf16_rounds_weights_to_bf16():
+    """bf16 x at M = 1 on AVX512_BF16: y = sum x bf16(code * absmax) with exact products and fp32 sums, so with an
+    fp32 output it matches the bf16-dequantized weight at fp32 tolerance (fp32 weights would be ~1e-4 off)."""
+    n, k = 24, 576
+    q = random_nf4(n, k, torch.bfloat16)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    xf = x.float()
+    y = torch.full((1, n), float("nan"))
+    _C.nf4_gemv(cpu._view(q), xf.data_ptr(), 1, n, k, 0, 0, 0, 0, 0, 0, y.data_ptr(), 0, n, 2, x.data_ptr())
+    w = nf4.dequantize(q, torch.bfloat16).double()
+    assert_close(y, xf.double() @ w.t(), xf.double().abs() @ w.abs().t(), torch.float32, "bf16 weights")
+
+
 def _lora_inputs(m, k, n, r, dtype):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)
