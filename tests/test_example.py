@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,3 +71,14 @@ def test_default_example_briefly(tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
     # the GGUF-loaded model exports as a plain safetensors model once merged
     assert os.path.isfile(os.path.join(out, "merged", "model.safetensors"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_example_qlora_on_the_gpu(tiny_model_dir, tmp_path):
+    # The QLoRA layers are built on the GPU from the host copy, then the rest moves (pipeline.run).
+    out = str(tmp_path / "run")
+    argv = ["--model", tiny_model_dir, "--device", "cuda", "--steps", "2", "--batch-size", "2", "--eval-limit", "2",
+            "--max-new-tokens", "4", "--max-length", "512", "--output-dir", out, "--no-progress"]
+    assert load_example().main(argv) == 0
+    assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))

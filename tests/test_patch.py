@@ -241,6 +241,41 @@ def test_kept_in_full_precision_follows_transformers_patterns(patterns, want):
     assert kept_in_full_precision(outer) == {"inner." + n for n in want}
 
 
+def test_quantize_device_builds_nf4_layers_there():
+    model = FAMILIES["llama"][0]()
+    with pytest.raises(ValueError, match="device applies to quantized layers only"):
+        lorakern.apply_lora(copy.deepcopy(model), device="cpu")
+    here, there = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(0)
+    lorakern.apply_lora(here, quantize="nf4", r=4)
+    torch.manual_seed(0)
+    lorakern.apply_lora(there, quantize="nf4", r=4, device="cpu")
+    ids = example_input()
+    assert torch.equal(logits(here, ids), logits(there, ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantize_device_stages_a_host_model_onto_the_gpu():
+    # What `lorakern train --method qlora` does on a GPU: the model stays in host memory,
+    # each NF4 layer is built on the GPU, then the rest moves.
+    model = FAMILIES["llama"][0]()
+    staged, moved = copy.deepcopy(model), copy.deepcopy(model).cuda()
+    torch.manual_seed(0)
+    names = lorakern.apply_lora(staged, quantize="nf4", r=4, device="cuda")
+    for name in names:
+        layer = staged.get_submodule(name)
+        assert all(t.is_cuda for t in (*layer.parameters(), *layer.buffers()))
+    assert staged.get_input_embeddings().weight.device.type == "cpu"
+    staged.cuda()
+    torch.manual_seed(0)
+    lorakern.apply_lora(moved, quantize="nf4", r=4)
+    randomize_adapters(staged)
+    randomize_adapters(moved)
+    ids = example_input().cuda()
+    assert torch.equal(logits(staged, ids), logits(moved, ids))
+
+
 def test_modules_to_save_stay_trainable():
     model = FAMILIES["bert"][0]()
     names = lorakern.apply_lora(model, ["query", "value"], modules_to_save=["classifier"])

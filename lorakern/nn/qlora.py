@@ -78,16 +78,22 @@ class QLoRALinear(LoRABase):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
                     use_rslora: bool = False, init: str = "kaiming", blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: Optional[torch.dtype] = None) -> "QLoRALinear":
+                    compute_dtype: Optional[torch.dtype] = None,
+                    device: Optional[torch.device | str] = None) -> "QLoRALinear":
         """Quantize the weight of ``linear`` (``nn.Linear`` or transformers ``Conv1D``) to NF4 and wrap it.
 
         The new module keeps no reference to the full-precision weight: once
         ``linear`` is dropped (as :func:`lorakern.apply_lora` does), its memory is freed.
+        ``device``: build the layer there (the weight is copied over, quantized there,
+        and the copy dropped); default: the weight's device.
         """
         weight, bias, fan_in_fan_out = dense_weight_of(linear)
         if weight.device.type == "meta":
             raise ValueError(f"cannot quantize a {type(linear).__name__} whose weight is on the meta device "
                              f"(shape {tuple(weight.shape)}, no data); load or materialize the weights first")
+        if device is not None:
+            weight = weight.detach().to(device)
+            bias = None if bias is None else bias.detach().to(device)
         q = ops.nf4_quantize(weight.detach(), blocksize, double_quant)
         return cls(q, bias, r, alpha, dropout, use_rslora, init, compute_dtype, fan_in_fan_out)
 

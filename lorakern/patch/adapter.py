@@ -209,14 +209,15 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = None,
-                 compute_dtype: Optional[torch.dtype] = None) -> list[str]:
+                 compute_dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None) -> list[str]:
     """Load a PEFT-format LoRA adapter from ``directory`` into ``model``; return the adapted layer names.
 
     An unpatched model is first patched on exactly the layers that have
     ``lora_A`` / ``lora_B`` tensors in the file (the layers PEFT's target_modules,
     exclude_modules and layers_to_transform selected when it saved), with the
     config's r, lora_alpha, lora_dropout, use_rslora and modules_to_save;
-    ``quantize="nf4"`` puts the adapter on an NF4 base. A patched model must
+    ``quantize="nf4"`` puts the adapter on an NF4 base (``device``: built there layer
+    by layer, see :func:`lorakern.apply_lora`). A patched model must
     already have exactly the adapter's layers, ranks and scaling. As in PEFT,
     each modules_to_save module gets its own copy of a weight it shares with
     another module (a head tied to the input embeddings loads apart from them).
@@ -241,9 +242,9 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
             raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: {absent[:5]}")
         apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"],
                    dropout=float(config.get("lora_dropout", 0.0)), quantize=quantize, modules_to_save=modules_to_save,
-                   use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype)
-    elif quantize is not None or compute_dtype is not None:
-        raise ValueError("quantize / compute_dtype apply only when load_adapter patches an unpatched model")
+                   use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype, device=device)
+    elif quantize is not None or compute_dtype is not None or device is not None:
+        raise ValueError("quantize / compute_dtype / device apply only when load_adapter patches an unpatched model")
     modules = lora_modules(model)
     state = lora_state(model)
     keep = list(state.modules_to_save) if state is not None else []

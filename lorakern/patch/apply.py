@@ -49,7 +49,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int = 16, alpha: float = 32,
                dropout: float = 0.0, quantize: Optional[str] = None, exclude: Optional[Selector] = None,
                modules_to_save: Optional[Selector] = None, use_rslora: bool = False, init: str = "kaiming",
-               compute_dtype: Optional[torch.dtype] = None) -> list[str]:
+               compute_dtype: Optional[torch.dtype] = None,
+               device: Optional[torch.device | str] = None) -> list[str]:
     """Replace the targeted linear layers of ``model`` by LoRA layers, in place; return their qualified names.
 
     Each target (``nn.Linear`` or transformers ``Conv1D``) becomes a
@@ -73,6 +74,11 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
             in full precision (``_keep_in_fp32_modules``, e.g. T5's ``wo``) get a
             dense LoRALinear, as when transformers loads the model in 4-bit.
         compute_dtype: NF4 layers only; default the weight's original dtype.
+        device: NF4 layers only: build each one on this device, one layer's
+            full-precision weight copied there at a time. A model loaded on the CPU
+            then fits a GPU that could not hold it in full precision (an 8B model:
+            ~5 GB of NF4 layers instead of 16 GB in bf16); move the rest with
+            ``model.to(device)`` afterwards. Default: where each weight is.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -83,6 +89,11 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     check_lora_args(r, alpha, dropout, init)
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if device is not None and quantize is None:
+        raise ValueError("device applies to quantized layers only (quantize='nf4'); move a dense model with "
+                         "model.to(device)")
+    if device is not None:
+        device = torch.device(device)
     if compute_dtype is not None and quantize is None:
         raise ValueError("compute_dtype applies to quantized layers only (quantize='nf4'); a dense LoRALinear "
                          "computes in its weight's dtype, or the autocast dtype")
@@ -96,7 +107,8 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     for name in targets:
         old = model.get_submodule(name)
         if quantize == "nf4" and name not in dense:
-            new = QLoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init, compute_dtype=compute_dtype)
+            new = QLoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init, compute_dtype=compute_dtype,
+                                          device=device)
         else:
             new = LoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init)
         new.train(old.training)

