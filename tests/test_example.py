@@ -82,3 +82,16 @@ def test_example_qlora_on_the_gpu(tiny_model_dir, tmp_path):
             "--max-new-tokens", "4", "--max-length", "512", "--output-dir", out, "--no-progress"]
     assert load_example().main(argv) == 0
     assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_for_chat_builds_the_nf4_base_on_the_gpu(tiny_model_dir, tmp_path):
+    from lorakern.train.export import load_for_chat
+
+    out = str(tmp_path / "run")
+    assert load_example().main(["--model", tiny_model_dir, "--steps", "1", "--batch-size", "2", "--eval-limit", "1",
+                                "--max-new-tokens", "2", "--max-length", "512", "--output-dir", out,
+                                "--no-progress", "--device", "cpu"]) == 0
+    model, _ = load_for_chat(tiny_model_dir, os.path.join(out, "adapter"), quantize="nf4", device="cuda")
+    assert all(p.is_cuda for p in model.parameters()) and all(b.is_cuda for b in model.buffers())

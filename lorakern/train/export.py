@@ -82,15 +82,21 @@ def load_for_chat(model_spec: str | None = None, adapter: str | None = None, qua
     """Load a base model (see :func:`lorakern.train.models.resolve_model`) and optionally an adapter.
 
     ``quantize="nf4"`` puts the adapter on an NF4 base (as it was trained with QLoRA),
-    quantized on ``device``. Returns (model, tokenizer) in eval mode.
+    each layer quantized on ``device`` from a host copy, so the full-precision model
+    never has to fit the GPU. Returns (model, tokenizer) in eval mode.
     """
+    import torch
+
     from .models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(model_spec, device=device)
+    staged = adapter is not None and quantize is not None and torch.device(device).type != "cpu"
+    model, tokenizer = load_model_and_tokenizer(model_spec, device="cpu" if staged else device)
     if adapter is not None:
         from ..patch import load_adapter
 
-        load_adapter(model, adapter, quantize=quantize)
+        load_adapter(model, adapter, quantize=quantize, **(dict(device=device) if staged else {}))
+    if staged:
+        model.to(device)
     return model.eval(), tokenizer
 
 
