@@ -226,14 +226,17 @@ LK_AVX2 void gemv_rows_256(const NF4View& q, const GemvArgs& g, int64_t n0, int6
 // is permuted instead, once per call, into the order the nibbles come out of a
 // plain widening: byte i of a group holds elements 2i (high nibble) and 2i + 1
 // (low nibble), so the low nibbles meet x[1], x[3], ... and the high nibbles
-// x[0], x[2], ... The sum is the same, in another order. The absmax of a run of
+// x[0], x[2], ... The sum is the same, in another order. The absmax of a chunk's
 // blocks is decoded into a buffer up front, and two rows of W share each load of x
 // (four rows measured no faster). Each step prefetches the matching line of the next
 // rows: weights larger than the cache (14336 x 4096: 29 MiB) ran at half speed
 // without (3.9 -> 2.0 ms bf16), the hardware prefetcher starting over on every
-// short row. One Zen 4 core, general kernel -> this one: 4096 x 4096 fp32 1.46 ->
-// 0.75 ms, bf16 1.47 -> 0.54 ms (bf16 dot products; the general path used fp32 FMAs
-// at M = 1); 14336 x 4096 fp32 5.5 -> 2.7 ms, bf16 5.3 -> 2.0 ms.
+// short row. One Zen 4 core, general kernel -> this one (bitsandbytes 0.50.2's
+// AVX512_BF16 kernel on its repacked weight, measured in the same process): 4096 x
+// 4096 bf16 1.47 -> 0.47 ms (0.47), fp32 1.48 -> 0.68 ms; 14336 x 4096 bf16 5.6 ->
+// 1.66 ms (1.67), fp32 5.6 -> 2.5 ms; 1536 x 576 bf16 0.11 -> 0.041 ms (0.051). bf16
+// x uses bf16 dot products (the general path used fp32 FMAs at M = 1); fp32 x keeps
+// fp32 weights and FMAs (bitsandbytes rounds fp32 x to bf16 and runs its bf16 kernel).
 namespace {
 
 constexpr int64_t kFastGroup = 64;
@@ -242,32 +245,55 @@ bool fast_m1(const NF4View& q, const GemvArgs& g, Isa isa) {
   return isa == Isa::avx512 && g.M == 1 && q.blocksize == kFastGroup && g.K % kFastGroup == 0;
 }
 
-// absmax of blocks [b0, b0 + count) into out, as decode_absmax (bit for bit: the
-// explicitly rounded multiply and add cannot be contracted into an FMA), 16 blocks
-// per step with a gather from the 256-entry nested code. With the scalar loop the
-// absmax took about a third of the GEMV at 4096 x 4096 bf16 (0.69 of 0.44 ms without).
-LK_AVX512 void decode_absmax_512(const NF4View& q, int64_t b0, int64_t count, float* out) {
-  if (q.absmax_u8 == nullptr) {
-    std::memcpy(out, q.absmax_f32 + b0, count * sizeof(float));
-    return;
-  }
+// The nested code as four byte planes (plane j: byte j of each of the 256 floats), for
+// decode_absmax_vbmi.
+struct NestedPlanes {
+  alignas(64) uint8_t b[4][256];
+};
+
+#define LK_AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi")))
+
+// Double-quant absmax of blocks [b0, b0 + count) into out, bit for bit as
+// decode_absmax (the explicitly rounded multiply and add are never contracted into an
+// FMA). The per-block lookup nested_code[u] is the cost: the scalar loop, or a
+// 16-wide gather, took about a cycle per block, 0.075-0.09 of 0.54 ms at 4096 x 4096
+// bf16 on a Zen 4 core; this takes no measurable time there. 64 blocks per step: each
+// byte of nested_code[u] comes from two vpermi2b (128 entries each) and a blend on
+// bit 7 of u, then the four byte planes are interleaved back into floats. The
+// interleave (unpacks within 128-bit lanes) scatters blocks; one vpermb of the
+// indices first puts them where the unpacks bring them back in order.
+LK_AVX512VBMI void decode_absmax_vbmi(const NF4View& q, const NestedPlanes& np, int64_t b0, int64_t count, float* out) {
+  __m512i plane[4][4];
+  for (int j = 0; j < 4; ++j)
+    for (int h = 0; h < 4; ++h) plane[j][h] = _mm512_load_si512(np.b[j] + 64 * h);
+  // Byte 16L + 4k + i (128-bit lane L, i < 4) of the unpacked results is block 16k + 4L + i.
+  alignas(64) uint8_t order[64];
+  for (int L = 0; L < 4; ++L)
+    for (int k = 0; k < 4; ++k)
+      for (int i = 0; i < 4; ++i) order[16 * L + 4 * k + i] = static_cast<uint8_t>(16 * k + 4 * L + i);
+  const __m512i order_v = _mm512_load_si512(order);
   const __m512 offset = _mm512_set1_ps(q.offset);
   constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t i = 0; i < count;) {
-    // One nested block (256 blocks) at a time: a single nested absmax per step.
     const int64_t b = b0 + i, n = std::min(count - i, ((b >> 8) + 1) * 256 - b);
     const __m512 nested = _mm512_set1_ps(q.nested_absmax[b >> 8]);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.absmax_u8 + b + j)));
-      const __m512 code = _mm512_i32gather_ps(idx, q.nested_code, 4);
-      _mm512_storeu_ps(out + i + j, _mm512_add_round_ps(_mm512_mul_round_ps(code, nested, kRne), offset, kRne));
-    }
-    if (j < n) {
-      const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q.absmax_u8 + b + j));
-      const __m512 code = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, q.nested_code, 4);
-      _mm512_mask_storeu_ps(out + i + j, m, _mm512_add_round_ps(_mm512_mul_round_ps(code, nested, kRne), offset, kRne));
+    for (int64_t j = 0; j < n; j += 64) {
+      const __mmask64 m = n - j >= 64 ? ~__mmask64{0} : (__mmask64{1} << (n - j)) - 1;
+      const __m512i u = _mm512_permutexvar_epi8(order_v, _mm512_maskz_loadu_epi8(m, q.absmax_u8 + b + j));
+      const __mmask64 hi = _mm512_movepi8_mask(u);
+      __m512i by[4];
+      for (int p = 0; p < 4; ++p)
+        by[p] = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(plane[p][0], u, plane[p][1]),
+                                       _mm512_permutex2var_epi8(plane[p][2], u, plane[p][3]));
+      const __m512i lo01 = _mm512_unpacklo_epi8(by[0], by[1]), hi01 = _mm512_unpackhi_epi8(by[0], by[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(by[2], by[3]), hi23 = _mm512_unpackhi_epi8(by[2], by[3]);
+      const __m512i d[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                            _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+      for (int k = 0; k < 4; ++k) {
+        const __mmask16 mk = static_cast<__mmask16>(m >> (16 * k));
+        const __m512 a = _mm512_add_round_ps(_mm512_mul_round_ps(_mm512_castsi512_ps(d[k]), nested, kRne), offset, kRne);
+        _mm512_mask_storeu_ps(out + i + j + 16 * k, mk, a);
+      }
     }
     i += n;
   }
@@ -371,10 +397,15 @@ float* scratch_floats(int64_t n) {
 
 // Rows [n0, n1) into acc[n - n0]: the absmax of all their blocks at once (one
 // contiguous run), then pairs of rows and the odd one.
-void rows_m1(const NF4View& q, const GemvArgs& g, const void* xp, bool bf16, int64_t n0, int64_t n1, float* acc) {
+// planes: the nested code for decode_absmax_vbmi, or nullptr (no VBMI, or no double quant).
+void rows_m1(const NF4View& q, const GemvArgs& g, const void* xp, bool bf16, const NestedPlanes* planes, int64_t n0,
+             int64_t n1, float* acc) {
   const int64_t K = g.K, G = K / kFastGroup;
   float* am = scratch_floats((n1 - n0) * G);
-  decode_absmax_512(q, n0 * G, (n1 - n0) * G, am);
+  if (planes != nullptr)
+    decode_absmax_vbmi(q, *planes, n0 * G, (n1 - n0) * G, am);
+  else
+    decode_absmax(q, n0 * G, (n1 - n0) * G, am);
   int64_t row = n0;
   const uint8_t* p = q.packed + n0 * K / 2;
   if (bf16) {
@@ -416,6 +447,10 @@ bool has_avx512bf16() {
   static const bool yes = __builtin_cpu_supports("avx512bf16");
   return yes;
 }
+bool has_avx512vbmi() {
+  static const bool yes = __builtin_cpu_supports("avx512vbmi");
+  return yes;
+}
 
 }  // namespace
 
@@ -450,6 +485,14 @@ void nf4_gemv(const NF4View& q, const GemvArgs& g, Isa isa) {
     permute_x_f32(g.x, g.K, xp_f32.data());
   }
   const void* xp = m1_bf16 ? static_cast<const void*>(xp_bf16.data()) : xp_f32.data();
+  NestedPlanes planes;
+  const bool vbmi = m1 && q.absmax_u8 != nullptr && has_avx512vbmi();
+  if (vbmi)
+    for (int i = 0; i < 256; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, q.nested_code + i, 4);
+      for (int j = 0; j < 4; ++j) planes.b[j][i] = static_cast<uint8_t>(bits >> (8 * j));
+    }
   // A fork/join costs microseconds, far more when the cores are busy: a 64 x 64 weight
   // took 300 us on 2 threads of the loaded 2-core machine, 18 us on 1 (Python call
   // included). Small products run on the calling thread; the bound (not tuned for the
@@ -461,7 +504,7 @@ void nf4_gemv(const NF4View& q, const GemvArgs& g, Isa isa) {
     // At most 8 rows of x per pass over the chunk's W rows (which stay in L2): 16
     // accumulators plus the decode registers spill, and M = 16 in one pass ran at
     // half the FMA rate of two passes of 8 (0.087 vs 0.046 ns per MAC on one core).
-    if (m1) rows_m1(q, g, xp, m1_bf16, n0, n1, acc);
+    if (m1) rows_m1(q, g, xp, m1_bf16, vbmi ? &planes : nullptr, n0, n1, acc);
     for (int64_t m0 = 0; m0 < g.M && !m1; m0 += kRowsPerPass) {
       GemvArgs part = g;
       part.x = g.x + m0 * g.K;
