@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -468,13 +469,23 @@ void nf4_gemv_rows_avx2(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t
 // Below this many multiply-adds one thread runs the whole GEMV.
 constexpr int64_t kParallelMinMacs = 1 << 15;
 
-void nf4_gemv(const NF4View& q, const GemvArgs& g, Isa isa) {
+void nf4_gemv(const NF4View& q, const GemvArgs& args, Isa isa) {
   // 16 output features per chunk: small enough to balance 2-64 threads at N = 576,
   // large enough that the per-chunk epilogue is noise.
   constexpr int64_t kChunk = 16;
   constexpr int64_t kRowsPerPass = 8;
+  GemvArgs g = args;
   const int64_t nchunks = (g.N + kChunk - 1) / kChunk;
   const bool m1 = fast_m1(q, g, isa), m1_bf16 = m1 && g.x_bf16 != nullptr && has_avx512bf16();
+  // bf16 x may come without its fp32 copy (the M = 1 bf16 kernel reads only x_bf16);
+  // the other paths get one here.
+  if (g.x == nullptr && g.x_bf16 == nullptr) throw std::invalid_argument("nf4_gemv: x is null");
+  std::vector<float> x_f32;
+  if (g.x == nullptr && !m1_bf16) {
+    x_f32.resize(g.M * g.K);
+    for (int64_t i = 0; i < g.M * g.K; ++i) x_f32[i] = bf16_to_f32(g.x_bf16[i]);
+    g.x = x_f32.data();
+  }
   std::vector<float> xp_f32;
   std::vector<uint16_t> xp_bf16;
   if (m1_bf16) {

@@ -218,12 +218,14 @@ def _gemv(x, q, view, bias, xa=None, lora_B=None, scaling=0.0) -> torch.Tensor:
     _same_dtype(lora_B, "lora_B", x.dtype)
     m, k = x.shape
     n = q.shape[0]
-    xf = x.float().contiguous()
+    # bf16 x goes in as is: the C++ side makes the fp32 copy only for the paths that
+    # read it (not the M = 1 bf16 kernel; the copy took 1.8 us of a 40 us 1536 x 576 call).
+    xf = None if x.dtype == torch.bfloat16 else x.float().contiguous()
     y = torch.empty((m, n), dtype=x.dtype)
     xas = (xa.float() * scaling).contiguous() if xa is not None else None
     lb = lora_B.contiguous() if lora_B is not None else None
     b = bias.contiguous() if bias is not None else None
-    _C.nf4_gemv(view, xf.data_ptr(), m, n, k, xas.data_ptr() if xas is not None else 0,
+    _C.nf4_gemv(view, xf.data_ptr() if xf is not None else 0, m, n, k, xas.data_ptr() if xas is not None else 0,
                 lb.data_ptr() if lb is not None else 0, _DTYPE_CODE[x.dtype], lb.shape[1] if lb is not None else 0,
                 b.data_ptr() if b is not None else 0, _DTYPE_CODE[x.dtype], y.data_ptr(), _DTYPE_CODE[y.dtype], n, isa(),
                 x.data_ptr() if x.dtype == torch.bfloat16 else 0)

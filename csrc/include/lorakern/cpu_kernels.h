@@ -46,7 +46,8 @@ void nf4_decode_run_avx2(const NF4View& q, int64_t e0, int64_t count, void* out,
 void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count, void* out, DType dtype, bool stream);
 
 // y[m, n] = sum_k x[m, k] W[n, k] + bias[n] + sum_j xas[m, j] B[n, j] for M <= 16, W = q [N, K].
-// x: fp32 [M, K] contiguous (x_bf16: the same values in bf16 when the input was bf16); xas: fp32 [M, r] (already scaled) or nullptr; B: [N, r] in b_dtype;
+// x: fp32 [M, K] contiguous (x_bf16: the same values in bf16 when the input was bf16; x may then be nullptr,
+// and nf4_gemv converts x_bf16 when its path needs fp32); xas: fp32 [M, r] (already scaled) or nullptr; B: [N, r] in b_dtype;
 // bias: [N] in bias_dtype or nullptr; y: [M, N] in y_dtype, row stride ldy.
 struct GemvArgs {
   const float* x;
