@@ -168,13 +168,14 @@ def test_nf4_matmul_every_isa(isa, m, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gemv_decode_shapes(isa, dtype, double_quant):
     """M = 1, blocksize 64, K a multiple of 64 (the permuted-x kernel on AVX-512): pairs of rows and an odd
-    last one, chunks of 16 rows, absmax runs across nested blocks of 256, K over 256 groups; bias and LoRA."""
+    last one, chunks of 16 rows, absmax runs across nested blocks of 256, K over 256 groups; bias and LoRA
+    (ranks below, at and above the 16 products of one vector step)."""
     g = torch.Generator().manual_seed(7)
-    for n, k in ((1, 64), (37, 576), (18, 1088), (3, 16448)):
+    for n, k, r in ((1, 64, 4), (37, 576, 20), (18, 1088, 16), (3, 16448, 4)):
         q = random_nf4(n, k, dtype, double_quant)
         w = nf4.dequantize(q, torch.float64 if dtype == torch.float32 else dtype).double()
         x, bias = torch.randn(1, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
-        a, b = (torch.randn(4, k, generator=g) * 0.3).to(dtype), (torch.randn(n, 4, generator=g) * 0.3).to(dtype)
+        a, b = (torch.randn(r, k, generator=g) * 0.3).to(dtype), (torch.randn(n, r, generator=g) * 0.3).to(dtype)
         want, bound = x.double() @ w.t() + bias.double(), x.double().abs() @ w.abs().t() + bias.double().abs()
         assert_close(cpu.nf4_matmul(x, q, bias), want, bound, dtype, f"nf4_matmul n={n} k={k}")
         y, xa = cpu.qlora_linear_fwd(x, q, bias, a, b, 0.5, 0.0, torch.tensor([1], dtype=torch.int64))

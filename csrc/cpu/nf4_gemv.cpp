@@ -396,6 +396,22 @@ float* scratch_floats(int64_t n) {
   return buf.get();
 }
 
+// sum_j xas[j] B[row, j] for fp32 or bf16 B (the LoRA term of one output at M = 1):
+// 16 products per FMA instead of a scalar loop with a dtype switch per element,
+// which took 18 of 60 us at 1536 x 576, r = 16 (the GEMV itself 38).
+LK_AVX512 float lora_dot_512(const float* xas, const void* B, DType t, int64_t r, int64_t row) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t j = 0; j < r; j += 16) {
+    const __mmask16 m = r - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (r - j)) - 1);
+    const __m512 b = t == DType::f32
+                         ? _mm512_maskz_loadu_ps(m, static_cast<const float*>(B) + row * r + j)
+                         : _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(B) + row * r + j)), 16));
+    s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xas + j), b, s);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
 // Rows [n0, n1) into acc[n - n0]: the absmax of all their blocks at once (one
 // contiguous run), then pairs of rows and the odd one.
 // planes: the nested code for decode_absmax_vbmi, or nullptr (no VBMI, or no double quant).
@@ -535,7 +551,10 @@ void nf4_gemv(const NF4View& q, const GemvArgs& args, Isa isa) {
         if (g.bias != nullptr) v += load_as_f32(g.bias, g.bias_dtype, row);
         if (g.xas != nullptr) {
           float lora = 0.0f;
-          for (int64_t j = 0; j < g.r; ++j) lora += g.xas[m * g.r + j] * load_as_f32(g.lora_B, g.b_dtype, row * g.r + j);
+          if (m1 && g.b_dtype != DType::f16)
+            lora = lora_dot_512(g.xas, g.lora_B, g.b_dtype, g.r, row);
+          else
+            for (int64_t j = 0; j < g.r; ++j) lora += g.xas[m * g.r + j] * load_as_f32(g.lora_B, g.b_dtype, row * g.r + j);
           v += lora;
         }
         store_from_f32(g.y, g.y_dtype, m * g.ldy + row, v);
