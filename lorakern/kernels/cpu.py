@@ -45,7 +45,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Measured at K = N = 4096 on one Zen 4 core: fp32 GEMV 1.8 / 4.1 / 11.5 ms at
 # M = 1 / 4 / 16 against 6.9 / 10.7 / 16.6 ms for panels; bf16 GEMV (AVX512_BF16
 # dot products) 2.3 / 3.4 / 3.6 / 6.6 ms at M = 1 / 4 / 8 / 16 against 3.8 / 5.9 /
-# 5.5 / 6.1 ms.
+# 5.5 / 6.1 ms. (M = 1 has its own kernel since: 0.68 ms fp32, 0.47 ms bf16.)
 GEMV_MAX_M = {torch.float32: 16, torch.bfloat16: 8, torch.float16: 16}
 
 # Decoded panel size, in weight elements (8 MiB in bf16): 1024 rows of W at
