@@ -43,9 +43,7 @@ LK_AVX512 static inline __m512i table16_512(__m512 t, DType dt) {
 }
 
 LK_AVX512 void nf4_decode_run_avx512(const NF4View& q, int64_t e0, int64_t count, void* out, DType t, bool stream) {
-  alignas(64) float code[16];
-  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
-  const __m512 code_v = _mm512_load_ps(code);
+  const __m512 code_v = nf4_code_ps512();
   char* o = static_cast<char*>(out);
   const int64_t sz = dtype_size(t);
   BlockWalker walk(q, e0, count);

@@ -65,9 +65,7 @@ void nf4_gemv_rows_scalar(const NF4View& q, const GemvArgs& g, int64_t n0, int64
 template <int MT>
 LK_AVX512 void gemv_rows_512(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
   constexpr int NA = MT <= 4 ? 2 : 1;
-  alignas(64) float code[16];
-  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
-  const __m512 code_v = _mm512_load_ps(code);
+  const __m512 code_v = nf4_code_ps512();
   const __m128i low4 = _mm_set1_epi8(15);
   for (int64_t i = 0; i < (n1 - n0) * MT; ++i) acc[i] = 0.0f;
   const int64_t kc = k_chunk(MT, g.K);
@@ -115,9 +113,7 @@ LK_AVX512 void gemv_rows_512(const NF4View& q, const GemvArgs& g, int64_t n0, in
 template <int MT>
 LK_AVX512BF16 void gemv_rows_512bf16(const NF4View& q, const GemvArgs& g, int64_t n0, int64_t n1, float* acc) {
   constexpr int NA = MT <= 4 ? 2 : 1;
-  alignas(64) float code[16];
-  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
-  const __m512 code_v = _mm512_load_ps(code);
+  const __m512 code_v = nf4_code_ps512();
   const __m128i low4 = _mm_set1_epi8(15);
   const uint16_t* xb = g.x_bf16;
   for (int64_t i = 0; i < (n1 - n0) * MT; ++i) acc[i] = 0.0f;
@@ -324,9 +320,7 @@ void permute_x_bf16(const uint16_t* x, int64_t K, uint16_t* xp) {
 // chains per row against the 4-cycle FMA latency.
 template <int R>
 LK_AVX512 void rows_m1_f32(const float* xp, int64_t K, const uint8_t* p, const float* am, float* out) {
-  alignas(64) float code[16];
-  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
-  const __m512 code_v = _mm512_load_ps(code);
+  const __m512 code_v = nf4_code_ps512();
   const int64_t G = K / kFastGroup;
   __m512 s[R][4];
   for (int r = 0; r < R; ++r)
@@ -363,9 +357,7 @@ LK_AVX512 void rows_m1_f32(const float* xp, int64_t K, const uint8_t* p, const f
 // zero (as the M >= 4 path does), it flushes weights below 2^-126 (absmax < 1.5e-37).
 template <int R>
 LK_AVX512BF16 void rows_m1_bf16(const uint16_t* xp, int64_t K, const uint8_t* p, const float* am, float* out) {
-  alignas(64) float code[16];
-  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
-  const __m512 code_v = _mm512_load_ps(code);
+  const __m512 code_v = nf4_code_ps512();
   const int64_t G = K / kFastGroup;
   __m512 s[R][2];
   for (int r = 0; r < R; ++r)

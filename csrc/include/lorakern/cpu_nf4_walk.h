@@ -1,6 +1,8 @@
 // Walking a contiguous run of NF4 elements block by block (CPU kernels).
 #pragma once
 
+#include <immintrin.h>
+
 #include <algorithm>
 
 #include "lorakern/common.h"
@@ -91,6 +93,15 @@ inline PieceSplit split_piece(int64_t e, int64_t n) {
   const int64_t head = std::min(n, (kGroup - e % kGroup) % kGroup);
   const int64_t groups = (n - head) / kGroup;
   return {head, groups, n - head - groups * kGroup};
+}
+
+// The 16 NF4 code values in one AVX-512 register (lane i = code i), the table every
+// AVX-512 decode scales by a block's absmax. Target avx512f only, so it inlines into
+// every AVX-512 variant (their target sets all include it).
+__attribute__((target("avx512f"))) inline __m512 nf4_code_ps512() {
+  alignas(64) float code[16];
+  for (int i = 0; i < 16; ++i) code[i] = nf4_code(i);
+  return _mm512_load_ps(code);
 }
 
 }  // namespace cpu
