@@ -86,12 +86,13 @@ def bnb_quantize(w: torch.Tensor):
     return bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
 
 
-def _bnb_linear4bit(n: int, k: int, dtype: torch.dtype) -> torch.nn.Module:
-    """A bitsandbytes NF4 layer (double quant, blocksize 64) in eval mode, as it serves decoding."""
+def _bnb_linear4bit(weight: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
+    """A bitsandbytes NF4 layer (double quant, blocksize 64) holding ``weight`` [N, K], computing in ``dtype``."""
+    n, k = weight.shape
     layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type="nf4", blocksize=64,
+    layer.weight = bnb.nn.Params4bit(weight.detach().clone(), requires_grad=False, quant_type="nf4", blocksize=64,
                                      compress_statistics=True)
-    return layer.to("cpu").eval()
+    return layer.to("cpu")
 
 
 # -------------------------------------------------------------------------- copy bandwidth
@@ -165,7 +166,8 @@ def test_nf4_forward(benchmark, shape, dname, impl):
             fn = lambda: ops.nf4_matmul(x, rot.next())
             nbytes = rot.items[0].nbytes() + io
         elif impl == "bitsandbytes Linear4bit":
-            rot = Rotation([_bnb_linear4bit(n, k, dtype) for _ in range(n_copies(n * k // 2))])
+            # eval mode: the serving path (see the docstring)
+            rot = Rotation([_bnb_linear4bit(torch.randn(n, k), dtype).eval() for _ in range(n_copies(n * k // 2))])
             for layer in rot.items:
                 layer(x)  # the first eval call repacks the weight
             fn = lambda: rot.next()(x)
@@ -224,9 +226,7 @@ def test_qlora_train_step(benchmark, shape, dname, impl):
     elif impl == "torch dense frozen":
         fn = lambda: torch.autograd.grad(torch.nn.functional.linear(x, w), [x], dy)
     else:
-        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-        lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-        model = _peft_model(lin.to("cpu"), dtype)
+        model = _peft_model(_bnb_linear4bit(w, dtype), dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         fn = lambda: torch.autograd.grad(model(x), [x, *params], dy)
     run(benchmark, fn, group, impl, rounds_for(m * n * k, 2**31, 10, 4), flops=4.0 * m * n * k)
@@ -308,10 +308,7 @@ def _overhead_layer(kind: str, impl: str, k: int, n: int, dtype: torch.dtype) ->
         return layer
     base = dense
     if kind == "qlora":
-        base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-        base.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                        compress_statistics=True)
-        base = base.to("cpu")
+        base = _bnb_linear4bit(dense.weight, dtype)
         if impl == "bitsandbytes Linear4bit":
             return base
     for p in dense.parameters():

@@ -327,11 +327,11 @@ def _is_dtensor(t) -> bool:
 def check_loss_split(model: nn.Module, input_ids: Tensor) -> bool:
     """Whether :func:`causal_lm_loss` can score ``model`` from its body and head (the fused path).
 
-    Runs :func:`_split_matches_forward` once for ``model`` (its first call would
-    otherwise): the :class:`~lorakern.train.Trainer` calls it before wrapping the
-    model for FSDP, which a forward of the whole model could bypass. True for a
-    model without ``get_output_embeddings`` is never returned: it is always scored
-    from its full logits (False).
+    Runs :func:`_split_matches_forward` now rather than at the first loss call:
+    the :class:`~lorakern.train.Trainer` calls it before wrapping the model for
+    FSDP, after which a forward of the whole model may bypass the sharded body.
+    False for a model without ``get_output_embeddings`` (always scored from its
+    full logits) and for one whose split fails the check.
     """
     body, head = split_causal_lm(model)
     return body is not None and _split_matches_forward(model, body, head, input_ids)
