@@ -153,10 +153,9 @@ def check_args(args: argparse.Namespace) -> None:
 
     try:
         _train_config(args)
-    except ValueError as e:  # TrainConfig.<field> -> the option's name
-        msg = str(e)
-        field = msg.split(" ", 1)[0].removeprefix("TrainConfig.")
-        raise ValueError(f"--{field.replace('_', '-')}{msg[len('TrainConfig.' + field):]}") from None
+    except ValueError as e:  # "TrainConfig.<field> must ..." -> "--<option> must ..."
+        field, rest = str(e).removeprefix("TrainConfig.").split(" ", 1)
+        raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
     if args.method != "full" and not args.adapter:
         try:
             check_lora_args(args.r, args.alpha, args.dropout, "kaiming")
