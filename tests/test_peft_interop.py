@@ -259,8 +259,9 @@ def _edit_config(directory, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(use_dora=True), "use_dora"),
-    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
-    (dict(alpha_pattern={"q_proj": 2}), "alpha_pattern"),
+    (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer"),
+    (dict(alpha_pattern={"q_(": 2}), "alpha_pattern key 'q_\\(' is not a valid regular expression"),
+    (dict(rank_pattern=[8]), "rank_pattern must map regular expressions to numbers"),
     (dict(use_qalora=True), "use_qalora"),
     (dict(peft_type="IA3"), "peft_type"),
     (dict(bias="all"), "bias"),
@@ -326,3 +327,28 @@ def test_save_tied_modules_to_save(tmp_path):
     ids = example_input()
     with torch.no_grad():
         assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+
+def test_per_layer_ranks_and_alphas_travel_both_ways(tmp_path):
+    """rank_pattern / alpha_pattern (PEFT's per-layer r and alpha): applied here, saved, loaded by PEFT and back."""
+    model = FAMILIES["llama"][0]()
+    base = copy.deepcopy(model)
+    lorakern.apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2},
+                        alpha_pattern={"v_proj": 3})
+    modules = lora_modules(model)
+    assert modules["model.layers.0.self_attn.q_proj"].r == 2 and modules["model.layers.1.self_attn.q_proj"].r == 4
+    assert all(m.alpha == (3 if n.endswith("v_proj") else 8) for n, m in modules.items())
+    randomize_adapters(model)
+    lorakern.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["rank_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 2}
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, want, atol=2e-5, rtol=2e-5)
+        again = copy.deepcopy(base)
+        lorakern.load_adapter(again, tmp_path)
+        torch.testing.assert_close(again.eval()(ids).logits, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]: r \(the LoRA rank\) must be a positive int"):
+        lorakern.apply_lora(copy.deepcopy(base), ["q_proj"], rank_pattern={"q_proj": 0})

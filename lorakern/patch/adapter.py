@@ -4,6 +4,12 @@ Key layout of ``adapter_model.safetensors`` (what ``peft.PeftModel.from_pretrain
 
     base_model.model.<path>.lora_A.weight    [r, in_features]   for each adapted layer <path>
     base_model.model.<path>.lora_B.weight    [out_features, r]
+    base_model.model.<w>.lora_A.weight       [r * E, in_features]    for each adapted expert weight
+    base_model.model.<w>.lora_B.weight       [out_features, r * E]   (PEFT's target_parameters layout:
+                                             row e*r + j of lora_A and column j*E + e of lora_B
+                                             are expert e's); <w> is the experts module's path
+                                             plus ".base_layer" once per adapted weight that module
+                                             registered after this one (PEFT nests one wrapper per weight)
     base_model.model.<path>.<param>          every parameter of each modules_to_save module
                                              (PEFT keeps them under ``modules_to_save.<adapter>``
                                              in memory and strips that part when saving), and of
@@ -18,13 +24,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .apply import apply_lora, lora_modules, lora_state
-from .targets import leaf_names_or_paths, name_matches
+from ..nn import LoRAExperts
+from .apply import apply_lora, lora_modules, lora_state, pattern_value
+from .targets import leaf_names_or_paths, name_matches, resolve_parameters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,15 +53,9 @@ _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 _CLASSIFIER_HEADS = ("classifier", "score")
 
 # Config fields whose non-default value means an adapter this loader cannot reproduce exactly:
-# field -> (values that mean "off", what the field asks for). Checked in this order, so the cause is
-# named first: PEFT's "all-linear" on a transformers 5 MoE model (Mixtral, Qwen3-MoE) adds
-# target_parameters for the fused expert weights and, because of them, a rank_pattern.
+# field -> (values that mean "off", what the field asks for).
 _UNSUPPORTED = {
-    "target_parameters": ((None, []), "LoRA on raw parameters such as fused MoE expert weights (only "
-                                      "nn.Linear and Conv1D layers can take an adapter here)"),
     "use_dora": ((False, None), "DoRA"),
-    "rank_pattern": (({}, None), "per-layer ranks"),
-    "alpha_pattern": (({}, None), "per-layer alphas"),
     "layer_replication": ((None,), "layer replication"),
     "lora_bias": ((False, None), "LoRA biases"),
     "trainable_token_indices": ((None,), "trainable tokens"),
@@ -107,10 +109,17 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name or adapter_name.startswith("."):
         raise ValueError(f"adapter_name must be a plain non-empty name, got {adapter_name!r}")
     first = next(iter(modules.values()))
-    settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in modules.values()}
+    settings = {(m.dropout, m.use_rslora) for m in modules.values()}
     if len(settings) != 1:
-        raise ValueError(f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
-                         "per-layer settings (PEFT rank_pattern) are not supported")
+        raise ValueError(f"LoRA layers differ in (dropout, use_rslora): {sorted(settings)}; an adapter file holds "
+                         "one value of each")
+    # r and alpha may differ per layer: the most common pair is the config's, the others its
+    # rank_pattern / alpha_pattern, one exact (escaped) name each
+    ranks = [m.r for m in modules.values()]
+    alphas = [m.alpha for m in modules.values()]
+    r, alpha = max(ranks, key=ranks.count), max(alphas, key=alphas.count)
+    rank_pattern = {re.escape(n): m.r for n, m in modules.items() if m.r != r}
+    alpha_pattern = {re.escape(n): _number(m.alpha) for n, m in modules.items() if m.alpha != alpha}
     keep = list(state.modules_to_save) if state is not None else []
     task_type = _task_type(model)
     if task_type in _HEAD_TASKS:
@@ -125,10 +134,17 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     # are stored too, or PEFT would run the trained head with the original embeddings.
     keep += _tied_partners(model, keep, modules)
 
+    experts = {n: m for n, m in modules.items() if isinstance(m, LoRAExperts)}
+    layers = [n for n in modules if n not in experts]
     tensors = {}
-    for name, module in modules.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.detach()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.detach()
+    for name in layers:
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = modules[name].lora_A.detach()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = modules[name].lora_B.detach()
+    for name, path in _expert_paths(list(experts)).items():
+        lora_A, lora_B = experts[name].lora_A.detach(), experts[name].lora_B.detach()
+        e, r, k = lora_A.shape
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_A.reshape(e * r, k)
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_B.permute(1, 2, 0).reshape(lora_B.shape[1], r * e)
     for name in keep:
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = value.detach()
@@ -139,18 +155,21 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": first.r,
-        "lora_alpha": _number(first.alpha),
-        "lora_dropout": first.dropout,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        # PEFT refuses lora_dropout with target_parameters (its expert wrapper cannot apply it); dropout
+        # acts in training only, so an adapter with expert weights is written with 0 to stay loadable there
+        "lora_dropout": 0.0 if experts else first.dropout,
         "use_rslora": first.use_rslora,
-        "target_modules": leaf_names_or_paths(model, list(modules)),
+        "target_modules": leaf_names_or_paths(model, layers) if layers else [],
+        "target_parameters": _parameter_names_or_paths(model, list(experts)) if experts else None,
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules.values()),
         "bias": "none",
         "modules_to_save": list(keep) or None,
         "init_lora_weights": "gaussian" if first.init == "gaussian" else True,
         "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "inference_mode": True,
     }
     out = os.fspath(directory) if adapter_name == "default" else os.path.join(directory, adapter_name)
@@ -190,8 +209,25 @@ def read_adapter_config(directory: str) -> dict:
         raise AdapterError(f"{path}: r must be a positive integer, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise AdapterError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
+    params = config.get("target_parameters")
+    if params is not None and not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
+        raise AdapterError(f"{path}: target_parameters must be a list of parameter names, got {params!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(isinstance(k, str) and k for k in patterns):
+            raise AdapterError(f"{path}: {key} must map regular expressions to numbers, got {patterns!r}")
+        for k, v in patterns.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise AdapterError(f"{path}: {key} key {k!r} is not a valid regular expression: {e}") from None
+            good = (isinstance(v, int) and v >= 1) if key == "rank_pattern" else \
+                (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)
+            if isinstance(v, bool) or not good:
+                raise AdapterError(f"{path}: {key}[{k!r}] must be a positive "
+                                   f"{'integer' if key == 'rank_pattern' else 'number'}, got {v!r}")
     targets = config.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
+    if not (isinstance(targets, str) or (isinstance(targets, list) and (targets or params))):
         raise AdapterError(f"{path}: target_modules must be a string or a non-empty list, got {targets!r}")
     return config
 
@@ -237,12 +273,22 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
         targets = _adapted_paths(weights)
         if not targets:
             raise AdapterError(f"{directory}: {WEIGHTS_NAME} holds no '*.lora_A.weight' / '*.lora_B.weight' tensors")
+        params = []
+        if config.get("target_parameters"):
+            try:
+                params = resolve_parameters(model, config["target_parameters"])
+            except (TypeError, ValueError) as e:
+                raise AdapterError(f"{directory}: {e}") from None
+            expert_paths = set(_expert_paths(params).values())
+            targets = [t for t in targets if t not in expert_paths]
         absent = [t for t in targets if t not in names]
         if absent:
             raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: {absent[:5]}")
-        apply_lora(model, targets, r=config["r"], alpha=config["lora_alpha"],
+        apply_lora(model, targets or None, r=config["r"], alpha=config["lora_alpha"],
                    dropout=float(config.get("lora_dropout", 0.0)), quantize=quantize, modules_to_save=modules_to_save,
-                   use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype, device=device)
+                   use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype, device=device,
+                   target_parameters=params or None, rank_pattern=config.get("rank_pattern") or None,
+                   alpha_pattern=config.get("alpha_pattern") or None)
     elif quantize is not None or compute_dtype is not None or device is not None:
         raise ValueError("quantize / compute_dtype / device apply only when load_adapter patches an unpatched model")
     modules = lora_modules(model)
@@ -251,7 +297,9 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     _check_layers(modules, config, directory)
     _untie_modules_to_save(model, keep)
 
-    lora_keys = {f"{PREFIX}{n}{s}": (n, s) for n in modules for s in _LORA_SUFFIXES}
+    paths = {n: n for n in modules if not isinstance(modules[n], LoRAExperts)}
+    paths.update(_expert_paths([n for n in modules if isinstance(modules[n], LoRAExperts)]))
+    lora_keys = {f"{PREFIX}{path}{s}": (n, s) for n, path in paths.items() for s in _LORA_SUFFIXES}
     keep_keys = {f"{PREFIX}{n}.{k}": (n, k) for n in keep for k in model.get_submodule(n).state_dict()}
     unexpected = sorted(k for k in weights if k not in lora_keys and k not in keep_keys)
     if unexpected:
@@ -263,14 +311,59 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
 
     with torch.no_grad():
         for key, (name, suffix) in lora_keys.items():
-            param = getattr(modules[name], "lora_A" if suffix == _LORA_SUFFIXES[0] else "lora_B")
-            _copy(param, weights[key], key, directory)
+            module, is_a = modules[name], suffix == _LORA_SUFFIXES[0]
+            param = module.lora_A if is_a else module.lora_B
+            value = weights[key]
+            if isinstance(module, LoRAExperts):
+                value = _expert_layout(value, module, is_a, key, directory)
+            _copy(param, value, key, directory)
         for name in keep:
             sub = {k: weights[f"{PREFIX}{name}.{k}"] for k in model.get_submodule(name).state_dict()
                    if f"{PREFIX}{name}.{k}" in weights}
             if sub:
                 model.get_submodule(name).load_state_dict(sub, strict=True)
     return list(modules)
+
+
+def _expert_paths(names: list[str]) -> dict[str, str]:
+    """Adapted expert weight ``<module>.<param>`` -> the module path PEFT gives its wrapper.
+
+    PEFT wraps an experts module once per targeted weight, in the order the module
+    registered them, each wrapper around the previous one: the last weight's adapter
+    sits at ``<module>``, the one before at ``<module>.base_layer``, and so on.
+    ``names`` lists them in that order (as :func:`resolve_parameters` and the
+    module order of a patched model give them).
+    """
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    paths = {}
+    for module, params in by_module.items():
+        for i, name in enumerate(params):
+            paths[name] = module + ".base_layer" * (len(params) - 1 - i)
+    return paths
+
+
+def _expert_layout(value: torch.Tensor, module: LoRAExperts, is_a: bool, key: str, directory: str) -> torch.Tensor:
+    """A PEFT ``target_parameters`` tensor in :class:`LoRAExperts`' layout (``[E, r, in]`` / ``[E, out, r]``)."""
+    e, r, n, k = module.num_experts, module.r, module.out_features, module.in_features
+    expected = (e * r, k) if is_a else (n, r * e)
+    if tuple(value.shape) != expected:
+        raise AdapterError(f"{directory}: {key} has shape {tuple(value.shape)}, the model expects {expected} "
+                           f"({e} experts, r={r})")
+    return value.reshape(e, r, k) if is_a else value.reshape(n, r, e).permute(2, 0, 1)
+
+
+def _parameter_names_or_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """``target_parameters`` for an adapter config: ``<module leaf>.<param>`` entries (``"experts.down_proj"``)
+    when they select exactly ``names``, else the qualified names."""
+    short = sorted({".".join(n.split(".")[-2:]) for n in names})
+    adapted = [m for m in lora_modules(model).values() if isinstance(m, LoRAExperts)]
+    inside = {id(p) for m in adapted for p in m.parameters()}
+    others = [n for n, p in model.named_parameters() if id(p) not in inside]
+    if not any(name_matches(n, s) for n in others for s in short):
+        return short
+    return sorted(names)
 
 
 def _kept_root(name: str, keep) -> Optional[str]:
@@ -346,8 +439,10 @@ def _adapted_paths(weights: dict) -> list[str]:
 
 
 def _check_layers(modules: dict, config: dict, directory: str) -> None:
-    r, alpha, rslora = config["r"], float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    rslora = bool(config.get("use_rslora", False))
     for name, module in modules.items():
+        r = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
         if (module.r, module.alpha, module.use_rslora) != (r, alpha, rslora):
             raise AdapterError(f"{directory}: layer {name!r} has r={module.r}, alpha={module.alpha:g}, "
                                f"use_rslora={module.use_rslora} but the adapter has r={r}, lora_alpha={alpha:g}, "

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..nn import LoRALinear, QLoRALinear
+from ..nn import LoRAExperts, LoRALinear, QLoRALinear
 from ..nn._base import check_lora_args
-from .targets import Selector, kept_in_full_precision, resolve_targets, select
+from .targets import Selector, kept_in_full_precision, resolve_parameters, resolve_targets, select
 
 QUANTIZE = (None, "nf4")
 # Attribute on a patched model recording how it was patched (read by save_adapter).
@@ -29,11 +31,15 @@ class LoRAState:
     init: str
     quantize: Optional[str]
     modules_to_save: list[str] = field(default_factory=list)
+    # adapted expert weights ("<module>.<parameter>"), in the order their module registered them
+    parameters: list[str] = field(default_factory=list)
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> LoRALinear / QLoRALinear for every adapted layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
+    """Qualified name -> LoRALinear / QLoRALinear / LoRAExperts for every adapted layer or expert weight."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear, LoRAExperts))}
 
 
 def lora_state(model: nn.Module) -> Optional[LoRAState]:
@@ -50,7 +56,9 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
                dropout: float = 0.0, quantize: Optional[str] = None, exclude: Optional[Selector] = None,
                modules_to_save: Optional[Selector] = None, use_rslora: bool = False, init: str = "kaiming",
                compute_dtype: Optional[torch.dtype] = None,
-               device: Optional[torch.device | str] = None) -> list[str]:
+               device: Optional[torch.device | str] = None,
+               target_parameters: Optional[Selector] = None, rank_pattern: Optional[dict] = None,
+               alpha_pattern: Optional[dict] = None) -> list[str]:
     """Replace the targeted linear layers of ``model`` by LoRA layers, in place; return their qualified names.
 
     Each target (``nn.Linear`` or transformers ``Conv1D``) becomes a
@@ -65,11 +73,22 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
 
     Args:
         target_modules: "all-linear", a list of names (exact or ``.``-suffix match), or a
-            full-match regex; see :mod:`lorakern.patch.targets`.
+            full-match regex; see :mod:`lorakern.patch.targets`. None: no layer (with
+            ``target_parameters`` only).
+        target_parameters: fused MoE expert weights to adapt, as PEFT's option of that
+            name: ``"all-experts"`` or names such as ``["experts.gate_up_proj",
+            "experts.down_proj"]``. Each becomes a :class:`~lorakern.nn.LoRAExperts`
+            (one adapter per expert; NF4 per expert with ``quantize``), and the
+            returned names include ``<module>.<parameter>`` for each. transformers
+            experts modules are switched to their "eager" implementation (the loop
+            over the routed experts), where each expert's matmul is one fused op.
         exclude: names (same forms, no "all-linear") removed from the targets.
         modules_to_save: modules kept whole and trainable (e.g. a new classification head);
             :func:`save_adapter` stores their full weights, as PEFT does.
         r, alpha, dropout, use_rslora, init: the adapter (see :class:`~lorakern.nn.LoRALinear`).
+        rank_pattern, alpha_pattern: per-target r / alpha, as PEFT's options of these
+            names: ``{regex: value}``; a target whose qualified name ends with a match
+            of the regex (at a ``.`` boundary) takes the first such value.
         quantize: None (dense base) or "nf4". Layers a Hugging Face model keeps
             in full precision (``_keep_in_fp32_modules``, e.g. T5's ``wo``) get a
             dense LoRALinear, as when transformers loads the model in 4-bit.
@@ -87,6 +106,20 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
         raise RuntimeError(f"model already has LoRA layers ({len(already)}, e.g. {next(iter(already), '?')!r}); "
                            "apply_lora works once per model (merge_lora first to start over)")
     check_lora_args(r, alpha, dropout, init)
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key, value in patterns.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"{what} keys must be non-empty regular expression strings, got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{what} key {key!r} is not a valid regular expression: {e}") from None
+            try:
+                check_lora_args(value if what == "rank_pattern" else r, value if what == "alpha_pattern" else alpha,
+                                dropout, init)
+            except ValueError as e:
+                raise ValueError(f"{what}[{key!r}]: {e}") from None
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     if device is not None and quantize is None:
@@ -101,19 +134,53 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     names = [n for n, _ in model.named_modules() if n]
     keep = select(names, modules_to_save, "modules_to_save") if modules_to_save is not None else []
     keep = [k for k in keep if not any(k.startswith(other + ".") for other in keep)]
-    targets = resolve_targets(model, target_modules, exclude, keep)
+    if target_modules is None and target_parameters is None:
+        raise ValueError("target_modules=None adapts no layer: give target_parameters too, or target_modules")
+    targets = resolve_targets(model, target_modules, exclude, keep) if target_modules is not None else []
+    excluded = select(names, exclude, "exclude") if exclude is not None else []
+    parameters = resolve_parameters(model, target_parameters, excluded, keep) if target_parameters is not None else []
+    if target_parameters is not None and not parameters:
+        raise ValueError(f"exclude={exclude!r} removed every target parameter")
+    if dropout > 0.0:
+        whole = [key for key in parameters if not _loops_over_experts(model.get_submodule(key.rpartition(".")[0]))]
+        if whole:
+            kind = type(model.get_submodule(whole[0].rpartition(".")[0])).__name__
+            raise ValueError(f"dropout={dropout} cannot apply to {whole[0]!r}: {kind} reads its expert weights as a "
+                             "whole (e.g. torch.bmm over all experts), not as x @ W[e] per expert, so there is no "
+                             "per-expert input to drop; use dropout=0")
     dense = kept_in_full_precision(model) if quantize is not None else set()
+
+    def rank_alpha(name):
+        return pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
 
     for name in targets:
         old = model.get_submodule(name)
+        r_, alpha_ = rank_alpha(name)
         if quantize == "nf4" and name not in dense:
-            new = QLoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init, compute_dtype=compute_dtype,
+            new = QLoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init, compute_dtype=compute_dtype,
                                           device=device)
         else:
-            new = LoRALinear.from_linear(old, r, alpha, dropout, use_rslora, init)
+            new = LoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init)
         new.train(old.training)
         _replace(model, name, new)
         del old  # the last reference to a quantized layer's full-precision weight goes here
+    for key in parameters:
+        mname, _, pname = key.rpartition(".")
+        owner = model.get_submodule(mname)
+        weight = getattr(owner, pname)
+        nf4 = quantize == "nf4" and mname not in dense
+        if nf4 and weight.device.type == "meta":
+            raise ValueError(f"cannot quantize {key}: it is on the meta device (shape {tuple(weight.shape)}, no "
+                             "data); load or materialize the weights first")
+        source = weight.detach().to(device) if nf4 and device is not None else weight
+        new = LoRAExperts(source, bool(getattr(owner, "is_transposed", False)), *rank_alpha(key), dropout,
+                          use_rslora, init,
+                          quantize="nf4" if nf4 else None, compute_dtype=compute_dtype if nf4 else None)
+        new.train(owner.training)
+        new.replaced_config = _eager_experts(owner)
+        del owner._parameters[pname]
+        owner.add_module(pname, new)
+        del weight, source
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -125,8 +192,38 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
             p.requires_grad_(True)
 
     setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init, quantize,
-                                         keep))
-    return targets
+                                         keep, parameters, rank_pattern, alpha_pattern))
+    return targets + parameters
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key whose regex matches the
+    end of ``name`` at a ``.`` boundary (``re.match(rf"(.*\.)?({key})$", name)``), else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _loops_over_experts(module: nn.Module) -> bool:
+    """A transformers experts module (``@use_experts_implementation``): its eager forward computes
+    ``F.linear(x, W[e])`` or ``x @ W[e]`` for each routed expert ``e``."""
+    return hasattr(module, "is_transposed") and hasattr(getattr(module, "config", None), "_experts_implementation")
+
+
+def _eager_experts(module: nn.Module):
+    """Switch a transformers experts module to its eager loop (where each expert's matmul is one fused
+    op) on a private copy of its config; return the config it had, or None when nothing changed."""
+    config = getattr(module, "config", None)
+    if getattr(config, "_experts_implementation", None) in (None, "eager"):
+        return None
+    eager = copy.copy(config)
+    if hasattr(eager, "_experts_implementation_internal"):
+        eager._experts_implementation_internal = "eager"  # not the setter: it would also edit shared sub-configs
+    else:
+        eager._experts_implementation = "eager"
+    module.config = eager
+    return config
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -142,6 +239,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not modules:
         raise ValueError("model has no LoRA layers to merge")
     for name, module in modules.items():
+        if isinstance(module, LoRAExperts):
+            owner = model.get_submodule(name.rpartition(".")[0])
+            setattr(owner, name.rpartition(".")[2], module.merged_parameter())
+            if module.replaced_config is not None:
+                owner.config = module.replaced_config
+            continue
         linear = module.merged_linear()
         if module.fan_in_fan_out:
             linear = _to_conv1d(linear)

@@ -245,6 +245,64 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
     return chosen
 
 
+ALL_EXPERTS = "all-experts"
+
+
+def is_expert_stack(module: nn.Module, param) -> bool:
+    """A fused MoE expert weight: a 3-D floating parameter of an experts module.
+
+    transformers 5 marks its experts classes with ``@use_experts_implementation``
+    (which sets ``is_transposed`` on them); others are recognised by a class name
+    ending in ``Experts`` (Llama 4's ``Llama4TextExperts``).
+    """
+    return (param.dim() == 3 and param.is_floating_point() and not isinstance(module, nn.modules.conv._ConvNd)
+            and (hasattr(module, "is_transposed") or type(module).__name__.endswith("Experts")))
+
+
+def resolve_parameters(model: nn.Module, target_parameters, excluded=(), keep=()) -> list[str]:
+    """Qualified names (``<module>.<parameter>``) of the expert weights to adapt, in model order.
+
+    ``target_parameters`` is ``"all-experts"`` (every fused expert weight, see
+    :func:`is_expert_stack`) or a list of names matched as PEFT matches them: a
+    parameter's qualified name equals an entry or ends with ``"." + entry``
+    (``"experts.gate_up_proj"``). Every entry must match; a matched parameter that
+    is not a 3-D floating weight is an error naming it. Parameters of modules in
+    ``excluded`` are left out; a parameter inside a ``keep`` module is an error.
+    """
+    if not (target_parameters == ALL_EXPERTS or (isinstance(target_parameters, (list, tuple, set, frozenset))
+                                                  and target_parameters
+                                                  and all(isinstance(t, str) and t for t in target_parameters))):
+        raise TypeError(f"target_parameters must be {ALL_EXPERTS!r} or a non-empty list of parameter names "
+                        f"(e.g. ['experts.gate_up_proj', 'experts.down_proj']), got {target_parameters!r}")
+    found: list[tuple[str, nn.Module, str, object]] = []
+    for mname, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            found.append((f"{mname}.{pname}" if mname else pname, module, mname, param))
+    if target_parameters == ALL_EXPERTS:
+        chosen = [(key, m, mn, p) for key, m, mn, p in found if is_expert_stack(m, p)]
+        if not chosen:
+            raise ValueError(f"target_parameters={ALL_EXPERTS!r} found no fused MoE expert weights (3-D parameters of "
+                             "an experts module) in this model")
+    else:
+        entries = list(dict.fromkeys(target_parameters))
+        unmatched = [e for e in entries if not any(name_matches(key, e) for key, *_ in found)]
+        if unmatched:
+            examples = _examples([key for key, m, _, p in found if is_expert_stack(m, p)] or [k for k, *_ in found])
+            raise ValueError(f"target_parameters entries matched no parameter: {unmatched} (example names: {examples})")
+        chosen = [f for f in found if any(name_matches(f[0], e) for e in entries)]
+        bad = [f"{key!r} is a {p.dim()}-D {p.dtype} parameter of a {type(m).__name__}" for key, m, _, p in chosen
+               if not (p.dim() == 3 and p.is_floating_point())]
+        if bad:
+            raise TypeError("target_parameters takes fused MoE expert weights, 3-D floating parameters "
+                            "[num_experts, out, in]: " + "; ".join(bad) + " (a 2-D weight belongs to a layer: "
+                            "target that layer with target_modules)")
+    kept = [key for key, _, mn, _ in chosen if any(mn == k or mn.startswith(k + ".") for k in keep)]
+    if kept:
+        raise ValueError(f"parameters {kept} are both target_parameters and inside modules_to_save; choose one")
+    excluded = set(excluded)
+    return [key for key, _, mn, _ in chosen if mn not in excluded]
+
+
 def leaf_names_or_paths(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """The shortest faithful ``target_modules`` list for an adapter config.
 

@@ -65,6 +65,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     t.add_argument("--target-modules", default="all-linear",
                    help="'all-linear', a comma-separated list of module names, or a regex")
+    t.add_argument("--target-parameters", default="auto",
+                   help="fused MoE expert weights to adapt (and quantize with qlora): 'auto' (all of them when the "
+                        "model has any), 'all-experts', 'none', or a comma-separated list such as "
+                        "experts.gate_up_proj,experts.down_proj")
     t.add_argument("--adapter", default=None, help="start from this saved adapter (sequential fine-tuning)")
     t.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
@@ -88,6 +92,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of option values, keys as the flag names with dashes or "
                                     "underscores (batch_size: 8); command-line flags win")
     return p
+
+
+def _target_parameters(value: str, model=None):
+    """--target-parameters as apply_lora's target_parameters ('auto' needs the loaded model)."""
+    from ..patch.targets import ALL_EXPERTS, is_expert_stack
+
+    if value == "none":
+        return None
+    if value == "auto":
+        if model is None:
+            return None
+        found = any(is_expert_stack(m, p) for m in model.modules() for p in m.parameters(recurse=False))
+        return ALL_EXPERTS if found else None
+    if value == ALL_EXPERTS:
+        return value
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"--target-parameters must be auto, all-experts, none or a comma-separated list of "
+                         f"parameter names, got {value!r}")
+    return names
 
 
 def _targets(value: str):
@@ -168,6 +192,7 @@ def check_args(args: argparse.Namespace) -> None:
             except re.error as e:
                 raise ValueError(f"--target-modules {targets!r} is neither a list of names nor a valid "
                                  f"regular expression: {e}") from None
+        _target_parameters(args.target_parameters)
     for name in ("val_fraction", "test_fraction"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
@@ -194,6 +219,7 @@ def run(args: argparse.Namespace) -> dict:
     """The whole pipeline for parsed ``args``; returns the before/after report."""
     from . import (Trainer, evaluate_model, format_comparison, load_records, prepare_dataset,
                    prepare_model, tokenize_records)
+    from ..patch.targets import resolve_parameters
     from .data import clean_records
     from .export import merged_copy, save_trained
     from .models import load_model_and_tokenizer
@@ -239,12 +265,20 @@ def run(args: argparse.Namespace) -> dict:
     elif args.method == "full":
         prepare_model(model, "full")
     else:
+        expert_weights = _target_parameters(args.target_parameters, model)
+        if expert_weights is not None:
+            try:
+                resolve_parameters(model, expert_weights)
+            except (TypeError, ValueError) as e:
+                raise OptionError(f"--target-parameters {args.target_parameters}: {e}") from None
         try:
             names = prepare_model(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
                                   target_modules=_targets(args.target_modules), fast_attention=device.type == "cpu",
-                                  **quantize_on)
+                                  target_parameters=expert_weights, **quantize_on)
         except (TypeError, ValueError) as e:  # targets that match nothing or a layer that cannot be adapted
-            raise OptionError(f"--target-modules {args.target_modules}: {e}") from None
+            option = f"--dropout {args.dropout}" if str(e).startswith("dropout=") else \
+                f"--target-modules {args.target_modules}"
+            raise OptionError(f"{option}: {e}") from None
         print(f"{args.method}: adapters on {len(names)} layers (r={args.r}, alpha={args.alpha})")
     if staged:
         model.to(device)

@@ -1,0 +1,329 @@
+"""LoRAExperts: a fused mixture-of-experts weight (one matrix per expert in a 3-D parameter) with a LoRA adapter per expert.
+
+transformers 5 stores the experts of an MoE block (Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V3, GPT-OSS, ...) as 3-D parameters such as ``experts.gate_up_proj``
+``[num_experts, out, in]`` and loops over the experts a batch routes to::
+
+    gate, up = F.linear(x_e, self.gate_up_proj[e]).chunk(2, dim=-1)     # or x_e @ W[e] (transposed layouts)
+
+A :class:`LoRAExperts` takes the parameter's place on its module. Indexing it gives
+an :class:`ExpertWeight` for one expert, and ``F.linear`` / ``@`` on that runs one
+fused LoRA (or QLoRA) op for the expert: ``x W_e^T + scaling * dropout(x) A_e^T B_e^T``,
+without forming ``W_e + scaling * B_e A_e``. Any other use (``torch.bmm`` over the
+whole stack, ``.float()``, ...) gets the dense weight with the adapter added, formed
+for that call; dropout cannot apply there and is refused in training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..formats.nf4 import NF4Weight
+from ._base import LoRABase, adapter_dtype, as_dtype, cast_input, check_input, check_lora_args, frozen, lora_scaling
+from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS
+
+__all__ = ["LoRAExperts", "ExpertWeight"]
+
+_LINEAR = nn.functional.linear
+_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
+
+
+class LoRAExperts(LoRABase):
+    """A stack of ``num_experts`` frozen weights plus one trainable rank-``r`` adapter per expert.
+
+    Layout: the model's parameter is ``[E, out, in]`` (``F.linear(x, W[e])``) or, with
+    ``transposed=True``, ``[E, in, out]`` (``x @ W[e]``, GPT-OSS). Either way the base
+    is stored here as ``[E, out, in]`` (a transposed one is copied once), and:
+
+        weight  dense: ``[E, out, in]`` frozen, in the parameter's dtype;
+                NF4: uint8 ``[E, ceil(out * in / 2)]`` frozen, each expert quantized on its
+                own (buffers ``absmax``, ``nested_absmax``, ``nested_code``, ``offset``
+                hold one row per expert)
+        lora_A  ``[E, r, in]`` trainable, float32 (float64 for a float64 base)
+        lora_B  ``[E, out, r]`` trainable, same dtype
+
+    Expert ``e`` computes ``x W_e^T + scaling * dropout(x) A_e^T B_e^T``; PEFT's
+    ``target_parameters`` adapters hold the same numbers in another layout
+    (:func:`lorakern.save_adapter` converts). ``shape``, ``dtype`` and ``device``
+    describe the parameter the model had, so code reading ``W.shape`` keeps working.
+    """
+
+    fan_in_fan_out = False
+    wide_output: bool = True
+    # the experts module's config before apply_lora switched it to the eager loop (restored by merge_lora)
+    replaced_config = None
+
+    def __init__(self, weight: Tensor, transposed: bool = False, r: int = 16, alpha: float = 32,
+                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming", quantize: Optional[str] = None,
+                 compute_dtype: Optional[torch.dtype] = None, blocksize: int = 64, double_quant: bool = True):
+        super().__init__()
+        if not isinstance(weight, Tensor) or weight.dim() != 3 or not weight.is_floating_point():
+            raise ValueError(f"weight must be a 3-D floating tensor [num_experts, out, in] (or [num_experts, in, out] "
+                             f"with transposed=True), got {type(weight).__name__} {getattr(weight, 'dtype', '')} "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        if weight.device.type == "meta":
+            raise ValueError(f"cannot adapt an expert weight on the meta device (shape {tuple(weight.shape)}, no "
+                             "data); load or materialize the weights first")
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+        if quantize is None and compute_dtype is not None:
+            raise ValueError("compute_dtype applies to quantized experts only (quantize='nf4')")
+        compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+        if quantize == "nf4" and compute_dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype!r}")
+        check_lora_args(r, alpha, dropout, init)
+        self.transposed = bool(transposed)
+        w = weight.detach()
+        w = w.transpose(1, 2) if self.transposed else w
+        e, n, k = w.shape
+        if e == 0 or n == 0 or k == 0:
+            raise ValueError(f"weight must have at least one expert, row and column, got shape {tuple(weight.shape)}")
+        self.num_experts, self.in_features, self.out_features = e, k, n
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
+        self.use_rslora, self.init = bool(use_rslora), init
+        self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
+        self.quantize, self.compute_dtype, self.base_dtype = quantize, compute_dtype, weight.dtype
+        if quantize is None:
+            self.weight = frozen(w.contiguous() if self.transposed else weight)
+        else:
+            self._quantize(w, blocksize, double_quant)
+        dtype = adapter_dtype(weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(e, self.r, k, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(e, n, self.r, device=w.device, dtype=dtype))
+        self.reset_lora_parameters()
+
+    def _quantize(self, w: Tensor, blocksize: int, double_quant: bool) -> None:
+        parts = [ops.nf4_quantize(w[i], blocksize, double_quant) for i in range(w.shape[0])]
+        self.weight = frozen(torch.stack([q.packed for q in parts]))
+        for name in _QUANT_BUFFERS:
+            self.register_buffer(name, torch.stack([getattr(q, name) for q in parts]))
+        self.blocksize = parts[0].blocksize
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """Each expert's A drawn as a LoRALinear's (fan-in = in_features), every B zero."""
+        if self.lora_A.device.type == "meta":
+            return
+        for a in self.lora_A:
+            if self.init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------- the parameter it replaces
+
+    @property
+    def shape(self) -> torch.Size:
+        e, n, k = self.num_experts, self.out_features, self.in_features
+        return torch.Size((e, k, n) if self.transposed else (e, n, k))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype if self.quantize else self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    ndim = 3
+
+    def dim(self) -> int:
+        return 3
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, index):
+        if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point():
+            index = int(index)
+        if isinstance(index, int) and not isinstance(index, bool):
+            if not -self.num_experts <= index < self.num_experts:
+                raise IndexError(f"expert index {index} is out of range for {self.num_experts} experts")
+            return ExpertWeight(self, index % self.num_experts)
+        return self.dense()[index]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # the whole stack read as a tensor (torch.bmm(x, W), ...)
+        return _dense_call(func, args, kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            # a tensor method on the stack (W.transpose(1, 2), W.float(), ...): on the dense weight
+            if name.startswith("_") or not hasattr(Tensor, name):
+                raise
+        return getattr(self.dense(), name)
+
+    # --------------------------------------------------------------------------- compute
+
+    def quantized_weight(self, expert: int) -> NF4Weight:
+        """Expert ``expert``'s base as an :class:`NF4Weight` ``(out, in)`` (views of this module's rows)."""
+        b = self._buffers
+        return NF4Weight(self.weight[expert], b["absmax"][expert], b["nested_absmax"][expert],
+                         b["nested_code"][expert], b["offset"][expert], (self.out_features, self.in_features),
+                         self.blocksize, self.base_dtype)
+
+    def base_weight(self, expert: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The frozen base ``[out, in]`` of one expert, or ``[E, out, in]`` of all, in ``dtype`` (default: compute)."""
+        dtype = self.dtype if dtype is None else dtype
+        if self.quantize is None:
+            w = self.weight if expert is None else self.weight[expert]
+            return w.to(dtype)
+        experts = range(self.num_experts) if expert is None else (expert,)
+        ws = [ops.nf4_dequantize(self.quantized_weight(i), dtype) for i in experts]
+        return torch.stack(ws) if expert is None else ws[0]
+
+    def linear(self, x: Tensor, expert: int, bias: Optional[Tensor] = None) -> Tensor:
+        """``F.linear(x, W_e, bias)`` with expert ``expert``'s adapter: one fused op."""
+        check_input(x)
+        autocast = self._autocast_dtype(x)
+        lora_A, lora_B = self.lora_A[expert], self.lora_B[expert]
+        dropout_p, seed = self._dropout_args(x)
+        if self.quantize is None:
+            weight = self.weight[expert]
+            dtype = autocast or weight.dtype
+            return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), as_dtype(bias, dtype),
+                                   as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), self.scaling, dropout_p, seed)
+        dtype = autocast or self.compute_dtype
+        out_dtype = None
+        if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
+            out_dtype = self.compute_dtype
+        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(expert), as_dtype(bias, dtype),
+                                as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), self.scaling, dropout_p, seed,
+                                out_dtype=out_dtype)
+
+    def delta(self, expert: Optional[int] = None) -> Tensor:
+        """``scaling * B_e @ A_e`` (``[out, in]``, or ``[E, out, in]`` for all), differentiable in A and B."""
+        if expert is None:
+            return self.scaling * torch.bmm(self.lora_B, self.lora_A)
+        return self.scaling * (self.lora_B[expert] @ self.lora_A[expert])
+
+    def dense(self, expert: Optional[int] = None) -> Tensor:
+        """The weight in the model's layout with the adapter added (one expert or the stack), for any other use.
+
+        Gradients reach lora_A / lora_B through it. Dropout acts on the input of a
+        matmul, which this weight no longer sees: refused while it would be active.
+        """
+        if self.training and self.dropout > 0.0 and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"this model reads its expert weights ({type(self).__name__}, shape {tuple(self.shape)}) other than "
+                "through F.linear(x, W[e]) or x @ W[e], so LoRA dropout cannot be applied to their input; use "
+                "dropout=0 with target_parameters for this model")
+        math_dtype = self.lora_A.dtype
+        w = self.base_weight(expert, math_dtype) + self.delta(expert)
+        w = w.transpose(-1, -2) if self.transposed else w
+        return w.to(self.dtype)
+
+    def merged_parameter(self, dtype: Optional[torch.dtype] = None) -> nn.Parameter:
+        """A new frozen Parameter in the model's layout: ``W + scaling * B @ A`` per expert, formed in float32."""
+        dtype = self.dtype if dtype is None else dtype
+        with torch.no_grad():
+            w = self.base_weight(None, self.lora_A.dtype) + self.delta()
+            w = w.transpose(1, 2) if self.transposed else w
+            return nn.Parameter(w.to(dtype).contiguous(), requires_grad=False)
+
+    # ------------------------------------------------------------------------- device / dtype
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the float32 quantization state (as in QLoRALinear)
+        stash = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in stash.items():
+                self._buffers[name] = fn(t.view(torch.uint8)).view(t.dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        layout = "[E, in, out]" if self.transposed else "[E, out, in]"
+        base = f", base=nf4(blocksize={self.blocksize})" if self.quantize else ""
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"layout={layout}, {self._lora_repr()}{base}")
+
+
+class ExpertWeight:
+    """One expert's weight of a :class:`LoRAExperts`, as the model's forward sees ``W[e]``.
+
+    ``F.linear(x, w)`` (or ``x @ w`` for a transposed stack) runs the expert's fused
+    LoRA op; anything else gets :meth:`LoRAExperts.dense` for this expert.
+    """
+
+    __slots__ = ("experts", "index")
+
+    def __init__(self, experts: LoRAExperts, index: int):
+        self.experts, self.index = experts, index
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.experts.shape[1:]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.experts.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.experts.device
+
+    ndim = 2
+
+    def dim(self) -> int:
+        return 2
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dense(self) -> Tensor:
+        return self.experts.dense(self.index)
+
+    def __getattr__(self, name):
+        # a tensor method (w.float(), w.t(), ...): on the dense expert weight
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dense(), name)
+
+    def __repr__(self) -> str:
+        return f"ExpertWeight(expert={self.index}, shape={tuple(self.shape)}, of {self.experts.extra_repr()})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _LINEAR:
+            named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+            x, w, bias = named.get("input"), named.get("weight"), named.get("bias")
+            if isinstance(w, ExpertWeight) and not w.experts.transposed and _plain(x, bias):
+                return w.experts.linear(x, w.index, bias)
+        elif func in _MATMULS and len(args) == 2 and not kwargs:
+            x, w = args
+            if isinstance(w, ExpertWeight) and w.experts.transposed and _plain(x) and x.dim() >= 1:
+                return w.experts.linear(x, w.index)
+        return _dense_call(func, args, kwargs)
+
+
+def _plain(*tensors) -> bool:
+    return all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
+
+
+def _densify(a):
+    if isinstance(a, (ExpertWeight, LoRAExperts)):
+        return a.dense()
+    if isinstance(a, (list, tuple)):
+        return type(a)(_densify(v) for v in a)
+    if isinstance(a, dict):
+        return {k: _densify(v) for k, v in a.items()}
+    return a
+
+
+def _dense_call(func, args, kwargs):
+    return func(*_densify(tuple(args)), **_densify(kwargs or {}))

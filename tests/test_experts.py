@@ -1,0 +1,323 @@
+"""LoRA on fused MoE expert weights (LoRAExperts, apply_lora(target_parameters=...)).
+
+Unit tests check one expert's fused op against x W_e^T + s (x A_e^T) B_e^T formed
+by hand (dense and NF4, both layouts, gradients included). Model tests run tiny
+random transformers 5 MoE models and use PEFT's ``target_parameters`` adapters as
+the oracle: same logits and the same adapter gradients (after converting PEFT's
+layout), adapters loading both ways, merge_lora equal to the adapted model.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakern
+from lorakern.nn import LoRAExperts
+from lorakern.nn.experts import ExpertWeight
+from lorakern.patch import lora_modules
+
+from helpers_models import randomize_adapters
+
+E, N, K = 3, 40, 72
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _stack(transposed=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(E, N, K, generator=g) / K ** 0.5
+    return (w.transpose(1, 2).contiguous() if transposed else w).to(dtype)
+
+
+def _experts(transposed=False, quantize=None, dtype=torch.float32, r=8, **kw):
+    weight = nn.Parameter(_stack(transposed, dtype), requires_grad=False)
+    module = LoRAExperts(weight, transposed, r=r, alpha=2 * r, quantize=quantize, **kw)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * 0.2)
+    return module
+
+
+def _reference(module, x, e):
+    """x W_e^T + s (x A_e^T) B_e^T from the module's (dequantized) base, in float64."""
+    w = module.base_weight(e, torch.float64)
+    a, b = module.lora_A[e].double(), module.lora_B[e].double()
+    x = x.double()
+    return x @ w.T + module.scaling * (x @ a.T) @ b.T
+
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [1, 8])
+def test_expert_matmul_matches_reference_with_gradients(quantize, transposed, dtype, r):
+    module = _experts(transposed, quantize, dtype, r)
+    x = torch.randn(7, K, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_(True)
+    for e in (0, E - 1):
+        w = module[e]
+        y = x @ w if transposed else nn.functional.linear(x, w)
+        ref = _reference(module, x, e)
+        tol = TOL[dtype]
+        assert y.dtype == dtype and y.shape == (7, N)
+        torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+        dy = torch.randn(7, N, generator=torch.Generator().manual_seed(4)).to(dtype)
+        grads = torch.autograd.grad(y, (x, module.lora_A, module.lora_B), dy)
+        refs = torch.autograd.grad(ref, (x, module.lora_A, module.lora_B), dy.double())
+        for got, want, what in zip(grads, refs, ("x", "lora_A", "lora_B")):
+            assert got.abs().sum() > 0 or what != "x", what
+            torch.testing.assert_close(got.double(), want.double(), atol=tol * want.abs().max().item() + 1e-6,
+                                       rtol=tol, msg=f"gradient of {what}")
+        other = [i for i in range(E) if i != e]
+        assert module.lora_A.grad is None  # autograd.grad, not backward
+        assert grads[1][other].abs().max() == 0 and grads[2][other].abs().max() == 0
+
+
+def test_the_fast_path_forms_no_dense_weight(monkeypatch):
+    """F.linear(x, W[e]) must reach the fused op, not the dense fallback."""
+    module = _experts()
+    monkeypatch.setattr(LoRAExperts, "dense", lambda *a, **k: pytest.fail("dense weight formed"))
+    nn.functional.linear(torch.randn(2, K), module[1])
+    transposed = _experts(transposed=True)
+    torch.randn(2, K) @ transposed[1]
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_other_uses_get_the_dense_weight_with_the_adapter(quantize):
+    """torch.bmm over the stack, .float(), a transposed F.linear: the dense weight plus B @ A, with gradients."""
+    module = _experts(quantize=quantize)
+    x = torch.randn(E, 5, K)
+    y = torch.bmm(x, module.transpose(1, 2))
+    ref = torch.stack([_reference(module, x[e], e) for e in range(E)])
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert module.lora_B.grad.abs().sum() > 0
+    w = module[2].float()
+    torch.testing.assert_close(w.double(), module.base_weight(2, torch.float64) + module.scaling *
+                               module.lora_B[2].double() @ module.lora_A[2].double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(module[1:3], module.dense()[1:3])
+
+
+def test_indexing_and_the_shape_of_the_replaced_parameter():
+    for transposed in (False, True):
+        module = _experts(transposed)
+        original = _stack(transposed)
+        assert module.shape == original.shape and module.size(1) == original.shape[1] and module.dim() == 3
+        assert module.dtype == torch.float32 and module.device == original.device and len(module) == E
+        assert module[torch.tensor(1)].index == 1 and module[-1].index == E - 1
+        assert isinstance(module[0], ExpertWeight) and module[0].shape == original.shape[1:]
+    with pytest.raises(IndexError, match="expert index 3 is out of range for 3 experts"):
+        module[3]
+    nf4 = _experts(quantize="nf4", dtype=torch.bfloat16)
+    assert nf4.weight.dtype == torch.uint8 and nf4.dtype == torch.bfloat16 and nf4.shape == (E, N, K)
+
+
+def test_model_to_keeps_the_quantization_state_and_state_dict_round_trips():
+    module = _experts(quantize="nf4")
+    absmax = module.absmax.clone()
+    module.to(torch.bfloat16)
+    assert module.absmax.dtype == absmax.dtype and torch.equal(module.absmax, absmax)
+    x = torch.randn(3, K)
+    fresh = LoRAExperts(nn.Parameter(torch.zeros(E, N, K), requires_grad=False), r=8, alpha=16, quantize="nf4")
+    fresh.load_state_dict(module.state_dict())
+    torch.testing.assert_close(nn.functional.linear(x, fresh[1]), nn.functional.linear(x, module[1]))
+
+
+def test_dropout_acts_in_training_and_is_refused_where_it_cannot_apply():
+    module = _experts(dropout=0.5)
+    x = torch.randn(64, K)
+    module.eval()
+    y_eval = nn.functional.linear(x, module[0])
+    module.train()
+    y_train = nn.functional.linear(x, module[0])
+    assert not torch.allclose(y_train, y_eval)
+    with pytest.raises(RuntimeError, match="LoRA dropout cannot be applied"):
+        torch.bmm(x.expand(E, -1, -1), module.transpose(1, 2))
+    with torch.no_grad():  # no adapter gradient, nothing to drop: allowed
+        torch.bmm(x.expand(E, -1, -1), module.transpose(1, 2))
+
+
+def test_bad_weights_are_refused_clearly():
+    with pytest.raises(ValueError, match="weight must be a 3-D floating tensor"):
+        LoRAExperts(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="meta device"):
+        LoRAExperts(torch.zeros(2, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="compute_dtype applies to quantized experts only"):
+        LoRAExperts(torch.zeros(2, 4, 64), compute_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="r .* must be a positive int"):
+        LoRAExperts(torch.zeros(2, 4, 64), r=0)
+
+
+# ----------------------------------------------------------------------------- transformers models
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+FAMILIES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": MOE,
+    "qwen2_moe": dict(MOE, shared_expert_intermediate_size=64),
+    "olmoe": MOE,
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),   # [E, in, out] weights, biases, x @ W[e]
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1),  # torch.bmm
+}
+_BASES = {}
+_IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _base(family):
+    if family not in _BASES:
+        torch.manual_seed(0)
+        config = transformers.AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
+        _BASES[family] = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return copy.deepcopy(_BASES[family])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(_IDS).logits
+
+
+TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapters_match_peft_forward_and_backward(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    ours = _base(family)
+    names = lorakern.apply_lora(ours, ["q_proj"], r=4, alpha=8, target_parameters="all-experts")
+    assert sum(n.endswith(".gate_up_proj") for n in names) == 2 and sum(n.endswith(".down_proj") for n in names) == 2
+    randomize_adapters(ours)
+    assert (_logits(ours) - _logits(_base(family))).abs().max() > 1e-2  # the expert adapters act
+    lorakern.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(_base(family), tmp_path, is_trainable=True).eval()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=2e-5, rtol=2e-5)
+
+    ours(_IDS, labels=_IDS).loss.backward()
+    theirs(_IDS, labels=_IDS).loss.backward()
+    peft_grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    from lorakern.patch.adapter import _expert_paths
+
+    experts = {n: m for n, m in lora_modules(ours).items() if isinstance(m, LoRAExperts)}
+    for name, path in _expert_paths(list(experts)).items():
+        module = experts[name]
+        e, r, k = module.lora_A.shape
+        ga = peft_grads[f"base_model.model.{path}.lora_A.weight"].reshape(e, r, k)
+        gb = peft_grads[f"base_model.model.{path}.lora_B.weight"].reshape(-1, r, e).permute(2, 0, 1)
+        assert module.lora_A.grad.abs().max() > 0 and module.lora_B.grad.abs().max() > 0, name
+        torch.testing.assert_close(module.lora_A.grad, ga, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(module.lora_B.grad, gb, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])
+def test_peft_target_parameters_adapters_load_here(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], target_parameters=TARGETS)
+    theirs = peft.get_peft_model(_base(family), config).eval()
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    theirs.save_pretrained(tmp_path)
+    ours = _base(family)
+    names = lorakern.load_adapter(ours, tmp_path)
+    assert sorted(n.rpartition(".")[2] for n in names) == ["down_proj"] * 2 + ["gate_up_proj"] * 2 + ["v_proj"] * 2
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=2e-5, rtol=2e-5)
+    # an NF4 base: the same adapter on each expert's dequantized weight
+    nf4 = _base(family)
+    lorakern.load_adapter(nf4, tmp_path, quantize="nf4")
+    merged = lorakern.merge_lora(copy.deepcopy(nf4))
+    torch.testing.assert_close(_logits(nf4), _logits(merged), atol=2e-5, rtol=2e-5)
+    # and equal to PEFT on a base whose adapted weights went through NF4 and back
+    rounded = peft.PeftModel.from_pretrained(_nf4_rounded(_base(family), TARGETS + ["v_proj.weight"]), tmp_path)
+    torch.testing.assert_close(_logits(nf4), _logits(rounded.eval()), atol=2e-5, rtol=2e-5)
+
+
+@torch.no_grad()
+def _nf4_rounded(model, targets):
+    """``model`` with each targeted weight replaced by dequant(quant(W)), expert by expert in [out, in] layout."""
+    for name, param in list(model.named_parameters()):
+        if not any(name.endswith("." + t) for t in targets):
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0])
+        transposed = param.dim() == 3 and getattr(owner, "is_transposed", False)
+        stack = param.transpose(1, 2) if transposed else param
+        rounded = [lorakern.nf4_dequantize(lorakern.nf4_quantize(w.contiguous()), torch.float32)
+                   for w in (stack if stack.dim() == 3 else [stack])]
+        rounded = torch.stack(rounded) if stack.dim() == 3 else rounded[0]
+        param.copy_(rounded.transpose(1, 2) if transposed else rounded)
+    return model
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_merge_restores_plain_parameters_and_the_experts_implementation(quantize, tmp_path):
+    model = _base("mixtral")
+    impl = model.config._experts_implementation
+    lorakern.apply_lora(model, None, r=4, alpha=8, target_parameters=TARGETS, quantize=quantize)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.config._experts_implementation == "eager" and model.config._experts_implementation == impl
+    if quantize:
+        assert experts.gate_up_proj.weight.dtype == torch.uint8
+    randomize_adapters(model)
+    adapted = _logits(model)
+    merged = lorakern.merge_lora(model)
+    assert isinstance(merged.model.layers[0].mlp.experts.gate_up_proj, nn.Parameter)
+    assert merged.model.layers[0].mlp.experts.config is merged.config
+    assert not lora_modules(merged)
+    torch.testing.assert_close(_logits(merged), adapted, atol=2e-5, rtol=2e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), adapted, atol=2e-5, rtol=2e-5)
+
+
+def test_qlora_experts_train_and_only_adapters_require_grad():
+    model = _base("qwen3_moe")
+    lorakern.apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.1, quantize="nf4",
+                        target_parameters="all-experts")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert any(".experts.gate_up_proj.lora_A" in n for n in trainable)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(_IDS, labels=_IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_target_parameter_mistakes_are_named():
+    model = _base("mixtral")
+    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.q_proj.weight' is a 2-D"):
+        lorakern.apply_lora(copy.deepcopy(model), None, target_parameters=["q_proj.weight"])
+    with pytest.raises(ValueError, match=r"matched no parameter: \['experts.w1'\].*experts.gate_up_proj"):
+        lorakern.apply_lora(copy.deepcopy(model), None, target_parameters=["experts.w1"])
+    with pytest.raises(TypeError, match="target_parameters must be 'all-experts' or a non-empty list"):
+        lorakern.apply_lora(copy.deepcopy(model), None, target_parameters="experts")
+    with pytest.raises(ValueError, match="target_modules=None adapts no layer"):
+        lorakern.apply_lora(copy.deepcopy(model), None)
+    names = lorakern.apply_lora(copy.deepcopy(model), None, target_parameters="all-experts",
+                                exclude=["model.layers.0.mlp.experts"])
+    assert names == ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    dense = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("llama", **COMMON))
+    with pytest.raises(ValueError, match="found no fused MoE expert weights"):
+        lorakern.apply_lora(dense, None, target_parameters="all-experts")
+    with pytest.raises(ValueError, match="dropout=0.1 cannot apply to .*Llama4TextExperts reads its expert weights"):
+        lorakern.apply_lora(_base("llama4_text"), None, dropout=0.1, target_parameters="all-experts")
