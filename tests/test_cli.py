@@ -77,6 +77,7 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
     (["--adapter", "/nonexistent/adapter"], "--adapter: no such directory"),
     (["--method", "full", "--adapter", "."], "--adapter continues LoRA training"),
     (["--target-modules", "q_proj|("], "--target-modules 'q_proj|(' is neither a list of names nor a valid regular"),
+    (["--target-parameters", " , "], "--target-parameters must be auto, all-experts, none or a comma-separated"),
     (["--config", "/nonexistent/run.yaml"], "--config: .*No such file"),
     (["--config", "run.toml"], "--config: --config must be a .yaml, .yml or .json file"),
 ])
@@ -191,3 +192,36 @@ def test_missing_or_unreachable_model_is_a_clear_error(tmp_path, capsys, monkeyp
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(OSError, match="cannot load model 'some-hub-id': there is no such local directory"):
         load_model_and_tokenizer("some-hub-id")
+
+
+def test_qlora_on_a_moe_model_adapts_and_quantizes_the_experts(tmp_path, capsys):
+    """--target-parameters auto: a Mixtral's fused expert weights get NF4 bases and adapters, saved and reloaded."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lorakern.train.tiny import tiny_tokenizer
+
+    model_dir, out = str(tmp_path / "moe"), str(tmp_path / "run")
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(vocab_size=104, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, pad_token_id=0, eos_token_id=3, bos_token_id=2)
+                       ).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    common = ["--model", model_dir, "--no-progress", "--eval-limit", "2", "--max-new-tokens", "3",
+              "--mixed-precision", "no", "--eval-every", "0", "--save-every", "0"]
+    assert main(["train", *common, "--method", "qlora", "--steps", "2", "--batch-size", "2",
+                 "--output-dir", out]) == 0
+    assert "qlora: adapters on 12 layers" in capsys.readouterr().out  # 4 attention projections + 2 expert weights, x2
+    adapter = os.path.join(out, "adapter")
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    keys = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert keys["base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"].shape == (4 * 16, 32)
+    assert main(["train", *common, "--target-parameters", "model.layers.0.mlp.experts.down_proj", "--steps", "1",
+                 "--output-dir", str(tmp_path / "one")]) == 0
+    assert "lora: adapters on 9 layers" in capsys.readouterr().out
+    assert main(["train", *common, "--target-parameters", "experts.w1", "--output-dir", str(tmp_path / "bad")]) == 1
+    assert "error: --target-parameters experts.w1: target_parameters entries matched no parameter" in \
+        capsys.readouterr().err
