@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..formats.nf4 import NF4Weight
 from ._base import LoRABase, adapter_dtype, as_dtype, cast_input, check_input, check_lora_args, frozen, lora_scaling
-from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS
+from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS, apply_keeping_quant_state
 
 __all__ = ["LoRAExperts", "ExpertWeight"]
 
@@ -236,14 +236,7 @@ class LoRAExperts(LoRABase):
     # ------------------------------------------------------------------------- device / dtype
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must not round the float32 quantization state (as in QLoRALinear)
-        stash = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS if name in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in stash.items():
-                self._buffers[name] = fn(t.view(torch.uint8)).view(t.dtype)
-        return self
+        return apply_keeping_quant_state(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         layout = "[E, in, out]" if self.transposed else "[E, out, in]"

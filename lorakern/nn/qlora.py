@@ -22,6 +22,21 @@ _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", nf4_format.QUANT_STATE_KEY)
 
 
+def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn.Module:
+    """``module._apply`` that never changes the dtype of its quantization-state buffers.
+
+    model.to(torch.bfloat16) must not round the float32 absmax / offset / code tables:
+    they are moved as raw bytes (fn changes the device of a uint8 view, never its dtype).
+    """
+    stash = {name: module._buffers.pop(name) for name in _QUANT_BUFFERS if name in module._buffers}
+    try:
+        apply(fn, recurse)
+    finally:
+        for name, t in stash.items():
+            module._buffers[name] = fn(t.view(torch.uint8)).view(t.dtype)
+    return module
+
+
 class QLoRALinear(LoRABase):
     """``y = x dequant(W)^T + b + scaling * (dropout(x) A^T) B^T`` with W stored as NF4.
 
@@ -192,15 +207,7 @@ class QLoRALinear(LoRABase):
     # ------------------------------------------------------------ device / dtype moves
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must not round the float32 quantization state: the
-        # buffers are moved as raw bytes (fn changes the device of a uint8 view, never its dtype).
-        stash = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in stash.items():
-                self._buffers[name] = fn(t.view(torch.uint8)).view(t.dtype)
-        return self
+        return apply_keeping_quant_state(self, super()._apply, fn, recurse)
 
     # ------------------------------------------------------------------------ state dict
 

@@ -1,6 +1,7 @@
 """Patch any PyTorch model with LoRA / QLoRA layers, merge them back, and read/write PEFT adapters.
 
     apply_lora(model, target_modules="all-linear", ...) -> names   swap nn.Linear / Conv1D in place
+                                                                    (target_parameters=: MoE expert weights)
     merge_lora(model) -> model                                      plain layers with the adapter merged
     save_adapter(model, directory)                                  PEFT format (adapter_config.json + safetensors)
     load_adapter(model, directory) -> names                         PEFT-saved LoRA / rsLoRA adapters

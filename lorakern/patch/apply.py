@@ -227,7 +227,9 @@ def _eager_experts(module: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear / QLoRALinear of ``model`` by a plain layer with the adapter merged in.
+    """Replace every LoRALinear / QLoRALinear of ``model`` by a plain layer with the adapter merged in,
+    and every LoRAExperts by a plain Parameter ``W + scaling * B @ A`` (its experts module back on
+    the experts implementation it had).
 
     A layer that was a transformers ``Conv1D`` becomes a ``Conv1D`` again (weight
     ``[in, out]``), so ``save_pretrained`` writes the layout the model class

@@ -130,8 +130,9 @@ def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool =
     """Make ``model`` trainable for ``method`` in place; return the names of replaced modules.
 
     ``full``: every parameter trains. ``lora`` / ``qlora``: :func:`lorakern.apply_lora`
-    with ``lora_kwargs`` (``r``, ``alpha``, ``dropout``, ``target_modules``, ...;
-    ``qlora`` adds ``quantize="nf4"``), which freezes everything but the adapters.
+    with ``lora_kwargs`` (``r``, ``alpha``, ``dropout``, ``target_modules``,
+    ``target_parameters`` for MoE expert weights, ...; ``qlora`` adds
+    ``quantize="nf4"``), which freezes everything but the adapters.
     ``fast_attention``: switch a CPU model of a supported family from ``sdpa`` to
     :mod:`lorakern.train.attention` (faster training, same results; anything it
     does not serve still goes to sdpa). The switch is not saved with the model.
