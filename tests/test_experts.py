@@ -149,7 +149,11 @@ def test_dropout_acts_in_training_and_is_refused_where_it_cannot_apply():
 
 def test_bad_weights_are_refused_clearly():
     with pytest.raises(ValueError, match="weight must be a 3-D floating tensor"):
-        LoRAExperts(torch.zeros(4, 4))
+        LoRAExperts(torch.zeros(4))
+    with pytest.raises(ValueError, match="weight must be a 3-D floating tensor"):
+        LoRAExperts(torch.zeros(2, 4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="a 2-D weight is adapted dense and untransposed"):
+        LoRAExperts(torch.zeros(4, 64), quantize="nf4")
     with pytest.raises(ValueError, match="meta device"):
         LoRAExperts(torch.zeros(2, 4, 4, device="meta"))
     with pytest.raises(ValueError, match="compute_dtype applies to quantized experts only"):
@@ -305,8 +309,11 @@ def test_qlora_experts_train_and_only_adapters_require_grad():
 
 def test_target_parameter_mistakes_are_named():
     model = _base("mixtral")
-    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.q_proj.weight' is a 2-D"):
+    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.q_proj.weight' is the weight of a Linear;.*"
+                                        r"adapt the layer itself with target_modules"):
         lorakern.apply_lora(copy.deepcopy(model), None, target_parameters=["q_proj.weight"])
+    with pytest.raises(TypeError, match=r"'model.layers.0.input_layernorm.weight' is a 1-D"):
+        lorakern.apply_lora(copy.deepcopy(model), None, target_parameters=["input_layernorm.weight"])
     with pytest.raises(ValueError, match=r"matched no parameter: \['experts.w1'\].*experts.gate_up_proj"):
         lorakern.apply_lora(copy.deepcopy(model), None, target_parameters=["experts.w1"])
     with pytest.raises(TypeError, match="target_parameters must be 'all-experts' or a non-empty list"):
@@ -321,3 +328,27 @@ def test_target_parameter_mistakes_are_named():
         lorakern.apply_lora(dense, None, target_parameters="all-experts")
     with pytest.raises(ValueError, match="dropout=0.1 cannot apply to .*Llama4TextExperts reads its expert weights"):
         lorakern.apply_lora(_base("llama4_text"), None, dropout=0.1, target_parameters="all-experts")
+
+
+def test_a_router_weight_takes_a_2d_adapter_on_the_fused_path(monkeypatch):
+    """PEFT's all-linear adapts MoE routers through target_parameters ("gate.weight"): F.linear(x, W) on a 2-D
+    LoRAExperts runs the fused op (also under dropout), and merge gives back the plain weight."""
+    model = _base("mixtral")
+    names = lorakern.apply_lora(model, None, r=4, alpha=8, dropout=0.1, quantize="nf4",
+                                target_parameters=["gate.weight", "experts.down_proj"])
+    router = model.model.layers[0].mlp.gate.weight
+    assert isinstance(router, LoRAExperts) and not router.stacked and router.quantize is None  # routers stay dense
+    assert router.shape == (4, 64) and router.dim() == 2 and len(router) == 4
+    assert model.model.layers[0].mlp.experts.down_proj.quantize == "nf4"
+    assert "model.layers.1.mlp.gate.weight" in names
+    randomize_adapters(model)
+    adapted = _logits(model)
+    monkeypatch.setattr(LoRAExperts, "dense", lambda *a, **k: pytest.fail("dense weight formed"))
+    model.train()
+    model(_IDS, labels=_IDS).loss.backward()
+    assert router.lora_B.grad.abs().max() > 0
+    monkeypatch.undo()
+    merged = lorakern.merge_lora(model)
+    assert isinstance(merged.model.layers[0].mlp.gate.weight, nn.Parameter)
+    assert merged.model.layers[0].mlp.gate.weight.shape == (4, 64)
+    torch.testing.assert_close(_logits(merged.eval()), adapted, atol=2e-5, rtol=2e-5)

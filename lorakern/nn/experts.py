@@ -6,7 +6,9 @@ DeepSeek-V3, GPT-OSS, ...) as 3-D parameters such as ``experts.gate_up_proj``
 
     gate, up = F.linear(x_e, self.gate_up_proj[e]).chunk(2, dim=-1)     # or x_e @ W[e] (transposed layouts)
 
-A :class:`LoRAExperts` takes the parameter's place on its module. Indexing it gives
+A :class:`LoRAExperts` takes the parameter's place on its module (it also takes a
+2-D weight read as ``F.linear(x, W)``, such as a router's, which PEFT's all-linear
+adapts on these models: one "expert", used whole). Indexing it gives
 an :class:`ExpertWeight` for one expert, and ``F.linear`` / ``@`` on that runs one
 fused LoRA (or QLoRA) op for the expert: ``x W_e^T + scaling * dropout(x) A_e^T B_e^T``,
 without forming ``W_e + scaling * B_e A_e``. Any other use (``torch.bmm`` over the
@@ -51,6 +53,9 @@ class LoRAExperts(LoRABase):
     ``target_parameters`` adapters hold the same numbers in another layout
     (:func:`lorakern.save_adapter` converts). ``shape``, ``dtype`` and ``device``
     describe the parameter the model had, so code reading ``W.shape`` keeps working.
+
+    A 2-D ``weight`` ``[out, in]`` (a router's) is held as one expert, ``stacked`` False:
+    ``F.linear(x, W)`` on the module itself runs the fused op, and it is never quantized.
     """
 
     fan_in_fan_out = False
@@ -62,10 +67,13 @@ class LoRAExperts(LoRABase):
                  dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming", quantize: Optional[str] = None,
                  compute_dtype: Optional[torch.dtype] = None, blocksize: int = 64, double_quant: bool = True):
         super().__init__()
-        if not isinstance(weight, Tensor) or weight.dim() != 3 or not weight.is_floating_point():
+        if not isinstance(weight, Tensor) or weight.dim() not in (2, 3) or not weight.is_floating_point():
             raise ValueError(f"weight must be a 3-D floating tensor [num_experts, out, in] (or [num_experts, in, out] "
-                             f"with transposed=True), got {type(weight).__name__} {getattr(weight, 'dtype', '')} "
-                             f"{tuple(getattr(weight, 'shape', ()))}")
+                             f"with transposed=True) or a 2-D [out, in] one, got {type(weight).__name__} "
+                             f"{getattr(weight, 'dtype', '')} {tuple(getattr(weight, 'shape', ()))}")
+        self.stacked = weight.dim() == 3
+        if not self.stacked and (quantize is not None or transposed):
+            raise ValueError("a 2-D weight is adapted dense and untransposed (quantize=None, transposed=False)")
         if weight.device.type == "meta":
             raise ValueError(f"cannot adapt an expert weight on the meta device (shape {tuple(weight.shape)}, no "
                              "data); load or materialize the weights first")
@@ -78,7 +86,7 @@ class LoRAExperts(LoRABase):
             raise TypeError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype!r}")
         check_lora_args(r, alpha, dropout, init)
         self.transposed = bool(transposed)
-        w = weight.detach()
+        w = weight.detach() if self.stacked else weight.detach().unsqueeze(0)
         w = w.transpose(1, 2) if self.transposed else w
         e, n, k = w.shape
         if e == 0 or n == 0 or k == 0:
@@ -89,7 +97,7 @@ class LoRAExperts(LoRABase):
         self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
         self.quantize, self.compute_dtype, self.base_dtype = quantize, compute_dtype, weight.dtype
         if quantize is None:
-            self.weight = frozen(w.contiguous() if self.transposed else weight)
+            self.weight = frozen(w.contiguous() if self.transposed else weight if self.stacked else w)
         else:
             self._quantize(w, blocksize, double_quant)
         dtype = adapter_dtype(weight.dtype)
@@ -121,6 +129,8 @@ class LoRAExperts(LoRABase):
     @property
     def shape(self) -> torch.Size:
         e, n, k = self.num_experts, self.out_features, self.in_features
+        if not self.stacked:
+            return torch.Size((n, k))
         return torch.Size((e, k, n) if self.transposed else (e, n, k))
 
     @property
@@ -131,18 +141,22 @@ class LoRAExperts(LoRABase):
     def device(self) -> torch.device:
         return self.weight.device
 
-    ndim = 3
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
     def dim(self) -> int:
-        return 3
+        return self.ndim
 
     def size(self, dim: Optional[int] = None):
         return self.shape if dim is None else self.shape[dim]
 
     def __len__(self) -> int:
-        return self.num_experts
+        return self.shape[0]
 
     def __getitem__(self, index):
+        if not self.stacked:
+            return self.dense()[index]
         if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point():
             index = int(index)
         if isinstance(index, int) and not isinstance(index, bool):
@@ -153,6 +167,10 @@ class LoRAExperts(LoRABase):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is _LINEAR:  # a 2-D weight: F.linear(x, W) is its fused op
+            x, w, bias = _linear_args(args, kwargs)
+            if isinstance(w, LoRAExperts) and not w.stacked and _plain(x, bias):
+                return w.linear(x, 0, bias)
         # the whole stack read as a tensor (torch.bmm(x, W), ...)
         return _dense_call(func, args, kwargs)
 
@@ -221,6 +239,8 @@ class LoRAExperts(LoRABase):
                 "through F.linear(x, W[e]) or x @ W[e], so LoRA dropout cannot be applied to their input; use "
                 "dropout=0 with target_parameters for this model")
         math_dtype = self.lora_A.dtype
+        if not self.stacked:
+            expert = 0
         w = self.base_weight(expert, math_dtype) + self.delta(expert)
         w = w.transpose(-1, -2) if self.transposed else w
         return w.to(self.dtype)
@@ -230,7 +250,7 @@ class LoRAExperts(LoRABase):
         dtype = self.dtype if dtype is None else dtype
         with torch.no_grad():
             w = self.base_weight(None, self.lora_A.dtype) + self.delta()
-            w = w.transpose(1, 2) if self.transposed else w
+            w = w.transpose(1, 2) if self.transposed else w if self.stacked else w[0]
             return nn.Parameter(w.to(dtype).contiguous(), requires_grad=False)
 
     # ------------------------------------------------------------------------- device / dtype
@@ -239,9 +259,10 @@ class LoRAExperts(LoRABase):
         return apply_keeping_quant_state(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
-        layout = "[E, in, out]" if self.transposed else "[E, out, in]"
+        layout = "[E, in, out]" if self.transposed else "[E, out, in]" if self.stacked else "[out, in]"
         base = f", base=nf4(blocksize={self.blocksize})" if self.quantize else ""
-        return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+        experts = f"num_experts={self.num_experts}, " if self.stacked else ""
+        return (f"{experts}in_features={self.in_features}, out_features={self.out_features}, "
                 f"layout={layout}, {self._lora_repr()}{base}")
 
 
@@ -293,8 +314,7 @@ class ExpertWeight:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _LINEAR:
-            named = dict(zip(("input", "weight", "bias"), args), **kwargs)
-            x, w, bias = named.get("input"), named.get("weight"), named.get("bias")
+            x, w, bias = _linear_args(args, kwargs)
             if isinstance(w, ExpertWeight) and not w.experts.transposed and _plain(x, bias):
                 return w.experts.linear(x, w.index, bias)
         elif func in _MATMULS and len(args) == 2 and not kwargs:
@@ -302,6 +322,11 @@ class ExpertWeight:
             if isinstance(w, ExpertWeight) and w.experts.transposed and _plain(x) and x.dim() >= 1:
                 return w.experts.linear(x, w.index)
         return _dense_call(func, args, kwargs)
+
+
+def _linear_args(args, kwargs):
+    named = dict(zip(("input", "weight", "bias"), args), **(kwargs or {}))
+    return named.get("input"), named.get("weight"), named.get("bias")
 
 
 def _plain(*tensors) -> bool:

@@ -142,7 +142,9 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     if target_parameters is not None and not parameters:
         raise ValueError(f"exclude={exclude!r} removed every target parameter")
     if dropout > 0.0:
-        whole = [key for key in parameters if not _loops_over_experts(model.get_submodule(key.rpartition(".")[0]))]
+        whole = [key for key in parameters if getattr(model.get_submodule(key.rpartition(".")[0]),
+                                                       key.rpartition(".")[2]).dim() == 3
+                 and not _loops_over_experts(model.get_submodule(key.rpartition(".")[0]))]
         if whole:
             kind = type(model.get_submodule(whole[0].rpartition(".")[0])).__name__
             raise ValueError(f"dropout={dropout} cannot apply to {whole[0]!r}: {kind} reads its expert weights as a "
@@ -168,7 +170,8 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
         mname, _, pname = key.rpartition(".")
         owner = model.get_submodule(mname)
         weight = getattr(owner, pname)
-        nf4 = quantize == "nf4" and mname not in dense
+        # a 2-D weight (a router's) stays dense: bitsandbytes' 4-bit loading leaves routers dense too
+        nf4 = quantize == "nf4" and mname not in dense and weight.dim() == 3
         if nf4 and weight.device.type == "meta":
             raise ValueError(f"cannot quantize {key}: it is on the meta device (shape {tuple(weight.shape)}, no "
                              "data); load or materialize the weights first")
@@ -177,7 +180,7 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
                           use_rslora, init,
                           quantize="nf4" if nf4 else None, compute_dtype=compute_dtype if nf4 else None)
         new.train(owner.training)
-        new.replaced_config = _eager_experts(owner)
+        new.replaced_config = _eager_experts(owner) if weight.dim() == 3 else None
         del owner._parameters[pname]
         owner.add_module(pname, new)
         del weight, source

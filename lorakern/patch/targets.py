@@ -265,8 +265,10 @@ def resolve_parameters(model: nn.Module, target_parameters, excluded=(), keep=()
     ``target_parameters`` is ``"all-experts"`` (every fused expert weight, see
     :func:`is_expert_stack`) or a list of names matched as PEFT matches them: a
     parameter's qualified name equals an entry or ends with ``"." + entry``
-    (``"experts.gate_up_proj"``). Every entry must match; a matched parameter that
-    is not a 3-D floating weight is an error naming it. Parameters of modules in
+    (``"experts.gate_up_proj"``; ``"gate.weight"``, a router's 2-D weight, as PEFT's
+    all-linear adds on MoE models). Every entry must match; a matched parameter that
+    is not a 3-D or 2-D floating weight, or is an nn.Linear's own weight, is an error
+    naming it. Parameters of modules in
     ``excluded`` are left out; a parameter inside a ``keep`` module is an error.
     """
     if not (target_parameters == ALL_EXPERTS or (isinstance(target_parameters, (list, tuple, set, frozenset))
@@ -291,11 +293,16 @@ def resolve_parameters(model: nn.Module, target_parameters, excluded=(), keep=()
             raise ValueError(f"target_parameters entries matched no parameter: {unmatched} (example names: {examples})")
         chosen = [f for f in found if any(name_matches(f[0], e) for e in entries)]
         bad = [f"{key!r} is a {p.dim()}-D {p.dtype} parameter of a {type(m).__name__}" for key, m, _, p in chosen
-               if not (p.dim() == 3 and p.is_floating_point())]
+               if not (p.dim() in (2, 3) and p.is_floating_point())]
         if bad:
             raise TypeError("target_parameters takes fused MoE expert weights, 3-D floating parameters "
-                            "[num_experts, out, in]: " + "; ".join(bad) + " (a 2-D weight belongs to a layer: "
-                            "target that layer with target_modules)")
+                            "[num_experts, out, in], or 2-D floating weights of other modules (routers): "
+                            + "; ".join(bad))
+        layers = [f"{key!r} is the weight of a {type(m).__name__}" for key, m, _, p in chosen
+                  if p.dim() == 2 and (isinstance(m, nn.Linear) or is_conv1d(m))]
+        if layers:
+            raise TypeError("target_parameters: " + "; ".join(layers) + ": adapt the layer itself with "
+                            "target_modules (its LoRALinear / QLoRALinear is the faster path)")
     kept = [key for key, _, mn, _ in chosen if any(mn == k or mn.startswith(k + ".") for k in keep)]
     if kept:
         raise ValueError(f"parameters {kept} are both target_parameters and inside modules_to_save; choose one")
