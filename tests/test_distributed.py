@@ -234,8 +234,9 @@ def test_resume_with_another_global_batch_is_an_error(runs, tmp_path):
 def test_fsdp_trains_families_that_lay_out_differently(tmp_path):
     # OPT's forward bypasses the sharded body (the loss check must run before sharding);
     # Mamba names a block and a part of it in _no_split_modules; Gemma 2 and Cohere change
-    # their logits. Two FSDP ranks must reproduce one process step for step.
-    families = ["opt", "mamba", "gemma2", "cohere"]
+    # their logits; Mixtral holds its experts in 3-D parameters (NF4 LoRAExperts, sharded along
+    # the expert dimension). Two FSDP ranks must reproduce one process step for step.
+    families = ["opt", "mamba", "gemma2", "cohere", "mixtral"]
     script = os.path.join(ROOT, "tests", "dist_scripts", "train_families.py")
     _torchrun([script, "fsdp", tmp_path / "two.json", *families], tmp_path)
     subprocess.run([sys.executable, script, "none", str(tmp_path / "one.json"), *families], cwd=ROOT, check=True,

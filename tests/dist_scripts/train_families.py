@@ -7,7 +7,8 @@ RESULT.json (written by rank 0) maps each family to its three losses. The
 families are the ones whose layout differs from Llama in a way sharding meets:
 OPT's forward calls ``model.decoder`` past the body (the loss check must run
 before sharding), Mamba lists a block and a part of it in ``_no_split_modules``,
-Gemma 2 caps its logits, Cohere scales them.
+Gemma 2 caps its logits, Cohere scales them, Mixtral and Qwen3-MoE hold their
+experts in 3-D parameters (adapted and quantized through target_parameters).
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ CONFIGS = {
     "mamba": dict(state_size=8),
     "gemma2": dict(head_dim=8, final_logit_softcapping=5.0),
     "cohere": dict(logit_scale=0.25),
+    # fused expert weights (LoRAExperts, NF4 per expert) sharded along the expert dimension
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
 }
+MOE = {"mixtral", "qwen3_moe"}
 
 
 def losses(family: str, strategy: str, world) -> list[float]:
@@ -42,7 +47,8 @@ def losses(family: str, strategy: str, world) -> list[float]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     torch.manual_seed(1)
-    prepare_model(model, "qlora", r=4, alpha=8, dropout=0.0)
+    prepare_model(model, "qlora", r=4, alpha=8, dropout=0.0,
+                  target_parameters="all-experts" if family in MOE else None)
     two = world.world_size == 2
     # batch 2 x accumulation 1 x 2 ranks = the one-process batch 2 x accumulation 2
     cfg = TrainConfig(steps=3, batch_size=2, grad_accum=1 if two else 2, lr=1e-2, progress=False,
