@@ -352,3 +352,33 @@ def test_a_router_weight_takes_a_2d_adapter_on_the_fused_path(monkeypatch):
     assert isinstance(merged.model.layers[0].mlp.gate.weight, nn.Parameter)
     assert merged.model.layers[0].mlp.gate.weight.shape == (4, 64)
     torch.testing.assert_close(_logits(merged.eval()), adapted, atol=2e-5, rtol=2e-5)
+
+
+def test_checkpointing_and_bf16_autocast_with_nf4_experts_and_dropout():
+    """Activation checkpointing recomputes the same dropout masks in the experts (same loss, same gradients);
+    under bf16 autocast the NF4 experts train and their adapters get finite gradients."""
+    model = _base("qwen3_moe")
+    lorakern.apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.1, quantize="nf4", target_parameters="all-experts")
+    randomize_adapters(model)
+    model.train()
+
+    def step():
+        model.zero_grad()
+        torch.manual_seed(5)
+        loss = model(_IDS, labels=_IDS).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain = step()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = step()
+    model.gradient_checkpointing_disable()
+    assert plain[0] == checkpointed[0]
+    for a, b in zip(plain[1], checkpointed[1]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(_IDS, labels=_IDS).loss
+    loss.backward()
+    experts = model.model.layers[0].mlp.experts.gate_up_proj
+    assert torch.isfinite(loss) and torch.isfinite(experts.lora_A.grad).all() and experts.lora_B.grad.abs().max() > 0
