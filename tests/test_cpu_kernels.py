@@ -157,7 +157,7 @@ def test_nf4_matmul_and_transpose(m, k, dtype):
 @pytest.mark.parametrize("m", [1, 5, 8, 16, 17])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nf4_matmul_every_isa(isa, m, dtype):
-    """Every GEMV variant (fp32 FMA; bf16 dot products for 4 <= M <= 8 on AVX512_BF16 CPUs) and the panel path."""
+    """Every GEMV variant (fp32 FMA; bf16 dot products from M = 4 on AVX512_BF16 CPUs) and the panel path."""
     q = random_nf4(72, 136, dtype, blocksize=32)
     w = nf4.dequantize(q, torch.float64 if dtype == torch.float32 else dtype).double()
     x = torch.randn(m, 136).to(dtype)
@@ -209,6 +209,35 @@ def test_gemv_decode_bf16_rounds_weights_to_bf16():
     _C.nf4_gemv(cpu._view(q), xf.data_ptr(), 1, n, k, 0, 0, 0, 0, 0, 0, y.data_ptr(), 0, n, 2, x.data_ptr())
     w = nf4.dequantize(q, torch.bfloat16).double()
     assert_close(y, xf.double() @ w.t(), xf.double().abs() @ w.abs().t(), torch.float32, "bf16 weights")
+
+
+@pytest.mark.skipif(not _has_avx512_bf16() or _C.best_isa() < 2, reason="needs AVX512_BF16")
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("m", [2, 3, 5, 8, 9, 13, 16])
+def test_gemv_batched_decode_bf16(m, double_quant):
+    """2 <= M <= 16 rows of bf16 x, blocksize 64 (the multi-row permuted-x kernel): every row of x meets the
+    bf16-rounded weights with exact products and fp32 sums. Shapes: pairs of W rows and an odd one, several
+    chunks of 16 rows, k split into L1 chunks (1600 and 4160 cross them for 8 and 3 rows of x), absmax runs
+    across nested blocks of 256; passes of 8 rows of x (M = 9, 13, 16). Also through the op with bias and LoRA."""
+    g = torch.Generator().manual_seed(m)
+    for n, k in ((37, 576), (18, 1600), (3, 4160)):
+        q = random_nf4(n, k, torch.bfloat16, double_quant)
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        xf = x.float()
+        y = torch.full((m, n + 3), float("nan"))
+        _C.nf4_gemv(cpu._view(q), xf.data_ptr(), m, n, k, 0, 0, 0, 0, 0, 0, y.data_ptr(), 0, n + 3, 2, x.data_ptr())
+        assert y[:, n:].isnan().all(), "the GEMV wrote past N"
+        w = nf4.dequantize(q, torch.bfloat16).double()
+        assert_close(y[:, :n], xf.double() @ w.t(), xf.double().abs() @ w.abs().t(), torch.float32,
+                     f"bf16 weights m={m} n={n} k={k}")
+        r = 12
+        bias = torch.randn(n, generator=g).to(torch.bfloat16)
+        a, b = (torch.randn(r, k, generator=g) * 0.3).bfloat16(), (torch.randn(n, r, generator=g) * 0.3).bfloat16()
+        out, xa = cpu.qlora_linear_fwd(x, q, bias, a, b, 0.5, 0.0, torch.tensor([1], dtype=torch.int64))
+        lora = 0.5 * xa.double() @ b.double().t()
+        want = x.double() @ w.t() + bias.double() + lora
+        bound = x.double().abs() @ w.abs().t() + bias.double().abs() + lora.abs()
+        assert_close(out, want, bound, torch.bfloat16, f"qlora_linear_fwd m={m} n={n} k={k}")
 
 
 def _lora_inputs(m, k, n, r, dtype):

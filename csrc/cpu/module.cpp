@@ -123,6 +123,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("advise_huge_pages", [](uintptr_t p, int64_t bytes) { advise_huge_pages(ptr<char>(p), bytes); },
         "ask for transparent huge pages on a fresh, untouched buffer (advisory)", py::arg("ptr"), py::arg("bytes"));
   m.def("best_isa", [] { return static_cast<int>(best_isa()); }, "0 scalar, 1 AVX2, 2 AVX-512: the best path this CPU runs");
+  m.def("has_bf16_dot", &has_bf16_dot, "AVX512_BF16: bf16 x takes the bf16 dot-product GEMV kernels");
 
   py::class_<NF4View>(m, "NF4View", "Read-only view of an NF4Weight's tensors")
       .def(py::init(&make_view), py::arg("packed"), py::arg("absmax"), py::arg("double_quant"), py::arg("nested_absmax"),

@@ -45,8 +45,19 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Measured at K = N = 4096 on one Zen 4 core: fp32 GEMV 1.8 / 4.1 / 11.5 ms at
 # M = 1 / 4 / 16 against 6.9 / 10.7 / 16.6 ms for panels; bf16 GEMV (AVX512_BF16
 # dot products) 2.3 / 3.4 / 3.6 / 6.6 ms at M = 1 / 4 / 8 / 16 against 3.8 / 5.9 /
-# 5.5 / 6.1 ms. (M = 1 has its own kernel since: 0.68 ms fp32, 0.47 ms bf16.)
+# 5.5 / 6.1 ms. Since then M = 1 has its own kernel (0.68 ms fp32, 0.47 ms bf16), and
+# so has bf16 x at 2 <= M <= 16 with blocksize 64 on AVX512_BF16 CPUs: 0.70 / 1.10 /
+# 2.0 / 3.0 / 4.0 ms at M = 2 / 4 / 8 / 12 / 16 (panels at M = 12 / 16: 4.8 / 5.4 ms;
+# bitsandbytes' Linear4bit 0.67 / 0.99 / 1.94 / 2.86 / 3.88 ms), so there bf16 takes
+# the GEMV up to 16 rows (GEMV_MAX_M_BF16_DOT); elsewhere up to 8.
 GEMV_MAX_M = {torch.float32: 16, torch.bfloat16: 8, torch.float16: 16}
+GEMV_MAX_M_BF16_DOT = 16
+
+
+def _gemv_max_m(dtype: torch.dtype, q: NF4Weight) -> int:
+    if dtype == torch.bfloat16 and q.blocksize == 64 and q.shape[1] % 64 == 0 and _C.has_bf16_dot() and isa() == 2:
+        return GEMV_MAX_M_BF16_DOT
+    return GEMV_MAX_M[dtype]
 
 # Decoded panel size, in weight elements (8 MiB in bf16): 1024 rows of W at
 # K = 4096. Measured at 512 x 4096 x 4096 bf16, one Zen 4 core, fwd + bwd vs the
@@ -287,7 +298,7 @@ def nf4_matmul(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None) -> torc
     """y [M, N] = x [M, K] @ dequant(q)^T + bias [N]; x fp32/bf16/fp16."""
     view = _view(q)
     x = _check_x(x, q.shape[1])
-    if x.shape[0] <= GEMV_MAX_M[x.dtype]:
+    if x.shape[0] <= _gemv_max_m(x.dtype, q):
         return _gemv(x, q, view, bias)
     return _panel_forward(x, q, view, bias)
 
@@ -371,7 +382,7 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
     xa = torch.mm(_dropped(x, _dropout_params(seed, dropout_p)), lora_A.t())
     # scaling 0: the caller adds the LoRA term itself (ops.qlora_linear with out_dtype)
     term = (xa, lora_B, scaling) if scaling != 0.0 else ()
-    if x.shape[0] <= GEMV_MAX_M[x.dtype]:
+    if x.shape[0] <= _gemv_max_m(x.dtype, q):
         return _gemv(x, q, view, bias, *term), xa
     return _panel_forward(x, q, view, bias, *term), xa
 

@@ -65,6 +65,8 @@ struct GemvArgs {
 };
 constexpr int64_t kGemvMaxM = 16;
 void nf4_gemv(const NF4View& q, const GemvArgs& a, Isa isa);
+// The CPU has AVX512_BF16 (vdpbf16ps): bf16 x takes the bf16 dot-product GEMV kernels.
+bool has_bf16_dot();
 // Rows [n0, n1) of the GEMV into acc[(n - n0) * M + m] (fp32 dot products only), M <= 8; per ISA.
 void nf4_gemv_rows_scalar(const NF4View& q, const GemvArgs& a, int64_t n0, int64_t n1, float* acc);
 void nf4_gemv_rows_avx2(const NF4View& q, const GemvArgs& a, int64_t n0, int64_t n1, float* acc);
