@@ -217,6 +217,7 @@ def test_qlora_on_a_moe_model_adapts_and_quantizes_the_experts(tmp_path, capsys)
     adapter = os.path.join(out, "adapter")
     config = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    assert config["lora_dropout"] == 0.0  # trained with 0.05; PEFT refuses dropout with target_parameters
     keys = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     assert keys["base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"].shape == (4 * 16, 32)
     assert main(["train", *common, "--target-parameters", "model.layers.0.mlp.experts.down_proj", "--steps", "1",

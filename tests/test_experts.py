@@ -288,6 +288,17 @@ def test_merge_restores_plain_parameters_and_the_experts_implementation(quantize
     torch.testing.assert_close(_logits(reloaded), adapted, atol=2e-5, rtol=2e-5)
 
 
+def test_staged_quantization_of_experts_equals_the_default():
+    """device= builds the NF4 experts from a copy on that device; on the CPU it equals quantizing in place."""
+    a, b = _base("mixtral"), _base("mixtral")
+    torch.manual_seed(3)
+    lorakern.apply_lora(a, None, r=4, quantize="nf4", target_parameters="all-experts")
+    torch.manual_seed(3)
+    lorakern.apply_lora(b, None, r=4, quantize="nf4", target_parameters="all-experts", device="cpu")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
 def test_qlora_experts_train_and_only_adapters_require_grad():
     model = _base("qwen3_moe")
     lorakern.apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.1, quantize="nf4",
