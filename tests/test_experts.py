@@ -393,3 +393,27 @@ def test_checkpointing_and_bf16_autocast_with_nf4_experts_and_dropout():
     loss.backward()
     experts = model.model.layers[0].mlp.experts.gate_up_proj
     assert torch.isfinite(loss) and torch.isfinite(experts.lora_A.grad).all() and experts.lora_B.grad.abs().max() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_nf4_experts_on_the_gpu_match_the_merged_model(family):
+    """NF4 expert adapters on CUDA (quantized there through device=), bf16 autocast training step, and logits
+    equal to the merged dense model's."""
+    model = _base(family)
+    lorakern.apply_lora(model, "all-linear", r=8, alpha=16, quantize="nf4", target_parameters="all-experts",
+                        device="cuda")
+    model.cuda()
+    randomize_adapters(model)
+    ids = _IDS.cuda()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = lorakern.merge_lora(copy.deepcopy(model))(ids).logits
+    torch.testing.assert_close(adapted, merged, atol=1e-4, rtol=1e-4)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [m.lora_B.grad for m in lora_modules(model).values() if isinstance(m, LoRAExperts)]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
