@@ -37,6 +37,27 @@ def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn
     return module
 
 
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (or ``LinearNF4`` / ``LinearFP4``), recognised without importing bitsandbytes."""
+    return type(module).__module__.startswith("bitsandbytes") and any(
+        c.__name__ == "Linear4bit" for c in type(module).__mro__)
+
+
+def bnb_linear4bit_reason(module: nn.Module) -> Optional[str]:
+    """None when ``module`` is a bitsandbytes Linear4bit holding an NF4 weight QLoRALinear can take over, else why not."""
+    if not is_bnb_linear4bit(module):
+        return f"expected a bitsandbytes Linear4bit, got {type(module).__module__}.{type(module).__name__}"
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is None:
+        return (f"this {type(module).__name__} holds no quantized weight yet (bitsandbytes quantizes when the layer "
+                "moves to a device); load the model with load_in_4bit or move the layer first")
+    kind = getattr(state, "quant_type", None)
+    if kind != "nf4":
+        return (f"this {type(module).__name__} holds {kind!r} weights; lorakern's kernels decode NF4 "
+                "(load with bnb_4bit_quant_type='nf4', or load the model unquantized and use quantize='nf4')")
+    return None
+
+
 class QLoRALinear(LoRABase):
     """``y = x dequant(W)^T + b + scaling * (dropout(x) A^T) B^T`` with W stored as NF4.
 
@@ -111,6 +132,37 @@ class QLoRALinear(LoRABase):
             bias = None if bias is None else bias.detach().to(device)
         q = ops.nf4_quantize(weight.detach(), blocksize, double_quant)
         return cls(q, bias, r, alpha, dropout, use_rslora, init, compute_dtype, fan_in_fan_out)
+
+    @classmethod
+    def from_bnb_linear4bit(cls, layer: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                            use_rslora: bool = False, init: str = "kaiming", compute_dtype: Optional[torch.dtype] = None,
+                            device: Optional[torch.device | str] = None) -> "QLoRALinear":
+        """Wrap a bitsandbytes NF4 ``Linear4bit`` (a model loaded with ``load_in_4bit=True``), keeping its 4-bit weight.
+
+        The format is the same, so nothing is dequantized or re-quantized: the packed
+        codes and quantization state are read through the layer's own ``state_dict``
+        (which undoes bitsandbytes' CPU inference repacking) and checked. FP4 weights
+        are refused (the kernels here decode NF4). ``compute_dtype`` defaults to the
+        layer's ``compute_dtype`` (``bnb_4bit_compute_dtype``).
+        """
+        reason = bnb_linear4bit_reason(layer)
+        if reason is not None:
+            raise TypeError(reason)
+        sd = layer.state_dict()
+        try:
+            q = nf4_format.from_bnb_state_dict({k: v for k, v in sd.items() if k.startswith("weight")}, "weight")
+        except QuantStateError as e:
+            raise ValueError(f"cannot read the 4-bit weight of this {type(layer).__name__}: {e}") from None
+        bias = sd.get("bias")
+        if compute_dtype is None:
+            compute_dtype = getattr(layer, "compute_dtype", None)
+            compute_dtype = compute_dtype if compute_dtype in _COMPUTE_DTYPES else q.dtype
+        if device is not None:
+            q, bias = q.to(device), None if bias is None else bias.to(device)
+        elif bias is not None:
+            bias = bias.to(q.device)
+        bias = None if bias is None else bias.detach().to(q.dtype if q.dtype in _COMPUTE_DTYPES else bias.dtype)
+        return cls(q, bias, r, alpha, dropout, use_rslora, init, compute_dtype)
 
     # ------------------------------------------------------------------ quantized weight
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..nn import LoRAExperts, LoRALinear, QLoRALinear
 from ..nn._base import check_lora_args
+from ..nn.qlora import is_bnb_linear4bit
 from .targets import Selector, kept_in_full_precision, resolve_parameters, resolve_targets, select
 
 QUANTIZE = (None, "nf4")
@@ -92,6 +93,9 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
         quantize: None (dense base) or "nf4". Layers a Hugging Face model keeps
             in full precision (``_keep_in_fp32_modules``, e.g. T5's ``wo``) get a
             dense LoRALinear, as when transformers loads the model in 4-bit.
+            Layers that already are bitsandbytes NF4 ``Linear4bit`` (a model loaded
+            with ``BitsAndBytesConfig(load_in_4bit=True)``) become QLoRALinear
+            holding the same 4-bit weight, bit for bit, whatever ``quantize`` says.
         compute_dtype: NF4 layers only; default the weight's original dtype.
         device: NF4 layers only: build each one on this device, one layer's
             full-precision weight copied there at a time. A model loaded on the CPU
@@ -158,7 +162,10 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     for name in targets:
         old = model.get_submodule(name)
         r_, alpha_ = rank_alpha(name)
-        if quantize == "nf4" and name not in dense:
+        if is_bnb_linear4bit(old):  # already NF4 (load_in_4bit): the same 4-bit weight, whatever quantize says
+            new = QLoRALinear.from_bnb_linear4bit(old, r_, alpha_, dropout, use_rslora, init, compute_dtype=compute_dtype,
+                                                  device=device)
+        elif quantize == "nf4" and name not in dense:
             new = QLoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init, compute_dtype=compute_dtype,
                                           device=device)
         else:
@@ -257,7 +264,28 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _replace(model, name, linear)
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
+    _drop_hf_quantization(model)
     return model
+
+
+def _drop_hf_quantization(model: nn.Module) -> None:
+    """A transformers model loaded in 4-bit whose every 4-bit layer was merged is dense now: drop its
+    quantization record, or ``save_pretrained`` would write a quantization_config for dense weights
+    (which from_pretrained then loads as uninitialised 4-bit layers). With 4-bit layers left, keep it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or any(is_bnb_linear4bit(m) for m in model.modules()):
+        return
+    if "bitsandbytes" not in type(quantizer).__module__ and "bnb" not in type(quantizer).__module__:
+        return
+    remove = getattr(quantizer, "remove_quantization_config", None)
+    if callable(remove):
+        remove(model)
+        return
+    for owner, attr in ((model, "hf_quantizer"), (getattr(model, "config", None), "quantization_config"),
+                        (model, "quantization_method")):
+        if owner is not None and hasattr(owner, attr):
+            delattr(owner, attr)
+    model.is_quantized = False
 
 
 def _to_conv1d(linear: nn.Linear) -> nn.Module:

@@ -86,9 +86,14 @@ def skipped_by_all_linear(name: str, module: nn.Module, parent: Optional[nn.Modu
 
 def unsupported_reason(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     """None when ``module`` can be wrapped by LoRALinear / QLoRALinear, else why not."""
+    from ..nn.qlora import bnb_linear4bit_reason, is_bnb_linear4bit
+
     kind = f"{type(module).__module__}.{type(module).__name__}"
     if is_conv1d(module):
         return None
+    if is_bnb_linear4bit(module):
+        reason = bnb_linear4bit_reason(module)
+        return None if reason is None else f"{name!r}: {reason}"
     if not isinstance(module, nn.Linear):
         return f"{name!r} is a {kind}; only nn.Linear and transformers Conv1D layers can take a LoRA adapter"
     if _model_specific_forward(module):
