@@ -1,4 +1,4 @@
-"""LoRAExperts: a fused mixture-of-experts weight (one matrix per expert in a 3-D parameter) with a LoRA adapter per expert.
+"""LoRAExperts: a fused MoE expert weight (a 3-D parameter, one matrix per expert) with one adapter per expert.
 
 transformers 5 stores the experts of an MoE block (Mixtral, Qwen2/3-MoE, OLMoE,
 DeepSeek-V3, GPT-OSS, ...) as 3-D parameters such as ``experts.gate_up_proj``

@@ -44,7 +44,7 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
 
 
 def bnb_linear4bit_reason(module: nn.Module) -> Optional[str]:
-    """None when ``module`` is a bitsandbytes Linear4bit holding an NF4 weight QLoRALinear can take over, else why not."""
+    """None when ``module`` is a bitsandbytes Linear4bit with an NF4 weight QLoRALinear can take over, else why not."""
     if not is_bnb_linear4bit(module):
         return f"expected a bitsandbytes Linear4bit, got {type(module).__module__}.{type(module).__name__}"
     state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -135,7 +135,8 @@ class QLoRALinear(LoRABase):
 
     @classmethod
     def from_bnb_linear4bit(cls, layer: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-                            use_rslora: bool = False, init: str = "kaiming", compute_dtype: Optional[torch.dtype] = None,
+                            use_rslora: bool = False, init: str = "kaiming",
+                            compute_dtype: Optional[torch.dtype] = None,
                             device: Optional[torch.device | str] = None) -> "QLoRALinear":
         """Wrap a bitsandbytes NF4 ``Linear4bit`` (a model loaded with ``load_in_4bit=True``), keeping its 4-bit weight.
 

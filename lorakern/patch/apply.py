@@ -163,8 +163,8 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
         old = model.get_submodule(name)
         r_, alpha_ = rank_alpha(name)
         if is_bnb_linear4bit(old):  # already NF4 (load_in_4bit): the same 4-bit weight, whatever quantize says
-            new = QLoRALinear.from_bnb_linear4bit(old, r_, alpha_, dropout, use_rslora, init, compute_dtype=compute_dtype,
-                                                  device=device)
+            new = QLoRALinear.from_bnb_linear4bit(old, r_, alpha_, dropout, use_rslora, init,
+                                                  compute_dtype=compute_dtype, device=device)
         elif quantize == "nf4" and name not in dense:
             new = QLoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init, compute_dtype=compute_dtype,
                                           device=device)
