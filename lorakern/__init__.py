@@ -26,6 +26,7 @@ _LAZY = {
     "patch": "lorakern.patch",
     "apply_lora": "lorakern.patch",
     "merge_lora": "lorakern.patch",
+    "disable_adapters": "lorakern.patch",
     "save_adapter": "lorakern.patch",
     "load_adapter": "lorakern.patch",
     "lora_modules": "lorakern.patch",

@@ -419,3 +419,50 @@ def test_patched_model_state_dict_round_trip_and_deepcopy(quantize):
         assert torch.equal(logits(twin, ids), expected)
     if quantize:
         assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in model.state_dict()
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_disable_adapters_gives_the_base_model_and_restores_them(quantize):
+    """Inside disable_adapters every LoRA layer computes its base alone (no RNG drawn, zero adapter gradients);
+    on exit the adapted outputs come back; nesting restores the state it found."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    model = copy.deepcopy(base)
+    lorakern.apply_lora(model, "all-linear", r=4, dropout=0.2, quantize=quantize, target_parameters="all-experts")
+    randomize_adapters(model)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in lorakern.lora_modules(zeroed).values():
+            m.lora_B.zero_()
+        adapted, want = model(ids).logits, zeroed(ids).logits
+    model.train()
+    with lorakern.disable_adapters(model):
+        with lorakern.disable_adapters(model):
+            pass
+        state = torch.random.get_rng_state()
+        loss = model(ids, labels=ids).loss
+        assert torch.equal(torch.random.get_rng_state(), state)  # no dropout mask drawn
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, want, atol=1e-6, rtol=1e-6)
+            if quantize is None:
+                torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+    for m in lorakern.lora_modules(model).values():
+        assert m.lora_B.grad is None or not m.lora_B.grad.any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, adapted, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        with lorakern.disable_adapters(base):
+            pass
+    layer = LoRALinear.from_linear(nn.Linear(8, 8), r=2)
+    layer.merge()
+    holder = nn.Sequential(layer)
+    with pytest.raises(RuntimeError, match="merged: its weight holds the adapter"), lorakern.disable_adapters(holder):
+        holder(torch.randn(1, 8))

@@ -203,6 +203,15 @@ class LoRABase(nn.Module):
         # is_cuda / is_cpu first: x.device.type builds a device and a string (0.3 us) on every forward
         return active_autocast_dtype("cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type)
 
+    # False inside lorakern.disable_adapters(model): forward computes the base layer alone
+    adapter_enabled: bool = True
+
+    def _adapter_args(self, x: Tensor) -> tuple[float, float, Optional[Tensor]]:
+        """(scaling, dropout_p, seed) for this call: the adapter's, or a zero term (no RNG drawn) while disabled."""
+        if not self.adapter_enabled:
+            return 0.0, 0.0, None
+        return (self.scaling, *self._dropout_args(x))
+
     def _dropout_args(self, x: Tensor) -> tuple[float, Optional[Tensor]]:
         """Dropout is active only in training mode; each training forward draws a fresh seed.
 

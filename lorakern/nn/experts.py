@@ -207,18 +207,18 @@ class LoRAExperts(LoRABase):
         check_input(x)
         autocast = self._autocast_dtype(x)
         lora_A, lora_B = self.lora_A[expert], self.lora_B[expert]
-        dropout_p, seed = self._dropout_args(x)
+        scaling, dropout_p, seed = self._adapter_args(x)
         if self.quantize is None:
             weight = self.weight[expert]
             dtype = autocast or weight.dtype
             return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), as_dtype(bias, dtype),
-                                   as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), self.scaling, dropout_p, seed)
+                                   as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), scaling, dropout_p, seed)
         dtype = autocast or self.compute_dtype
         out_dtype = None
         if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
             out_dtype = self.compute_dtype
         return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(expert), as_dtype(bias, dtype),
-                                as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), self.scaling, dropout_p, seed,
+                                as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), scaling, dropout_p, seed,
                                 out_dtype=out_dtype)
 
     def delta(self, expert: Optional[int] = None) -> Tensor:
@@ -233,17 +233,18 @@ class LoRAExperts(LoRABase):
         Gradients reach lora_A / lora_B through it. Dropout acts on the input of a
         matmul, which this weight no longer sees: refused while it would be active.
         """
-        if self.training and self.dropout > 0.0 and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"this model reads its expert weights ({type(self).__name__}, shape {tuple(self.shape)}) other than "
-                "through F.linear(x, W[e]) or x @ W[e], so LoRA dropout cannot be applied to their input; use "
-                "dropout=0 with target_parameters for this model")
-        math_dtype = self.lora_A.dtype
         if not self.stacked:
             expert = 0
-        w = self.base_weight(expert, math_dtype) + self.delta(expert)
-        w = w.transpose(-1, -2) if self.transposed else w
-        return w.to(self.dtype)
+        if not self.adapter_enabled:  # inside disable_adapters: the base alone
+            w = self.base_weight(expert)
+        else:
+            if self.training and self.dropout > 0.0 and torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"this model reads its expert weights ({type(self).__name__}, shape {tuple(self.shape)}) other "
+                    "than through F.linear(x, W[e]) or x @ W[e], so LoRA dropout cannot be applied to their input; "
+                    "use dropout=0 with target_parameters for this model")
+            w = (self.base_weight(expert, self.lora_A.dtype) + self.delta(expert)).to(self.dtype)
+        return w.transpose(-1, -2) if self.transposed else w
 
     def merged_parameter(self, dtype: Optional[torch.dtype] = None) -> nn.Parameter:
         """A new frozen Parameter in the model's layout: ``W + scaling * B @ A`` per expert, formed in float32."""

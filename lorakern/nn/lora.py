@@ -66,13 +66,16 @@ class LoRALinear(LoRABase):
         dtype = self._autocast_dtype(x) or weight.dtype
         bias = as_dtype(self.bias, dtype)
         if self.merged:
+            if not self.adapter_enabled:
+                raise RuntimeError("LoRALinear is merged: its weight holds the adapter, which cannot be disabled; "
+                                   "call unmerge() first")
             if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
                 raise RuntimeError("LoRALinear is merged: a training forward would give the adapter no gradient; "
                                    "call unmerge() before training")
             return nn.functional.linear(x.to(dtype), weight.to(dtype), bias)
-        dropout_p, seed = self._dropout_args(x)
+        scaling, dropout_p, seed = self._adapter_args(x)
         return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), bias, as_dtype(self.lora_A, dtype),
-                               as_dtype(self.lora_B, dtype), self.scaling, dropout_p, seed)
+                               as_dtype(self.lora_B, dtype), scaling, dropout_p, seed)
 
     @torch.no_grad()
     def merge(self) -> None:

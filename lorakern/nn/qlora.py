@@ -212,12 +212,12 @@ class QLoRALinear(LoRABase):
         autocast = self._autocast_dtype(x)
         dtype = autocast or self.compute_dtype
         bias = as_dtype(self.bias, dtype)
-        dropout_p, seed = self._dropout_args(x)
+        scaling, dropout_p, seed = self._adapter_args(x)
         out_dtype = None
         if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
             out_dtype = self.compute_dtype
         return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, as_dtype(self.lora_A, dtype),
-                                as_dtype(self.lora_B, dtype), self.scaling, dropout_p, seed, out_dtype=out_dtype)
+                                as_dtype(self.lora_B, dtype), scaling, dropout_p, seed, out_dtype=out_dtype)
 
     # --------------------------------------------------------------------------- merging
 

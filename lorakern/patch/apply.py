@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
@@ -219,6 +220,32 @@ def _loops_over_experts(module: nn.Module) -> bool:
     """A transformers experts module (``@use_experts_implementation``): its eager forward computes
     ``F.linear(x, W[e])`` or ``x @ W[e]`` for each routed expert ``e``."""
     return hasattr(module, "is_transposed") and hasattr(getattr(module, "config", None), "_experts_implementation")
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Context manager: inside it, every LoRA layer and expert weight of ``model`` computes its base alone.
+
+    For reference outputs of the base model without a second copy of it (DPO and
+    other preference losses, KL penalties, before/after comparisons). No dropout
+    mask is drawn and the adapter's gradients are zero; on exit each layer is as it
+    was (nesting is fine). A merged LoRALinear (``merge()``) cannot drop its
+    adapter and raises in forward.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA layers; call apply_lora (or load_adapter) first")
+    before = [(m, m.__dict__.get("adapter_enabled")) for m in modules.values()]
+    for m in modules.values():
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, value in before:
+            if value is None:
+                m.__dict__.pop("adapter_enabled", None)
+            else:
+                m.adapter_enabled = value
 
 
 def _eager_experts(module: nn.Module):
