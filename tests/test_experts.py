@@ -417,3 +417,9 @@ def test_nf4_experts_on_the_gpu_match_the_merged_model(family):
     loss.backward()
     grads = [m.lora_B.grad for m in lora_modules(model).values() if isinstance(m, LoRAExperts)]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_quantizing_only_the_layers_of_a_moe_model_says_the_experts_stay_dense():
+    with pytest.warns(UserWarning, match=r"leaves this model's 4 fused MoE expert weights .* dense.*"
+                                         r"target_parameters='all-experts'"):
+        lorakern.apply_lora(_base("mixtral"), "all-linear", r=4, quantize="nf4")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,7 +15,8 @@ from torch import nn
 from ..nn import LoRAExperts, LoRALinear, QLoRALinear
 from ..nn._base import check_lora_args
 from ..nn.qlora import is_bnb_linear4bit
-from .targets import Selector, kept_in_full_precision, resolve_parameters, resolve_targets, select
+from .targets import (Selector, is_expert_stack, kept_in_full_precision, resolve_parameters, resolve_targets,
+                      select)
 
 QUANTIZE = (None, "nf4")
 # Attribute on a patched model recording how it was patched (read by save_adapter).
@@ -156,6 +158,8 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
                              "whole (e.g. torch.bmm over all experts), not as x @ W[e] per expert, so there is no "
                              "per-expert input to drop; use dropout=0")
     dense = kept_in_full_precision(model) if quantize is not None else set()
+    if quantize is not None and target_parameters is None:
+        _warn_dense_experts(model)
 
     def rank_alpha(name):
         return pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
@@ -214,6 +218,15 @@ def pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def _warn_dense_experts(model: nn.Module) -> None:
+    stacks = [p for m in model.modules() for p in m.parameters(recurse=False) if is_expert_stack(m, p)]
+    if stacks:
+        size = sum(p.numel() * p.element_size() for p in stacks)
+        warnings.warn(f"quantize={'nf4'!r} leaves this model's {len(stacks)} fused MoE expert weights "
+                      f"({size / 2**30:.2f} GiB) dense: they are parameters, not layers; "
+                      "target_parameters='all-experts' quantizes and adapts them", stacklevel=3)
 
 
 def _loops_over_experts(module: nn.Module) -> bool:
