@@ -240,6 +240,26 @@ def test_gemv_batched_decode_bf16(m, double_quant):
         assert_close(out, want, bound, torch.bfloat16, f"qlora_linear_fwd m={m} n={n} k={k}")
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("m", [2, 3, 5, 8, 9, 13, 16])
+def test_gemv_batched_decode_fp32(isa, m, double_quant):
+    """The same shapes with fp32 (and fp16) x: fp32 weights code * absmax and FMAs (the multi-row permuted-x kernel
+    on AVX-512; k chunks of 24 KiB of x cross at 1600 for 8 rows and 4160 for 3), fp32 tolerance."""
+    g = torch.Generator().manual_seed(100 + m)
+    for n, k in ((37, 576), (18, 1600), (3, 4160)):
+        q = random_nf4(n, k, torch.float32, double_quant)
+        x = torch.randn(m, k, generator=g)
+        y = torch.full((m, n + 3), float("nan"))
+        _C.nf4_gemv(cpu._view(q), x.data_ptr(), m, n, k, 0, 0, 0, 0, 0, 0, y.data_ptr(), 0, n + 3, cpu.isa())
+        assert y[:, n:].isnan().all(), "the GEMV wrote past N"
+        w = nf4.dequantize(q, torch.float64)
+        assert_close(y[:, :n], x.double() @ w.t(), x.double().abs() @ w.abs().t(), torch.float32, f"m={m} n={n} k={k}")
+        xh = x.half()
+        wh = nf4.dequantize(q._replace(dtype=torch.float16), torch.float16).double()
+        assert_close(cpu.nf4_matmul(xh, q._replace(dtype=torch.float16), None), xh.double() @ wh.t(),
+                     xh.double().abs() @ wh.abs().t(), torch.float16, f"fp16 m={m} n={n} k={k}")
+
+
 def _lora_inputs(m, k, n, r, dtype):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)

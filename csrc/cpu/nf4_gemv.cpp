@@ -388,17 +388,18 @@ float* scratch_floats(int64_t n) {
   return buf.get();
 }
 
-// ------------------------------------------------------ 2 <= M <= 16 rows of bf16 x, blocksize 64
+// ------------------------------------------------------------ 2 <= M <= 16 rows of x, blocksize 64
 //
 // Batched decode (a few sequences generated together) and small-batch serving. The
 // general AVX-512 kernels decode every 32 weights through nibble unpacking, a block
-// walker and fp32 FMAs below M = 4, which made M = 2 take 2.1 ms at 4096 x 4096 on one
-// Zen 4 core (bitsandbytes' Linear4bit: 0.67 ms). This is the M = 1 bf16 kernel with
-// MT rows of x: every row of x permuted once per call, absmax decoded up front, the
-// weights of R rows of W decoded once per 64 into bf16 registers and multiplied into
+// walker and fp32 FMAs below M = 4, which made M = 2 take 2.1 ms at 4096 x 4096 bf16 on
+// one Zen 4 core (bitsandbytes' Linear4bit: 0.67 ms), and fp32 M = 16 11.1 ms. These are
+// the M = 1 kernels with MT rows of x: every row of x permuted once per call, absmax
+// decoded up front, the weights of R rows of W decoded once per 64 into registers (bf16
+// for bf16 x on AVX512_BF16 CPUs, fp32 otherwise, as at M = 1) and multiplied into
 // R * MT accumulators (16 at R = 2, MT = 8), so the decode is shared by MT rows and
 // each load of x by R rows of W. Passes of at most 8 rows of x over the chunk's W
-// rows; k in chunks that keep the pass's x (MT * kc * 2 bytes <= 24 KiB) in L1.
+// rows; k in chunks that keep the pass's x (<= 24 KiB) in L1.
 
 // out[r * MT + m] += sum over groups [0, gn) of row r of W (packed p, row stride K / 2;
 // absmax am, row stride G) times row m of permuted x (xp, row stride K).
@@ -434,22 +435,76 @@ LK_AVX512BF16 void rows_mt_bf16(const uint16_t* xp, int64_t K, int64_t gn, const
     for (int m = 0; m < MT; ++m) out[r * MT + m] += _mm512_reduce_add_ps(s[r][m]);
 }
 
-using MtFn = void (*)(const uint16_t*, int64_t, int64_t, const uint8_t*, const float*, int64_t, float*);
+// The same with fp32 x (rows_m1_f32's decode: fp32 weights code * absmax, FMAs).
+template <int R, int MT>
+LK_AVX512 void rows_mt_f32(const float* xp, int64_t K, int64_t gn, const uint8_t* p, const float* am, int64_t G,
+                           float* out) {
+  const __m512 code_v = nf4_code_ps512();
+  __m512 s[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) s[r][m] = _mm512_setzero_ps();
+  const int64_t row_bytes = K / 2;
+  for (int64_t gi = 0; gi < gn; ++gi) {
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(p + (R + r) * row_bytes + gi * 32), _MM_HINT_T0);
+    __m512 w[R][4];
+    for (int r = 0; r < R; ++r) {
+      const __m512 t = _mm512_mul_ps(code_v, _mm512_set1_ps(am[r * G + gi]));
+      const uint8_t* pr = p + r * row_bytes + gi * 32;
+      const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr)));
+      const __m512i d1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr + 16)));
+      w[r][0] = _mm512_permutexvar_ps(d0, t);
+      w[r][1] = _mm512_permutexvar_ps(_mm512_srli_epi32(d0, 4), t);
+      w[r][2] = _mm512_permutexvar_ps(d1, t);
+      w[r][3] = _mm512_permutexvar_ps(_mm512_srli_epi32(d1, 4), t);
+    }
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < 4; ++j) {
+        const __m512 x = _mm512_loadu_ps(xp + m * K + gi * kFastGroup + 16 * j);
+        for (int r = 0; r < R; ++r) s[r][m] = _mm512_fmadd_ps(w[r][j], x, s[r][m]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r * MT + m] += _mm512_reduce_add_ps(s[r][m]);
+}
+
+template <typename T>
+using MtFn = void (*)(const T*, int64_t, int64_t, const uint8_t*, const float*, int64_t, float*);
 template <int R, std::size_t... I>
-constexpr std::array<MtFn, sizeof...(I)> table_mt(std::index_sequence<I...>) {
+constexpr std::array<MtFn<uint16_t>, sizeof...(I)> table_mt_bf16(std::index_sequence<I...>) {
   return {&rows_mt_bf16<R, static_cast<int>(I) + 1>...};
 }
-constexpr auto kMt1 = table_mt<1>(std::make_index_sequence<8>());
-constexpr auto kMt2 = table_mt<2>(std::make_index_sequence<8>());
+template <int R, std::size_t... I>
+constexpr std::array<MtFn<float>, sizeof...(I)> table_mt_f32(std::index_sequence<I...>) {
+  return {&rows_mt_f32<R, static_cast<int>(I) + 1>...};
+}
+constexpr auto kMtBf16 = std::array{table_mt_bf16<1>(std::make_index_sequence<8>()),
+                                    table_mt_bf16<2>(std::make_index_sequence<8>())};
+constexpr auto kMtF32 = std::array{table_mt_f32<1>(std::make_index_sequence<8>()),
+                                   table_mt_f32<2>(std::make_index_sequence<8>())};
 
-bool fast_mt(const NF4View& q, const GemvArgs& g, Isa isa, bool bf16_dot) {
-  return isa == Isa::avx512 && bf16_dot && g.M >= 2 && g.x_bf16 != nullptr && q.blocksize == kFastGroup &&
-         g.K % kFastGroup == 0;
+bool fast_mt(const NF4View& q, const GemvArgs& g, Isa isa) {
+  return isa == Isa::avx512 && g.M >= 2 && q.blocksize == kFastGroup && g.K % kFastGroup == 0;
 }
 
-// Rows [n0, n1) for all M rows of permuted x (xp, [M, K]) into acc laid out as the
-// general path's: pass m0 (8 rows of x each) at acc + m0 * chunk, [(row - n0) * mt + m - m0].
-void rows_mt(const NF4View& q, const GemvArgs& g, const uint16_t* xp, const NestedPlanes* planes, int64_t n0,
+// One pass (mt rows of permuted x, T = uint16_t bf16 or float) over rows [n0, n1) into part.
+template <typename T>
+void pass_mt(const std::array<std::array<MtFn<T>, 8>, 2>& fns, const NF4View& q, int64_t K, const T* xp, int mt,
+             const float* am, int64_t n0, int64_t n1, float* part) {
+  const int64_t G = K / kFastGroup;
+  const int64_t kc = std::max<int64_t>(kFastGroup, 24576 / (mt * static_cast<int64_t>(sizeof(T))) / kFastGroup * kFastGroup);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t g0 = k0 / kFastGroup, gn = std::min(kc, K - k0) / kFastGroup;
+    int64_t row = n0;
+    for (; row + 2 <= n1; row += 2)
+      fns[1][mt - 1](xp + k0, K, gn, q.packed + row * K / 2 + g0 * 32, am + (row - n0) * G + g0, G, part + (row - n0) * mt);
+    if (row < n1)
+      fns[0][mt - 1](xp + k0, K, gn, q.packed + row * K / 2 + g0 * 32, am + (row - n0) * G + g0, G, part + (row - n0) * mt);
+  }
+}
+
+// Rows [n0, n1) for all M rows of permuted x (xp, [M, K], bf16 or fp32) into acc laid out as
+// the general path's: pass m0 (8 rows of x each) at acc + m0 * chunk, [(row - n0) * mt + m - m0].
+void rows_mt(const NF4View& q, const GemvArgs& g, const void* xp, bool bf16, const NestedPlanes* planes, int64_t n0,
              int64_t n1, int64_t chunk, float* acc) {
   const int64_t K = g.K, G = K / kFastGroup, rows = n1 - n0;
   float* am = scratch_floats(rows * G);
@@ -461,16 +516,10 @@ void rows_mt(const NF4View& q, const GemvArgs& g, const uint16_t* xp, const Nest
     const int mt = static_cast<int>(std::min<int64_t>(8, g.M - m0));
     float* part = acc + m0 * chunk;
     std::fill(part, part + rows * mt, 0.0f);
-    const int64_t kc = std::max<int64_t>(kFastGroup, 12288 / mt / kFastGroup * kFastGroup);
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {
-      const int64_t g0 = k0 / kFastGroup, gn = std::min(kc, K - k0) / kFastGroup;
-      const uint16_t* x = xp + m0 * K + k0;
-      int64_t row = n0;
-      for (; row + 2 <= n1; row += 2)
-        kMt2[mt - 1](x, K, gn, q.packed + row * K / 2 + g0 * 32, am + (row - n0) * G + g0, G, part + (row - n0) * mt);
-      if (row < n1)
-        kMt1[mt - 1](x, K, gn, q.packed + row * K / 2 + g0 * 32, am + (row - n0) * G + g0, G, part + (row - n0) * mt);
-    }
+    if (bf16)
+      pass_mt(kMtBf16, q, K, static_cast<const uint16_t*>(xp) + m0 * K, mt, am, n0, n1, part);
+    else
+      pass_mt(kMtF32, q, K, static_cast<const float*>(xp) + m0 * K, mt, am, n0, n1, part);
   }
 }
 
@@ -576,26 +625,26 @@ void nf4_gemv(const NF4View& q, const GemvArgs& args, Isa isa) {
   GemvArgs g = args;
   const int64_t nchunks = (g.N + kChunk - 1) / kChunk;
   const bool m1 = fast_m1(q, g, isa), m1_bf16 = m1 && g.x_bf16 != nullptr && has_avx512bf16();
-  const bool mt = fast_mt(q, g, isa, has_avx512bf16());
+  const bool mt = fast_mt(q, g, isa), mt_bf16 = mt && g.x_bf16 != nullptr && has_avx512bf16();
   // bf16 x may come without its fp32 copy (the M = 1 bf16 kernel reads only x_bf16);
   // the other paths get one here.
   if (g.x == nullptr && g.x_bf16 == nullptr) throw std::invalid_argument("nf4_gemv: x is null");
   std::vector<float> x_f32;
-  if (g.x == nullptr && !m1_bf16 && !mt) {
+  if (g.x == nullptr && !m1_bf16 && !mt_bf16) {
     x_f32.resize(g.M * g.K);
     for (int64_t i = 0; i < g.M * g.K; ++i) x_f32[i] = bf16_to_f32(g.x_bf16[i]);
     g.x = x_f32.data();
   }
   std::vector<float> xp_f32;
   std::vector<uint16_t> xp_bf16;
-  if (m1_bf16 || mt) {
+  if (m1_bf16 || mt_bf16) {
     xp_bf16.resize(g.M * g.K);
     for (int64_t m = 0; m < g.M; ++m) permute_x_bf16(g.x_bf16 + m * g.K, g.K, xp_bf16.data() + m * g.K);
-  } else if (m1) {
-    xp_f32.resize(g.K);
-    permute_x_f32(g.x, g.K, xp_f32.data());
+  } else if (m1 || mt) {
+    xp_f32.resize(g.M * g.K);
+    for (int64_t m = 0; m < g.M; ++m) permute_x_f32(g.x + m * g.K, g.K, xp_f32.data() + m * g.K);
   }
-  const void* xp = m1_bf16 ? static_cast<const void*>(xp_bf16.data()) : xp_f32.data();
+  const void* xp = m1_bf16 || mt_bf16 ? static_cast<const void*>(xp_bf16.data()) : xp_f32.data();
   NestedPlanes planes;
   const bool vbmi = (m1 || mt) && q.absmax_u8 != nullptr && has_avx512vbmi();
   if (vbmi)
@@ -616,7 +665,7 @@ void nf4_gemv(const NF4View& q, const GemvArgs& args, Isa isa) {
     // accumulators plus the decode registers spill, and M = 16 in one pass ran at
     // half the FMA rate of two passes of 8 (0.087 vs 0.046 ns per MAC on one core).
     if (m1) rows_m1(q, g, xp, m1_bf16, vbmi ? &planes : nullptr, n0, n1, acc);
-    if (mt) rows_mt(q, g, xp_bf16.data(), vbmi ? &planes : nullptr, n0, n1, kChunk, acc);
+    if (mt) rows_mt(q, g, xp, mt_bf16, vbmi ? &planes : nullptr, n0, n1, kChunk, acc);
     for (int64_t m0 = 0; m0 < g.M && !m1 && !mt; m0 += kRowsPerPass) {
       GemvArgs part = g;
       part.x = g.x + m0 * g.K;

@@ -49,7 +49,10 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # so has bf16 x at 2 <= M <= 16 with blocksize 64 on AVX512_BF16 CPUs: 0.70 / 1.10 /
 # 2.0 / 3.0 / 4.0 ms at M = 2 / 4 / 8 / 12 / 16 (panels at M = 12 / 16: 4.8 / 5.4 ms;
 # bitsandbytes' Linear4bit 0.67 / 0.99 / 1.94 / 2.86 / 3.88 ms), so there bf16 takes
-# the GEMV up to 16 rows (GEMV_MAX_M_BF16_DOT); elsewhere up to 8.
+# the GEMV up to 16 rows (GEMV_MAX_M_BF16_DOT); elsewhere up to 8. fp32 x at 2 <= M <= 16
+# has the same kernel with fp32 weights and FMAs: 1.04 / 1.75 / 3.57 / 7.16 ms at M = 2 / 4
+# / 8 / 16 (the general kernel: 11.1 ms at M = 16; bitsandbytes rounds fp32 x to bf16
+# and runs its bf16 kernel, 0.68 / 1.01 / 1.98 / 3.87 ms).
 GEMV_MAX_M = {torch.float32: 16, torch.bfloat16: 8, torch.float16: 16}
 GEMV_MAX_M_BF16_DOT = 16
 
