@@ -550,3 +550,34 @@ def test_qlora_wide_output_keeps_an_adapter_update_below_one_bf16_ulp(m_rows, dr
     m.wide_output = True
     y.square().sum().backward()  # gradients flow through the wide output
     assert torch.isfinite(x.grad).all() and m.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_inference_reuses_the_adapter_cast_until_the_adapter_changes(cls):
+    """Without gradients the bf16 copies of lora_A / lora_B are kept between calls; any change to the adapter
+    (in place, .data =, load_state_dict) is seen by the next call, which equals an uncached call exactly."""
+    m = cls.from_linear(make_linear(64, 48).to(torch.bfloat16), r=4).eval()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+
+    def uncached():
+        with torch.enable_grad():  # the adapter requires grad: a fresh cast
+            return m(x).detach()
+
+    def check():
+        with torch.no_grad():
+            got = m(x)
+        assert torch.equal(got, uncached())
+        return got
+
+    first = check()
+    assert torch.equal(check(), first)
+    with torch.no_grad():
+        m.lora_B.add_(0.5)
+    assert not torch.equal(check(), first)
+    m.lora_A.data = torch.randn_like(m.lora_A)
+    second = check()
+    m.load_state_dict({**m.state_dict(), "lora_B": torch.zeros_like(m.lora_B)})
+    assert not torch.equal(check(), second)
+    m.train()
+    m(x).float().sum().backward()  # training: gradients reach the adapter
+    assert m.lora_A.grad is not None and m.lora_B.grad is not None

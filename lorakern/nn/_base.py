@@ -203,6 +203,27 @@ class LoRABase(nn.Module):
         # is_cuda / is_cpu first: x.device.type builds a device and a string (0.3 us) on every forward
         return active_autocast_dtype("cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type)
 
+    def _adapter_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """lora_A and lora_B in the compute dtype.
+
+        While they train, a cast per call (autograd carries their gradients back
+        through it). Otherwise (generation, evaluation) the cast copies are kept
+        and reused until A or B changes in any way (in place, ``.data =``, a move):
+        two casts cost 9 us of a 190 us bf16 decode call at 576 -> 1536, r = 16.
+        """
+        a, b = self.lora_A, self.lora_B
+        if a.dtype == dtype and b.dtype == dtype:
+            return a, b
+        if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling():
+            return a.to(dtype), b.to(dtype)
+        key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr(), a.device)
+        cached = self.__dict__.get("_adapter_cast")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, a.detach().to(dtype), b.detach().to(dtype))
+            self.__dict__["_adapter_cast"] = cached
+        return cached[1], cached[2]
+
     # False inside lorakern.disable_adapters(model): forward computes the base layer alone
     adapter_enabled: bool = True
 

@@ -74,8 +74,9 @@ class LoRALinear(LoRABase):
                                    "call unmerge() before training")
             return nn.functional.linear(x.to(dtype), weight.to(dtype), bias)
         scaling, dropout_p, seed = self._adapter_args(x)
-        return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), bias, as_dtype(self.lora_A, dtype),
-                               as_dtype(self.lora_B, dtype), scaling, dropout_p, seed)
+        lora_A, lora_B = self._adapter_in(dtype)
+        return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), bias, lora_A, lora_B, scaling, dropout_p,
+                               seed)
 
     @torch.no_grad()
     def merge(self) -> None:

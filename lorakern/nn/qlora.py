@@ -216,8 +216,9 @@ class QLoRALinear(LoRABase):
         out_dtype = None
         if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
             out_dtype = self.compute_dtype
-        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, as_dtype(self.lora_A, dtype),
-                                as_dtype(self.lora_B, dtype), scaling, dropout_p, seed, out_dtype=out_dtype)
+        lora_A, lora_B = self._adapter_in(dtype)
+        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, lora_A, lora_B, scaling, dropout_p,
+                                seed, out_dtype=out_dtype)
 
     # --------------------------------------------------------------------------- merging
 
