@@ -423,3 +423,33 @@ def test_quantizing_only_the_layers_of_a_moe_model_says_the_experts_stay_dense()
     with pytest.warns(UserWarning, match=r"leaves this model's 4 fused MoE expert weights .* dense.*"
                                          r"target_parameters='all-experts'"):
         lorakern.apply_lora(_base("mixtral"), "all-linear", r=4, quantize="nf4")
+
+
+def test_a_per_expert_adapter_from_transformers_4_is_refused_with_the_way_to_convert_it(tmp_path):
+    """Mixtral adapters trained before transformers 5 name one layer per expert (block_sparse_moe.experts.3.w1);
+    the error says so and how PEFT converts them, and the converted adapter loads here with PEFT's logits."""
+    import json
+
+    from safetensors.torch import save_file
+
+    peft = pytest.importorskip("peft")
+    r, g, tensors = 4, torch.Generator().manual_seed(0), {}
+    for layer in range(2):
+        for e in range(4):
+            for name, (out, k) in {"w1": (96, 64), "w3": (96, 64), "w2": (64, 96)}.items():
+                key = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{name}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(r, k, generator=g) * 0.1
+                tensors[f"{key}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(tensors, old / "adapter_model.safetensors")
+    (old / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", task_type="CAUSAL_LM", r=r,
+                                                             lora_alpha=8, target_modules=["w1", "w2", "w3"])))
+    with pytest.raises(lorakern.patch.AdapterError, match=r"per-expert layers of the transformers < 5 layout.*"
+                                                           r"PeftModel.from_pretrained"):
+        lorakern.load_adapter(_base("mixtral"), old)
+    theirs = peft.PeftModel.from_pretrained(_base("mixtral"), old).eval()
+    theirs.save_pretrained(tmp_path / "converted")
+    ours = _base("mixtral")
+    lorakern.load_adapter(ours, tmp_path / "converted")
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=2e-5, rtol=2e-5)

@@ -283,7 +283,8 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
             targets = [t for t in targets if t not in expert_paths]
         absent = [t for t in targets if t not in names]
         if absent:
-            raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: {absent[:5]}")
+            raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: "
+                               f"{absent[:5]}{_per_expert_hint(model, absent)}")
         apply_lora(model, targets or None, r=config["r"], alpha=config["lora_alpha"],
                    dropout=float(config.get("lora_dropout", 0.0)), quantize=quantize, modules_to_save=modules_to_save,
                    use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype, device=device,
@@ -323,6 +324,20 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
             if sub:
                 model.get_submodule(name).load_state_dict(sub, strict=True)
     return list(modules)
+
+
+def _per_expert_hint(model: nn.Module, absent: list[str]) -> str:
+    """Why per-expert layers (``...experts.3.w1``) are missing from a transformers 5 MoE model, and the way out."""
+    from .targets import is_expert_stack
+
+    if not any(re.search(r"\.experts\.\d+\.", f".{name}.") for name in absent):
+        return ""
+    if not any(is_expert_stack(m, p) for m in model.modules() for p in m.parameters(recurse=False)):
+        return ""
+    return (". They are per-expert layers of the transformers < 5 layout; this model holds its experts in fused "
+            "3-D parameters (experts.gate_up_proj, experts.down_proj). PEFT converts such an adapter when it loads "
+            "it: peft.PeftModel.from_pretrained(model, directory).save_pretrained(new_directory) writes one that "
+            "loads here")
 
 
 def _expert_paths(names: list[str]) -> dict[str, str]:
