@@ -1,5 +1,7 @@
 """LinearCrossEntropy: loss and gradients equal the unfused projection + cross-entropy."""
 
+import datetime
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,7 +171,10 @@ def test_loss_through_ddp_runs_the_fused_chunked_path(tmp_path, monkeypatch):
     want.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    # an in-memory store, and a timeout that turns a stuck collective into an error (a one-rank
+    # group on a file store hung once in CI)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         ddp = DistributedDataParallel(CausalLMLoss(model))
         got, n = causal_lm_loss(ddp, batch["input_ids"], batch["labels"], batch["attention_mask"])
