@@ -148,15 +148,13 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     parameters = resolve_parameters(model, target_parameters, excluded, keep) if target_parameters is not None else []
     if target_parameters is not None and not parameters:
         raise ValueError(f"exclude={exclude!r} removed every target parameter")
-    if dropout > 0.0:
-        whole = [key for key in parameters if getattr(model.get_submodule(key.rpartition(".")[0]),
-                                                       key.rpartition(".")[2]).dim() == 3
-                 and not _loops_over_experts(model.get_submodule(key.rpartition(".")[0]))]
-        if whole:
-            kind = type(model.get_submodule(whole[0].rpartition(".")[0])).__name__
-            raise ValueError(f"dropout={dropout} cannot apply to {whole[0]!r}: {kind} reads its expert weights as a "
-                             "whole (e.g. torch.bmm over all experts), not as x @ W[e] per expert, so there is no "
-                             "per-expert input to drop; use dropout=0")
+    for key in parameters if dropout > 0.0 else ():
+        owner_name, _, pname = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if getattr(owner, pname).dim() == 3 and not _loops_over_experts(owner):
+            raise ValueError(f"dropout={dropout} cannot apply to {key!r}: {type(owner).__name__} reads its expert "
+                             "weights as a whole (e.g. torch.bmm over all experts), not as x @ W[e] per expert, so "
+                             "there is no per-expert input to drop; use dropout=0")
     dense = kept_in_full_precision(model) if quantize is not None else set()
     if quantize is not None and target_parameters is None:
         _warn_dense_experts(model)
@@ -189,8 +187,8 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
                              "data); load or materialize the weights first")
         source = weight.detach().to(device) if nf4 and device is not None else weight
         new = LoRAExperts(source, bool(getattr(owner, "is_transposed", False)), *rank_alpha(key), dropout,
-                          use_rslora, init,
-                          quantize="nf4" if nf4 else None, compute_dtype=compute_dtype if nf4 else None)
+                          use_rslora, init, quantize="nf4" if nf4 else None,
+                          compute_dtype=compute_dtype if nf4 else None)
         new.train(owner.training)
         new.replaced_config = _eager_experts(owner) if weight.dim() == 3 else None
         del owner._parameters[pname]
