@@ -453,3 +453,48 @@ def test_a_per_expert_adapter_from_transformers_4_is_refused_with_the_way_to_con
     ours = _base("mixtral")
     lorakern.load_adapter(ours, tmp_path / "converted")
     torch.testing.assert_close(_logits(ours), _logits(theirs), atol=2e-5, rtol=2e-5)
+
+
+MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=16)
+MORE_FAMILIES = {  # config keywords on top of the sizes below; a sweep of 37 families passed the same checks
+    "deepseek_v3": dict(n_routed_experts=4, first_k_dense_replace=0, n_group=1, topk_group=1, **MLA),
+    "qwen3_next": dict(num_experts=4, shared_expert_intermediate_size=64, head_dim=16,
+                       layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                       linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+    "jamba": dict(num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+                  expert_layer_offset=0, mamba_d_state=8, use_mamba_kernels=False),
+    "glm4_moe": dict(n_routed_experts=4, first_k_dense_replace=0, n_group=1, topk_group=1, head_dim=16),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_layer_start_index=0, head_dim=16),
+    "minimax": dict(num_local_experts=4, head_dim=16),
+    "hunyuan_v1_moe": dict(num_experts=4, head_dim=16),
+    "phimoe": dict(num_local_experts=4),
+    "lfm2_moe": dict(num_experts=4, num_dense_layers=0, layer_types=["conv", "full_attention"]),
+    "dots1": dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
+                  head_dim=16),
+}
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_moe_families_adapt_train_and_merge(family):
+    """Dense and NF4 expert adapters change the logits, every adapter gets a gradient, and merge_lora gives the
+    adapted model's logits with plain parameters."""
+    config = transformers.AutoConfig.for_model(
+        family, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=2, moe_intermediate_size=48, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **MORE_FAMILIES[family])
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for quantize in (None, "nf4"):
+        model = copy.deepcopy(base)
+        names = lorakern.apply_lora(model, None, r=4, alpha=8, quantize=quantize, target_parameters="all-experts")
+        assert names and all(isinstance(m, LoRAExperts) for m in lora_modules(model).values())
+        randomize_adapters(model)
+        adapted = _logits(model)
+        assert (adapted - _logits(base)).abs().max() > 1e-3
+        model.train()
+        model(_IDS, labels=_IDS).loss.backward()
+        model.eval()
+        assert all(m.lora_B.grad is not None and m.lora_B.grad.any() for m in lora_modules(model).values())
+        merged = lorakern.merge_lora(model)
+        assert not lora_modules(merged)
+        torch.testing.assert_close(_logits(merged), adapted, atol=1e-4, rtol=1e-4)
