@@ -401,6 +401,24 @@ float* scratch_floats(int64_t n) {
 // each load of x by R rows of W. Passes of at most 8 rows of x over the chunk's W
 // rows; k in chunks that keep the pass's x (<= 24 KiB) in L1.
 
+template <int R, int MT>
+LK_AVX512 inline void zero_sums(__m512 (&s)[R][MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) s[r][m] = _mm512_setzero_ps();
+}
+
+template <int R, int MT>
+LK_AVX512 inline void add_sums(const __m512 (&s)[R][MT], float* out) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r * MT + m] += _mm512_reduce_add_ps(s[r][m]);
+}
+
+// Group gi's bytes of the next R rows of W (the hardware prefetcher restarts on every short row).
+template <int R>
+inline void prefetch_next_rows(const uint8_t* p, int64_t row_bytes, int64_t gi) {
+  for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(p + (R + r) * row_bytes + gi * 32), _MM_HINT_T0);
+}
+
 // out[r * MT + m] += sum over groups [0, gn) of row r of W (packed p, row stride K / 2;
 // absmax am, row stride G) times row m of permuted x (xp, row stride K).
 template <int R, int MT>
@@ -408,12 +426,10 @@ LK_AVX512BF16 void rows_mt_bf16(const uint16_t* xp, int64_t K, int64_t gn, const
                                 int64_t G, float* out) {
   const __m512 code_v = nf4_code_ps512();
   __m512 s[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) s[r][m] = _mm512_setzero_ps();
+  zero_sums<R, MT>(s);
   const int64_t row_bytes = K / 2;
   for (int64_t gi = 0; gi < gn; ++gi) {
-    // the same bytes of the next R rows (the hardware prefetcher restarts on every short row)
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(p + (R + r) * row_bytes + gi * 32), _MM_HINT_T0);
+    prefetch_next_rows<R>(p, row_bytes, gi);
     __m512i wl[R], wh[R];
     for (int r = 0; r < R; ++r) {
       const __m512 t = _mm512_mul_ps(code_v, _mm512_set1_ps(am[r * G + gi]));
@@ -431,8 +447,7 @@ LK_AVX512BF16 void rows_mt_bf16(const uint16_t* xp, int64_t K, int64_t gn, const
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) out[r * MT + m] += _mm512_reduce_add_ps(s[r][m]);
+  add_sums<R, MT>(s, out);
 }
 
 // The same with fp32 x (rows_m1_f32's decode: fp32 weights code * absmax, FMAs).
@@ -441,11 +456,10 @@ LK_AVX512 void rows_mt_f32(const float* xp, int64_t K, int64_t gn, const uint8_t
                            float* out) {
   const __m512 code_v = nf4_code_ps512();
   __m512 s[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) s[r][m] = _mm512_setzero_ps();
+  zero_sums<R, MT>(s);
   const int64_t row_bytes = K / 2;
   for (int64_t gi = 0; gi < gn; ++gi) {
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(p + (R + r) * row_bytes + gi * 32), _MM_HINT_T0);
+    prefetch_next_rows<R>(p, row_bytes, gi);
     __m512 w[R][4];
     for (int r = 0; r < R; ++r) {
       const __m512 t = _mm512_mul_ps(code_v, _mm512_set1_ps(am[r * G + gi]));
@@ -463,8 +477,7 @@ LK_AVX512 void rows_mt_f32(const float* xp, int64_t K, int64_t gn, const uint8_t
         for (int r = 0; r < R; ++r) s[r][m] = _mm512_fmadd_ps(w[r][j], x, s[r][m]);
       }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) out[r * MT + m] += _mm512_reduce_add_ps(s[r][m]);
+  add_sums<R, MT>(s, out);
 }
 
 template <typename T>
