@@ -135,6 +135,10 @@ unset LORAKERN_TRITON_AUTOTUNE
 # five configurations, each in its own process, within its own 90 s budget.
 run_step bench_train_gpu 110 "$PY" benchmarks/bench_train_gpu.py --out "$OUTDIR" --time-budget 90
 
+# MoE expert adapters (one fused op per routed expert) against PEFT's target_parameters
+# (grouped_mm over a materialized W + B A) and the model without adapters.
+run_step bench_moe 60 "$PY" benchmarks/bench_moe.py --device cuda --repeats 5 --out "$OUTDIR/moe.md"
+
 left=$(( BUDGET - ($(date +%s) - START) ))
 bench_limit=$(( left > 200 ? left - 60 : left ))
 run_step bench "$bench_limit" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR" --time-budget $(( bench_limit > 90 ? bench_limit - 60 : 30 ))

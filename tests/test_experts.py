@@ -498,3 +498,19 @@ def test_more_moe_families_adapt_train_and_merge(family):
         merged = lorakern.merge_lora(model)
         assert not lora_modules(merged)
         torch.testing.assert_close(_logits(merged), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_the_moe_benchmark_runs_and_reports_every_setup(tmp_path):
+    """benchmarks/bench_moe.py (run unattended on GPU machines by gpu_check.sh): a short CPU run writes its table."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "moe.md"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_moe.py"), "--tokens", "32", "--repeats",
+                    "1", "--out", str(out)], check=True, cwd=root, capture_output=True, timeout=300)
+    table = out.read_text()
+    for row in ("no adapter, grouped_mm experts", "no adapter, eager experts", "lorakern LoRAExperts (r=16)",
+                "lorakern LoRAExperts NF4 (r=16)", "PEFT target_parameters (r=16)"):
+        assert f"| {row} |" in table, row
