@@ -581,3 +581,13 @@ def test_inference_reuses_the_adapter_cast_until_the_adapter_changes(cls):
     m.train()
     m(x).float().sum().backward()  # training: gradients reach the adapter
     assert m.lora_A.grad is not None and m.lora_B.grad is not None
+
+
+def test_adapters_created_in_inference_mode_still_run():
+    """Parameters made under torch.inference_mode are inference tensors (no version counter): no cached cast."""
+    with torch.inference_mode():
+        m = LoRALinear.from_linear(make_linear(16, 8).to(torch.bfloat16), r=2).eval()
+        y = m(torch.randn(2, 16, dtype=torch.bfloat16))
+    assert y.shape == (2, 8)
+    with torch.no_grad():
+        assert m(torch.randn(2, 16, dtype=torch.bfloat16)).shape == (2, 8)

@@ -214,7 +214,8 @@ class LoRABase(nn.Module):
         a, b = self.lora_A, self.lora_B
         if a.dtype == dtype and b.dtype == dtype:
             return a, b
-        if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling():
+        if ((torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling()
+                or a.is_inference() or b.is_inference()):  # (inference tensors have no version counter)
             return a.to(dtype), b.to(dtype)
         key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr(), a.device)
         cached = self.__dict__.get("_adapter_cast")
