@@ -513,3 +513,21 @@ def test_compiled_qlora_on_a_strided_input_and_a_bad_one():
                RTOL[torch.float32], "compiled y")
     with pytest.raises(ValueError, match="x has 64 features"):
         fn(_randn(33, 64))
+
+
+def test_new_adapter_options_name_what_is_wrong():
+    """rank_pattern / alpha_pattern, target_parameters and disable_adapters refuse bad values by name."""
+    import lorakern
+    from lorakern.train.tiny import tiny_llama
+
+    with pytest.raises(TypeError, match="rank_pattern must be a dict"):
+        lorakern.apply_lora(tiny_llama(), ["q_proj"], rank_pattern="q_proj")
+    with pytest.raises(ValueError, match=r"alpha_pattern\['q_proj'\]: alpha must be a positive finite number"):
+        lorakern.apply_lora(tiny_llama(), ["q_proj"], alpha_pattern={"q_proj": -1})
+    with pytest.raises(ValueError, match="rank_pattern key 'q_\\(' is not a valid regular expression"):
+        lorakern.apply_lora(tiny_llama(), ["q_proj"], rank_pattern={"q_(": 2})
+    with pytest.raises(TypeError, match="target_parameters must be 'all-experts' or a non-empty list"):
+        lorakern.apply_lora(tiny_llama(), None, target_parameters=[""])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        with lorakern.disable_adapters("model"):
+            pass

@@ -113,6 +113,9 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
         raise RuntimeError(f"model already has LoRA layers ({len(already)}, e.g. {next(iter(already), '?')!r}); "
                            "apply_lora works once per model (merge_lora first to start over)")
     check_lora_args(r, alpha, dropout, init)
+    for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if patterns is not None and not isinstance(patterns, dict):
+            raise TypeError(f"{what} must be a dict {{regex: value}} or None, got {type(patterns).__name__}")
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key, value in patterns.items():
@@ -243,6 +246,8 @@ def disable_adapters(model: nn.Module):
     was (nesting is fine). A merged LoRALinear (``merge()``) cannot drop its
     adapter and raises in forward.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA layers; call apply_lora (or load_adapter) first")
