@@ -420,9 +420,11 @@ def test_compile_fullgraph_module_with_autocast_and_dropout(cls):
         narrow = autocast and cls is LoRALinear  # QLoRALinear: wide output, its compute dtype
         assert y0.dtype == y1.dtype == (torch.bfloat16 if narrow else torch.float32)
         # A traced wide-output QLoRA layer is composed of the nf4_matmul op and torch ops; its
-        # bf16 partial gradients are summed in a different order than the fused eager backward.
-        tol = dict(rtol=2e-2, atol=2e-2) if autocast and cls is QLoRALinear else {}
+        # bf16 partial gradients are summed in a different order than the fused eager backward
+        # (which forms the rank-r products in fp32 at these sizes): bf16 tolerance against the
+        # tensor's magnitude, as elements that come from cancellation carry the larger terms' error.
         for got, want in ((y1, y0), (dx1, dx0), (da1, da0)):
+            tol = dict(rtol=2e-2, atol=2e-2 * want.abs().max().item()) if autocast and cls is QLoRALinear else {}
             torch.testing.assert_close(got, want, **tol)
     torch._dynamo.reset()
 

@@ -335,8 +335,35 @@ def _dropped(x: torch.Tensor, dropout) -> torch.Tensor:
     return out
 
 
+# Rows up to which a bf16 / fp16 call does its rank-r GEMMs in float32: torch's bf16 CPU GEMM
+# costs ~18 us a call whatever its size (1 x 576 x 16 included; one Zen 4 core), fp32 ~3 us
+# plus a cast. At 1 x 576 x 1536, r = 16 that was ~130 us of a 720 us LoRA forward +
+# backward. Equal around M = 64, so 16 leaves a margin. The results are rounded once to the
+# input dtype, as before (float32 sums either way).
+SMALL_M_FP32_LORA = 16
+
+
+def _fp32_lora(t: torch.Tensor) -> bool:
+    return t.dtype != torch.float32 and t.shape[0] <= SMALL_M_FP32_LORA
+
+
+def _lora_in(x: torch.Tensor, lora_A: torch.Tensor, dropout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(xa = drop(x) A^T in x's dtype, the same in float32 or None)."""
+    xd = _dropped(x, dropout)
+    if _fp32_lora(x):
+        xa32 = torch.mm(xd.float(), lora_A.float().t())
+        return xa32.to(x.dtype), xa32
+    return torch.mm(xd, lora_A.t()), None
+
+
 def _lora_param_grads(dy, x, xa, lora_B, scaling, dropout):
-    """g = dy B, dA = scaling g^T drop(x), dB = scaling dy^T xa."""
+    """g = dy B, dA = scaling g^T drop(x), dB = scaling dy^T xa (g float32 at decode sizes, see SMALL_M_FP32_LORA)."""
+    if _fp32_lora(dy):
+        dyf = dy.float()
+        g = torch.mm(dyf, lora_B.float())
+        d_lora_A = torch.mm(g.t(), _dropped(x, dropout).float()).mul_(scaling).to(lora_B.dtype)
+        d_lora_B = torch.mm(dyf.t(), xa.float()).mul_(scaling).to(lora_B.dtype)
+        return g, d_lora_A, d_lora_B
     g = torch.mm(dy, lora_B)
     d_lora_A = torch.mm(g.t(), _dropped(x, dropout)).mul_(scaling)
     d_lora_B = torch.mm(dy.t(), xa).mul_(scaling)
@@ -351,8 +378,11 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
         torch.mm(x, weight.t(), out=y)
     else:
         torch.addmm(bias, x, weight.t(), out=y)
-    xa = torch.mm(_dropped(x, _dropout_params(seed, dropout_p)), lora_A.t())
-    y.addmm_(xa, lora_B.t(), alpha=scaling)
+    xa, xa32 = _lora_in(x, lora_A, _dropout_params(seed, dropout_p))
+    if xa32 is not None:
+        y.add_(torch.mm(xa32, lora_B.float().t()).mul_(scaling).to(y.dtype))
+    else:
+        y.addmm_(xa, lora_B.t(), alpha=scaling)
     return y, xa
 
 
@@ -366,14 +396,15 @@ def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p
     dx = None
     if need_dx:
         dx = torch.mm(dy, weight, out=_empty(x.shape, x.dtype))
-        if dropout is None:
+        if dropout is None and g.dtype == dx.dtype:
             dx.addmm_(g, lora_A, alpha=scaling)
+        elif dropout is None:
+            dx.add_(torch.mm(g, lora_A.float()).mul_(scaling).to(dx.dtype))
         else:
             m, k = dx.shape
-            t = torch.mm(g, lora_A)
-            code = _DTYPE_CODE[dx.dtype]
+            t = torch.mm(g, lora_A if g.dtype == lora_A.dtype else lora_A.float())
             _C.dropout_add(_C.DropoutArgs(m, k, k, k, k, 0, dropout[0], dropout[1], scaling * dropout[2]), t.data_ptr(),
-                           code, dx.data_ptr(), code, isa())
+                           _DTYPE_CODE[t.dtype], dx.data_ptr(), _DTYPE_CODE[dx.dtype], isa())
     dweight = torch.mm(dy.t(), x) if need_dweight else None
     return dx, dweight, d_lora_A, d_lora_B
 
@@ -382,7 +413,7 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
     """lora_linear_fwd with an NF4 base: fused GEMV for M <= 16, decoded panels above."""
     view = _view(q)
     x = _check_x(x, q.shape[1])
-    xa = torch.mm(_dropped(x, _dropout_params(seed, dropout_p)), lora_A.t())
+    xa, _ = _lora_in(x, lora_A, _dropout_params(seed, dropout_p))
     # scaling 0: the caller adds the LoRA term itself (ops.qlora_linear with out_dtype)
     term = (xa, lora_B, scaling) if scaling != 0.0 else ()
     if x.shape[0] <= _gemv_max_m(x.dtype, q):
@@ -397,5 +428,5 @@ def qlora_linear_bwd(dy, x, xa, q: NF4Weight, lora_A, lora_B, scaling: float, dr
     dy = _check_x(dy, q.shape[0], "dy")
     dropout = _dropout_params(seed, dropout_p)
     g, d_lora_A, d_lora_B = _lora_param_grads(dy, x, xa, lora_B, scaling, dropout)
-    dx = _panel_backward(dy, q, view, g, lora_A, scaling, dropout) if need_dx else None
+    dx = _panel_backward(dy, q, view, g.to(dy.dtype), lora_A, scaling, dropout) if need_dx else None
     return dx, d_lora_A, d_lora_B
