@@ -335,22 +335,24 @@ def _dropped(x: torch.Tensor, dropout) -> torch.Tensor:
     return out
 
 
-# Rows up to which a bf16 / fp16 call does its rank-r GEMMs in float32: torch's bf16 CPU GEMM
-# costs ~18 us a call whatever its size (1 x 576 x 16 included; one Zen 4 core), fp32 ~3 us
-# plus a cast. At 1 x 576 x 1536, r = 16 that was ~130 us of a 720 us LoRA forward +
-# backward. Equal around M = 64, so 16 leaves a margin. The results are rounded once to the
-# input dtype, as before (float32 sums either way).
+# A bf16 / fp16 call with at most this many rows, on a layer at least this wide both ways,
+# does its rank-r GEMMs in float32: there torch's bf16 CPU GEMM costs ~17-28 us a call
+# whatever M and r (1 x 576 x 16 included; one Zen 4 core), fp32 ~3-14 us with the casts.
+# At 1 x 576 x 1536, r = 16 that was ~130 us of a 720 us LoRA forward + backward. Below
+# ~512 the bf16 GEMM is the cheaper one (1 x 64 x 16: 2.5 against 5.3 us with the casts);
+# by M = 64 the two are equal. The results are rounded once to the input dtype, as before.
 SMALL_M_FP32_LORA = 16
+WIDE_FP32_LORA = 512
 
 
-def _fp32_lora(t: torch.Tensor) -> bool:
-    return t.dtype != torch.float32 and t.shape[0] <= SMALL_M_FP32_LORA
+def _fp32_lora(t: torch.Tensor, k: int, n: int) -> bool:
+    return t.dtype != torch.float32 and t.shape[0] <= SMALL_M_FP32_LORA and min(k, n) >= WIDE_FP32_LORA
 
 
-def _lora_in(x: torch.Tensor, lora_A: torch.Tensor, dropout) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(xa = drop(x) A^T in x's dtype, the same in float32 or None)."""
+def _lora_in(x: torch.Tensor, lora_A: torch.Tensor, dropout, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(xa = drop(x) A^T in x's dtype, the same in float32 or None); ``n``: the layer's output features."""
     xd = _dropped(x, dropout)
-    if _fp32_lora(x):
+    if _fp32_lora(x, x.shape[1], n):
         xa32 = torch.mm(xd.float(), lora_A.float().t())
         return xa32.to(x.dtype), xa32
     return torch.mm(xd, lora_A.t()), None
@@ -358,7 +360,7 @@ def _lora_in(x: torch.Tensor, lora_A: torch.Tensor, dropout) -> tuple[torch.Tens
 
 def _lora_param_grads(dy, x, xa, lora_B, scaling, dropout):
     """g = dy B, dA = scaling g^T drop(x), dB = scaling dy^T xa (g float32 at decode sizes, see SMALL_M_FP32_LORA)."""
-    if _fp32_lora(dy):
+    if _fp32_lora(dy, x.shape[1], dy.shape[1]):
         dyf = dy.float()
         g = torch.mm(dyf, lora_B.float())
         d_lora_A = torch.mm(g.t(), _dropped(x, dropout).float()).mul_(scaling).to(lora_B.dtype)
@@ -378,7 +380,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
         torch.mm(x, weight.t(), out=y)
     else:
         torch.addmm(bias, x, weight.t(), out=y)
-    xa, xa32 = _lora_in(x, lora_A, _dropout_params(seed, dropout_p))
+    xa, xa32 = _lora_in(x, lora_A, _dropout_params(seed, dropout_p), weight.shape[0])
     if xa32 is not None:
         y.add_(torch.mm(xa32, lora_B.float().t()).mul_(scaling).to(y.dtype))
     else:
@@ -413,7 +415,7 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
     """lora_linear_fwd with an NF4 base: fused GEMV for M <= 16, decoded panels above."""
     view = _view(q)
     x = _check_x(x, q.shape[1])
-    xa, _ = _lora_in(x, lora_A, _dropout_params(seed, dropout_p))
+    xa, _ = _lora_in(x, lora_A, _dropout_params(seed, dropout_p), q.shape[0])
     # scaling 0: the caller adds the LoRA term itself (ops.qlora_linear with out_dtype)
     term = (xa, lora_B, scaling) if scaling != 0.0 else ()
     if x.shape[0] <= _gemv_max_m(x.dtype, q):
