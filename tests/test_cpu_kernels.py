@@ -277,7 +277,12 @@ def _lora_reference(x, w, bias, a, b, dy, scaling, p, seed):
     return (y, xa, dx, dw, da, db), (yb, xab, dxb, dwb, dab, dbb)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (7, 63, 72), (16, 65, 1), (17, 136, 40), (129, 64, 72)])
+# (1, 576, 520) and (16, 520, 576): bf16 / fp16 form the rank-r products in fp32 there (cpu.SMALL_M_FP32_LORA,
+# WIDE_FP32_LORA); (17, 576, 520) is the first M past that path.
+WIDE = [(1, 576, 520), (16, 520, 576), (17, 576, 520)]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (7, 63, 72), (16, 65, 1), (17, 136, 40), (129, 64, 72), *WIDE])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_qlora_linear_fwd_bwd(m, k, n, dtype, dropout_p):
@@ -296,7 +301,7 @@ def test_qlora_linear_fwd_bwd(m, k, n, dtype, dropout_p):
     assert none_dx is None
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (7, 63, 72), (129, 136, 1)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (7, 63, 72), (129, 136, 1), *WIDE])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_lora_linear_fwd_bwd(m, k, n, dtype, dropout_p):
