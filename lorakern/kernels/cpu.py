@@ -340,7 +340,9 @@ def _dropped(x: torch.Tensor, dropout) -> torch.Tensor:
 # whatever M and r (1 x 576 x 16 included; one Zen 4 core), fp32 ~3-14 us with the casts.
 # At 1 x 576 x 1536, r = 16 that was ~130 us of a 720 us LoRA forward + backward. Below
 # ~512 the bf16 GEMM is the cheaper one (1 x 64 x 16: 2.5 against 5.3 us with the casts);
-# by M = 64 the two are equal. The results are rounded once to the input dtype, as before.
+# by M = 64 the two are equal. Sums are fp32 either way; the forward's LoRA term and the
+# input gradient's LoRA term are rounded to the input dtype before they are added (one
+# rounding more than the fused bf16 addmm_, within the dtype's tolerance).
 SMALL_M_FP32_LORA = 16
 WIDE_FP32_LORA = 512
 
@@ -400,11 +402,11 @@ def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p
         dx = torch.mm(dy, weight, out=_empty(x.shape, x.dtype))
         if dropout is None and g.dtype == dx.dtype:
             dx.addmm_(g, lora_A, alpha=scaling)
-        elif dropout is None:
-            dx.add_(torch.mm(g, lora_A.float()).mul_(scaling).to(dx.dtype))
+        elif dropout is None:  # g in fp32 (see SMALL_M_FP32_LORA)
+            dx.add_(torch.mm(g, lora_A.to(g.dtype)).mul_(scaling).to(dx.dtype))
         else:
             m, k = dx.shape
-            t = torch.mm(g, lora_A if g.dtype == lora_A.dtype else lora_A.float())
+            t = torch.mm(g, lora_A.to(g.dtype))
             _C.dropout_add(_C.DropoutArgs(m, k, k, k, k, 0, dropout[0], dropout[1], scaling * dropout[2]), t.data_ptr(),
                            _DTYPE_CODE[t.dtype], dx.data_ptr(), _DTYPE_CODE[dx.dtype], isa())
     dweight = torch.mm(dy.t(), x) if need_dweight else None
