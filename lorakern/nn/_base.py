@@ -173,25 +173,32 @@ class LoRABase(nn.Module):
     lora_B: nn.Parameter
 
     def _init_adapter(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                      use_rslora: bool, init: str, device, dtype: torch.dtype) -> None:
+                      use_rslora: bool, init: str, device, dtype: torch.dtype, experts: Optional[int] = None) -> None:
+        """lora_A ``[r, in]`` and lora_B ``[out, r]``, or ``[experts, r, in]`` / ``[experts, out, r]``: one adapter
+        per expert (:class:`~lorakern.nn.LoRAExperts`)."""
         check_lora_args(r, alpha, dropout, init)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.use_rslora, self.init = bool(use_rslora), init
         self.scaling = lora_scaling(self.r, self.alpha, use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=device, dtype=dtype))
+        lead = () if experts is None else (int(experts),)
+        self.lora_A = nn.Parameter(torch.empty(*lead, self.r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(*lead, out_features, self.r, device=device, dtype=dtype))
         self.reset_lora_parameters()
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """Re-draw A with the module's ``init`` rule and zero B (the adapter starts as a no-op)."""
+        """Re-draw A with the module's ``init`` rule and zero B (the adapter starts as a no-op).
+
+        Per expert when A is ``[experts, r, in]``, so each expert's A has a LoRALinear's fan-in.
+        """
         if self.lora_A.device.type == "meta":
             return
-        if self.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        for a in (self.lora_A if self.lora_A.dim() == 3 else (self.lora_A,)):
+            if self.init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:

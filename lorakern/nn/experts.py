@@ -18,7 +18,6 @@ for that call; dropout cannot apply there and is refused in training.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..formats.nf4 import NF4Weight
-from ._base import LoRABase, adapter_dtype, as_dtype, cast_input, check_input, check_lora_args, frozen, lora_scaling
+from ._base import LoRABase, adapter_dtype, as_dtype, cast_input, check_input, frozen
 from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS, apply_keeping_quant_state
 
 __all__ = ["LoRAExperts", "ExpertWeight"]
@@ -84,26 +83,20 @@ class LoRAExperts(LoRABase):
         compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
         if quantize == "nf4" and compute_dtype not in _COMPUTE_DTYPES:
             raise TypeError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype!r}")
-        check_lora_args(r, alpha, dropout, init)
         self.transposed = bool(transposed)
         w = weight.detach() if self.stacked else weight.detach().unsqueeze(0)
         w = w.transpose(1, 2) if self.transposed else w
         e, n, k = w.shape
         if e == 0 or n == 0 or k == 0:
             raise ValueError(f"weight must have at least one expert, row and column, got shape {tuple(weight.shape)}")
-        self.num_experts, self.in_features, self.out_features = e, k, n
-        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
-        self.use_rslora, self.init = bool(use_rslora), init
-        self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
+        self.num_experts = e
         self.quantize, self.compute_dtype, self.base_dtype = quantize, compute_dtype, weight.dtype
+        # the adapter (and its argument checks) before the quantization, the slow part
+        self._init_adapter(k, n, r, alpha, dropout, use_rslora, init, w.device, adapter_dtype(weight.dtype), experts=e)
         if quantize is None:
             self.weight = frozen(w.contiguous() if self.transposed else weight if self.stacked else w)
         else:
             self._quantize(w, blocksize, double_quant)
-        dtype = adapter_dtype(weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(e, self.r, k, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(e, n, self.r, device=w.device, dtype=dtype))
-        self.reset_lora_parameters()
 
     def _quantize(self, w: Tensor, blocksize: int, double_quant: bool) -> None:
         parts = [ops.nf4_quantize(w[i], blocksize, double_quant) for i in range(w.shape[0])]
@@ -111,18 +104,6 @@ class LoRAExperts(LoRABase):
         for name in _QUANT_BUFFERS:
             self.register_buffer(name, torch.stack([getattr(q, name) for q in parts]))
         self.blocksize = parts[0].blocksize
-
-    @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
-        """Each expert's A drawn as a LoRALinear's (fan-in = in_features), every B zero."""
-        if self.lora_A.device.type == "meta":
-            return
-        for a in self.lora_A:
-            if self.init == "gaussian":
-                nn.init.normal_(a, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
 
     # ------------------------------------------------------------------- the parameter it replaces
 

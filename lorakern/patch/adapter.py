@@ -32,7 +32,7 @@ from torch import nn
 
 from ..nn import LoRAExperts
 from .apply import apply_lora, lora_modules, lora_state, pattern_value
-from .targets import leaf_names_or_paths, name_matches, resolve_parameters
+from .targets import expert_stacks, leaf_names_or_paths, name_matches, resolve_parameters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -328,11 +328,9 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
 
 def _per_expert_hint(model: nn.Module, absent: list[str]) -> str:
     """Why per-expert layers (``...experts.3.w1``) are missing from a transformers 5 MoE model, and the way out."""
-    from .targets import is_expert_stack
-
     if not any(re.search(r"\.experts\.\d+\.", f".{name}.") for name in absent):
         return ""
-    if not any(is_expert_stack(m, p) for m in model.modules() for p in m.parameters(recurse=False)):
+    if not expert_stacks(model):
         return ""
     return (". They are per-expert layers of the transformers < 5 layout; this model holds its experts in fused "
             "3-D parameters (experts.gate_up_proj, experts.down_proj). PEFT converts such an adapter when it loads "

@@ -15,7 +15,7 @@ from torch import nn
 from ..nn import LoRAExperts, LoRALinear, QLoRALinear
 from ..nn._base import check_lora_args
 from ..nn.qlora import is_bnb_linear4bit
-from .targets import (Selector, is_expert_stack, kept_in_full_precision, resolve_parameters, resolve_targets,
+from .targets import (Selector, expert_stacks, kept_in_full_precision, resolve_parameters, resolve_targets,
                       select)
 
 QUANTIZE = (None, "nf4")
@@ -35,10 +35,6 @@ class LoRAState:
     init: str
     quantize: Optional[str]
     modules_to_save: list[str] = field(default_factory=list)
-    # adapted expert weights ("<module>.<parameter>"), in the order their module registered them
-    parameters: list[str] = field(default_factory=list)
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -208,7 +204,7 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
             p.requires_grad_(True)
 
     setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init, quantize,
-                                         keep, parameters, rank_pattern, alpha_pattern))
+                                         keep))
     return targets + parameters
 
 
@@ -222,7 +218,7 @@ def pattern_value(patterns: dict, name: str, default):
 
 
 def _warn_dense_experts(model: nn.Module) -> None:
-    stacks = [p for m in model.modules() for p in m.parameters(recurse=False) if is_expert_stack(m, p)]
+    stacks = expert_stacks(model)
     if stacks:
         size = sum(p.numel() * p.element_size() for p in stacks)
         warnings.warn(f"quantize={'nf4'!r} leaves this model's {len(stacks)} fused MoE expert weights "

@@ -264,6 +264,11 @@ def is_expert_stack(module: nn.Module, param) -> bool:
             and (hasattr(module, "is_transposed") or type(module).__name__.endswith("Experts")))
 
 
+def expert_stacks(model: nn.Module) -> list:
+    """Every fused MoE expert weight of ``model`` (see :func:`is_expert_stack`)."""
+    return [p for m in model.modules() for p in m.parameters(recurse=False) if is_expert_stack(m, p)]
+
+
 def resolve_parameters(model: nn.Module, target_parameters, excluded=(), keep=()) -> list[str]:
     """Qualified names (``<module>.<parameter>``) of the expert weights to adapt, in model order.
 

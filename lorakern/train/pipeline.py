@@ -96,15 +96,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def _target_parameters(value: str, model=None):
     """--target-parameters as apply_lora's target_parameters ('auto' needs the loaded model)."""
-    from ..patch.targets import ALL_EXPERTS, is_expert_stack
+    from ..patch.targets import ALL_EXPERTS, expert_stacks
 
     if value == "none":
         return None
     if value == "auto":
         if model is None:
             return None
-        found = any(is_expert_stack(m, p) for m in model.modules() for p in m.parameters(recurse=False))
-        return ALL_EXPERTS if found else None
+        return ALL_EXPERTS if expert_stacks(model) else None
     if value == ALL_EXPERTS:
         return value
     names = [v.strip() for v in value.split(",") if v.strip()]
