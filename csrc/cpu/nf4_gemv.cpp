@@ -315,6 +315,18 @@ void permute_x_bf16(const uint16_t* x, int64_t K, uint16_t* xp) {
     }
 }
 
+template <int R, int MT>
+LK_AVX512 inline void zero_sums(__m512 (&s)[R][MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) s[r][m] = _mm512_setzero_ps();
+}
+
+template <int R, int MT>
+LK_AVX512 inline void add_sums(const __m512 (&s)[R][MT], float* out) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r * MT + m] += _mm512_reduce_add_ps(s[r][m]);
+}
+
 // R rows of W into out[0, R): packed bytes p (row stride K / 2), absmax am (row
 // stride K / 64). fp32 weights code * absmax as the general path; four accumulator
 // chains per row against the 4-cycle FMA latency.
@@ -323,8 +335,7 @@ LK_AVX512 void rows_m1_f32(const float* xp, int64_t K, const uint8_t* p, const f
   const __m512 code_v = nf4_code_ps512();
   const int64_t G = K / kFastGroup;
   __m512 s[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) s[r][j] = _mm512_setzero_ps();
+  zero_sums<R, 4>(s);
   // The next R rows, one line per step (R * 32 bytes), K / 2 * R bytes ahead (see rows_m1).
   const char* pf = reinterpret_cast<const char*>(p) + R * K / 2;
   for (int64_t gi = 0; gi < G; ++gi, xp += kFastGroup, p += kFastGroup / 2, pf += R * kFastGroup / 2) {
@@ -360,8 +371,7 @@ LK_AVX512BF16 void rows_m1_bf16(const uint16_t* xp, int64_t K, const uint8_t* p,
   const __m512 code_v = nf4_code_ps512();
   const int64_t G = K / kFastGroup;
   __m512 s[R][2];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 2; ++j) s[r][j] = _mm512_setzero_ps();
+  zero_sums<R, 2>(s);
   const char* pf = reinterpret_cast<const char*>(p) + R * K / 2;
   for (int64_t gi = 0; gi < G; ++gi, xp += kFastGroup, p += kFastGroup / 2, pf += R * kFastGroup / 2) {
     _mm_prefetch(pf, _MM_HINT_T0);
@@ -400,18 +410,6 @@ float* scratch_floats(int64_t n) {
 // R * MT accumulators (16 at R = 2, MT = 8), so the decode is shared by MT rows and
 // each load of x by R rows of W. Passes of at most 8 rows of x over the chunk's W
 // rows; k in chunks that keep the pass's x (<= 24 KiB) in L1.
-
-template <int R, int MT>
-LK_AVX512 inline void zero_sums(__m512 (&s)[R][MT]) {
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) s[r][m] = _mm512_setzero_ps();
-}
-
-template <int R, int MT>
-LK_AVX512 inline void add_sums(const __m512 (&s)[R][MT], float* out) {
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) out[r * MT + m] += _mm512_reduce_add_ps(s[r][m]);
-}
 
 // Group gi's bytes of the next R rows of W (the hardware prefetcher restarts on every short row).
 template <int R>
