@@ -130,6 +130,8 @@ def test_model_to_keeps_the_quantization_state_and_state_dict_round_trips():
     x = torch.randn(3, K)
     fresh = LoRAExperts(nn.Parameter(torch.zeros(E, N, K), requires_grad=False), r=8, alpha=16, quantize="nf4")
     fresh.load_state_dict(module.state_dict())
+    assert module.compute_dtype == torch.bfloat16 and fresh.compute_dtype == torch.float32  # the move sets it
+    fresh.to(torch.bfloat16)
     torch.testing.assert_close(nn.functional.linear(x, fresh[1]), nn.functional.linear(x, module[1]))
 
 

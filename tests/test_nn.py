@@ -1,8 +1,10 @@
 """LoRALinear and QLoRALinear: forward/backward against the float64 reference, dtypes, dropout,
 merging, checkpointing, state dicts (bitsandbytes-compatible) and memory."""
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -256,9 +258,17 @@ def test_qlora_compute_dtype_and_autocast():
     x = torch.randn(5, 65)
     dense = nf4.dequantize(m.quantized_weight(), torch.float64)
     y = m(x)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == torch.float32  # the input's dtype (bitsandbytes' Linear4bit does the same); GEMMs in bf16
     assert_close_rel(y, reference_output(m, x, dense), RTOL[torch.bfloat16], "bf16 compute")
+    y16 = m(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert_close_rel(y16, reference_output(m, x.bfloat16().float(), dense), RTOL[torch.bfloat16], "bf16 in, bf16 out")
     m32 = QLoRALinear.from_linear(make_linear(), r=4)
+    assert m32(x.bfloat16()).dtype == torch.bfloat16  # float32 compute, bf16 in and out
+    m32.wide_output = False
+    m.wide_output = False
+    assert m(x).dtype == torch.float32
+    m32.wide_output = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert m32(x).dtype == torch.float32  # wide output: the compute dtype, GEMMs in bf16
         assert m32(x.bfloat16()).dtype == torch.float32
@@ -281,6 +291,43 @@ def test_qlora_frees_the_full_precision_weight_and_stores_4_13_bits():
     assert 4.125 < base_bits < 4.125 + 8 * (4 * 8 + 1024 + 4) / (512 * 256) + 1e-9
     total = sum(t.numel() * t.element_size() for t in tensors)
     assert total == sizes["base"] + sizes["adapter"]
+
+
+@pytest.mark.parametrize("move", ["half", "bfloat16", "to"])
+def test_qlora_dtype_moves_set_the_compute_dtype_and_device_moves_keep_it(move):
+    """After model.half() a QLoRA model computes (and outputs) fp16 like its dense layers, which then
+    accept what it returns; a device move leaves a chosen compute dtype alone."""
+    torch.manual_seed(3)
+    model = nn.Sequential(QLoRALinear.from_linear(make_linear(64, 48), r=4), nn.ReLU(), nn.Linear(48, 8))
+    randomize_b(model[0])
+    want = torch.float16 if move in ("half", "to") else torch.bfloat16
+    model = model.half() if move == "half" else model.bfloat16() if move == "bfloat16" else model.to(torch.float16)
+    assert model[0].compute_dtype == want and model[0].absmax.dtype == torch.uint8
+    x = torch.randn(3, 64, dtype=want)
+    y = model(x)
+    assert y.dtype == want
+    dense = nf4.dequantize(model[0].quantized_weight(), torch.float64)
+    assert_close_rel(model[0](x), reference_output(model[0], x.float(), dense), RTOL[want], "after the move")
+    model.to("cpu")
+    assert model[0].compute_dtype == want
+    m = QLoRALinear.from_linear(make_linear(64, 48), r=4, compute_dtype=torch.bfloat16).to("cpu").double()
+    assert m.compute_dtype == torch.bfloat16  # float64 is no compute dtype: kept
+
+
+def test_qlora_on_meta_has_the_state_dict_keys_and_assign_loads_real_tensors():
+    """The meta-device workflow: build on meta, list the keys, load_state_dict(assign=True) puts the
+    checkpoint's own tensors in (a copy into meta tensors would silently keep no data)."""
+    real = QLoRALinear.from_linear(make_linear(64, 48), r=4)
+    randomize_b(real)
+    meta = copy.deepcopy(real).to("meta")
+    assert list(meta.state_dict()) == list(real.state_dict())
+    assert all(t.is_meta for t in meta.state_dict().values())
+    sd = real.state_dict()
+    assert str(meta.load_state_dict(sd, assign=True)) == "<All keys matched successfully>"
+    assert not any(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    assert meta.lora_A.requires_grad and not meta.weight.requires_grad
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(meta(x), real(x), rtol=0, atol=0)
 
 
 def test_qlora_from_meta_weight_is_a_clear_error():
@@ -429,6 +476,27 @@ def test_compile_fullgraph_module_with_autocast_and_dropout(cls):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_compile_fullgraph_with_dynamic_shapes_and_a_symbolic_scaling(cls):
+    """dynamic=True traces Python floats as symbols: the op's scalar checks must trace too."""
+    m = cls.from_linear(make_linear(64, 40), r=4).train()
+    randomize_b(m)
+    compiled = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (3, 5, 9):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(compiled(x), m(x))
+    a, b = m.lora_A.detach(), m.lora_B.detach()
+    w = m.weight.detach() if cls is LoRALinear else m.dequantized_weight()
+    fn = torch.compile(lambda x, s: ops.lora_linear(x, w, None, a, b, s), fullgraph=True, dynamic=True,
+                       backend="aot_eager")
+    x = torch.randn(5, 64)
+    for scaling in (0.5, 2.0):
+        torch.testing.assert_close(fn(x, scaling), ops.lora_linear(x, w, None, a, b, scaling))
+    with pytest.raises(Exception, match="scaling must be a finite number"):
+        fn(x, float("nan"))
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------- GPU
 
 
@@ -465,6 +533,7 @@ def test_layers_reading_one_input_share_its_autocast_copy():
         nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 64, requires_grad=True)
     saved = {}
+    h = x * 1.0  # an activation (autograd made it): only those are shared
 
     def pack(t):
         if t.dtype == torch.bfloat16 and t.shape == (5, 64):
@@ -472,7 +541,7 @@ def test_layers_reading_one_input_share_its_autocast_copy():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        shared = sum(layer(x).float().sum() for layer in layers)
+        shared = sum(layer(h).float().sum() for layer in layers)
     assert len(saved) == 1
     shared.backward()
     got = x.grad.clone()
@@ -489,7 +558,7 @@ def test_shared_autocast_copy_follows_in_place_changes():
 
     torch.manual_seed(1)
     layer = QLoRALinear.from_linear(nn.Linear(64, 16, bias=False), r=4, alpha=8)
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, requires_grad=True) * 1.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = layer(x)
         x.mul_(2.0)  # same tensor object, new contents: must be cast again
@@ -555,34 +624,44 @@ def test_qlora_wide_output_keeps_an_adapter_update_below_one_bf16_ulp(m_rows, dr
 
 
 @pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
-def test_inference_reuses_the_adapter_cast_until_the_adapter_changes(cls):
-    """Without gradients the bf16 copies of lora_A / lora_B are kept between calls; any change to the adapter
-    (in place, .data =, load_state_dict) is seen by the next call, which equals an uncached call exactly."""
+def test_writes_that_bump_no_version_counter_are_seen_by_the_next_call(cls):
+    """A batch buffer refilled through NumPy and an adapter written through ``.data`` change no version
+    counter: a cast copy kept from the previous call would give the previous output, silently."""
     m = cls.from_linear(make_linear(64, 48).to(torch.bfloat16), r=4).eval()
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    nn.init.normal_(m.lora_B)
+    buffer = np.zeros((3, 64), dtype=np.float32)
+    x = torch.from_numpy(buffer)  # float32 into a bf16 layer: cast on every call
 
-    def uncached():
-        with torch.enable_grad():  # the adapter requires grad: a fresh cast
-            return m(x).detach()
+    def expected():
+        base = m.dequantized_weight(torch.float32) if cls is QLoRALinear else m.weight.float()
+        w = base + m.scaling * (m.lora_B.bfloat16().float() @ m.lora_A.bfloat16().float())
+        return x.bfloat16().float() @ w.t() + m.bias.float()
 
-    def check():
+    for step in range(3):
+        buffer[:] = np.random.default_rng(step).standard_normal((3, 64))
         with torch.no_grad():
-            got = m(x)
-        assert torch.equal(got, uncached())
-        return got
+            torch.testing.assert_close(m(x).float(), expected(), rtol=2e-2, atol=5e-2)
+        with torch.no_grad():
+            m.lora_B.data.copy_(torch.randn_like(m.lora_B))
+            m.lora_A.data.mul_(-1.0)
+        torch.testing.assert_close(m(x).detach().float(), expected(), rtol=2e-2, atol=5e-2)
 
-    first = check()
-    assert torch.equal(check(), first)
-    with torch.no_grad():
-        m.lora_B.add_(0.5)
-    assert not torch.equal(check(), first)
-    m.lora_A.data = torch.randn_like(m.lora_A)
-    second = check()
-    m.load_state_dict({**m.state_dict(), "lora_B": torch.zeros_like(m.lora_B)})
-    assert not torch.equal(check(), second)
-    m.train()
-    m(x).float().sum().backward()  # training: gradients reach the adapter
-    assert m.lora_A.grad is not None and m.lora_B.grad is not None
+
+def test_a_buffer_refilled_in_place_under_autocast_is_cast_again():
+    from lorakern.nn import QLoRALinear
+
+    m = QLoRALinear.from_linear(make_linear(64, 16), r=4)
+    buffer = np.zeros((2, 64), dtype=np.float32)
+    x = torch.from_numpy(buffer)
+    batches, outputs = [], []
+    for step in range(3):  # consecutive calls on the same tensor object, nothing in between
+        buffer[:] = np.random.default_rng(step).standard_normal((2, 64))
+        batches.append(x.clone())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(m(x).float())
+    for batch, got in zip(batches, outputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(got, m(batch).float())
 
 
 def test_adapters_created_in_inference_mode_still_run():

@@ -56,18 +56,23 @@ def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
     cast while the source is the same unmodified tensor keeps one: 101 MB less
     saved for backward on SmolLM2-135M at 4 x 256 tokens. One entry per thread,
     replaced by the next different input.
+
+    Only an activation that autograd produced (``x.grad_fn`` set) is shared. A
+    leaf, such as a batch buffer refilled in place through NumPy or ``.data``,
+    can change without a version-counter bump, and a stale copy would be a
+    silently wrong output; it is cast afresh on every call.
     """
     if x.dtype == dtype:
         return x
-    if torch.compiler.is_compiling() or x.is_inference():  # (inference tensors have no version counter)
+    if x.grad_fn is None or torch.compiler.is_compiling():
         return x.to(dtype)
     last = _last_cast
-    key = (x._version, dtype, torch.is_inference_mode_enabled())
+    key = (x._version, x.untyped_storage().data_ptr(), dtype, torch.is_inference_mode_enabled())
     if last.source is None or last.source() is not x or last.key != key:
         with torch.no_grad():
             cast = x.to(dtype)
         last.source, last.key, last.out = weakref.ref(x), key, cast
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled():
         return _SharedCast.apply(x, last.out)
     return last.out
 
@@ -211,26 +216,16 @@ class LoRABase(nn.Module):
         return active_autocast_dtype("cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type)
 
     def _adapter_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """lora_A and lora_B in the compute dtype.
+        """lora_A and lora_B in the compute dtype, cast on every call.
 
-        While they train, a cast per call (autograd carries their gradients back
-        through it). Otherwise (generation, evaluation) the cast copies are kept
-        and reused until A or B changes in any way (in place, ``.data =``, a move):
-        two casts cost 9 us of a 190 us bf16 decode call at 576 -> 1536, r = 16.
+        A cast copy kept between calls would save 9 us of a 190 us bf16 decode
+        call (576 -> 1536, r = 16), but a write through ``p.data`` (``.copy_``,
+        loading code, some optimizers) bumps no version counter and would leave
+        it stale: a silently wrong output. ``merge_lora`` is the way to decode
+        without the adapter's cost.
         """
         a, b = self.lora_A, self.lora_B
-        if a.dtype == dtype and b.dtype == dtype:
-            return a, b
-        if ((torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling()
-                or a.is_inference() or b.is_inference()):  # (inference tensors have no version counter)
-            return a.to(dtype), b.to(dtype)
-        key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr(), a.device)
-        cached = self.__dict__.get("_adapter_cast")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, a.detach().to(dtype), b.detach().to(dtype))
-            self.__dict__["_adapter_cast"] = cached
-        return cached[1], cached[2]
+        return as_dtype(a, dtype), as_dtype(b, dtype)
 
     # False inside lorakern.disable_adapters(model): forward computes the base layer alone
     adapter_enabled: bool = True

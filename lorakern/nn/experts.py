@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..formats.nf4 import NF4Weight
 from ._base import LoRABase, adapter_dtype, as_dtype, cast_input, check_input, frozen
-from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS, apply_keeping_quant_state
+from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS, apply_keeping_quant_state, nf4_dtypes
 
 __all__ = ["LoRAExperts", "ExpertWeight"]
 
@@ -194,13 +194,11 @@ class LoRAExperts(LoRABase):
             dtype = autocast or weight.dtype
             return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), as_dtype(bias, dtype),
                                    as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), scaling, dropout_p, seed)
-        dtype = autocast or self.compute_dtype
-        out_dtype = None
-        if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
-            out_dtype = self.compute_dtype
-        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(expert), as_dtype(bias, dtype),
-                                as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), scaling, dropout_p, seed,
-                                out_dtype=out_dtype)
+        dtype, out_dtype, cast_to = nf4_dtypes(x, autocast, self.compute_dtype, self.wide_output)
+        y = ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(expert), as_dtype(bias, dtype),
+                             as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), scaling, dropout_p, seed,
+                             out_dtype=out_dtype)
+        return y if cast_to is None else y.to(cast_to)
 
     def delta(self, expert: Optional[int] = None) -> Tensor:
         """``scaling * B_e @ A_e`` (``[out, in]``, or ``[E, out, in]`` for all), differentiable in A and B."""

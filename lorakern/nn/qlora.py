@@ -27,6 +27,10 @@ def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn
 
     model.to(torch.bfloat16) must not round the float32 absmax / offset / code tables:
     they are moved as raw bytes (fn changes the device of a uint8 view, never its dtype).
+
+    A move to a floating dtype (``model.half()``, ``model.to(torch.bfloat16)``) sets
+    ``compute_dtype``, as it sets the dtype a dense layer computes in; a device move
+    leaves it. The target dtype is read from what ``fn`` does to a float64 probe.
     """
     stash = {name: module._buffers.pop(name) for name in _QUANT_BUFFERS if name in module._buffers}
     try:
@@ -34,7 +38,30 @@ def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn
     finally:
         for name, t in stash.items():
             module._buffers[name] = fn(t.view(torch.uint8)).view(t.dtype)
+    device = next(iter(stash.values())).device if stash else None
+    probe = fn(torch.empty(0, dtype=torch.float64, device=device))
+    if isinstance(probe, Tensor) and probe.dtype != torch.float64 and probe.dtype in _COMPUTE_DTYPES:
+        module.compute_dtype = probe.dtype
     return module
+
+
+def nf4_dtypes(x: Tensor, autocast: Optional[torch.dtype], compute_dtype: torch.dtype,
+               wide_output: bool) -> tuple[torch.dtype, Optional[torch.dtype], Optional[torch.dtype]]:
+    """``(dtype, out_dtype, cast_to)`` of an NF4 layer's call: the GEMMs run in ``dtype``; the op's
+    ``out_dtype`` (wider: bias and LoRA term added in it); the dtype the result is then cast to.
+
+    The output has the input's dtype, as bitsandbytes' Linear4bit gives (a bf16 model
+    loaded in 4-bit with its default float32 compute dtype runs on), except under
+    autocast, where it has the autocast dtype, or ``compute_dtype`` when that is wider
+    and ``wide_output`` is set.
+    """
+    dtype = autocast or compute_dtype
+    want = compute_dtype if autocast is not None else x.dtype
+    if want == dtype:
+        return dtype, None, None
+    if wide_output and want in _COMPUTE_DTYPES and torch.finfo(want).bits > torch.finfo(dtype).bits:
+        return dtype, want, None
+    return dtype, None, None if autocast is not None else want
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
@@ -70,11 +97,13 @@ class QLoRALinear(LoRABase):
         lora_A, lora_B as in :class:`LoRALinear` (float32)
 
     Compute dtype: the autocast dtype when autocast is on, else ``compute_dtype``
-    (default: the dtype the weight had before quantization). The output has it.
+    (default: the dtype the weight had before quantization; ``model.half()`` and
+    ``model.to(dtype)`` set it). Without autocast the output has the input's dtype,
+    as bitsandbytes' Linear4bit gives; an input wider than ``compute_dtype`` gets the
+    bias and the LoRA term added in its dtype (``wide_output``).
     Under autocast to a narrower dtype (a float32 model under bf16 autocast) the
     GEMMs run in the autocast dtype but the output stays ``compute_dtype``, with
-    the bias and the LoRA term added in it (``wide_output``; bitsandbytes'
-    Linear4bit similarly returns its input's dtype). In bf16 the adapter's early
+    the bias and the LoRA term added in it (``wide_output``). In bf16 the adapter's early
     updates are below one ulp of the base output and would round away: on
     SmolLM2-135M the first AdamW step reached loss 1.246 with wide outputs,
     1.289 without (float32: 1.236). ``module.wide_output = False`` gives
@@ -167,10 +196,12 @@ class QLoRALinear(LoRABase):
 
     # ------------------------------------------------------------------ quantized weight
 
-    def _set_quantized(self, q: NF4Weight, shape: tuple[int, int]) -> None:
+    def _set_quantized(self, q: NF4Weight, shape: tuple[int, int], assign: bool = False) -> None:
+        """Hold ``q``: copied into the current weight's storage and device, or with ``assign`` (and at
+        construction) the tensors of ``q`` themselves, on their device."""
         if tuple(q.shape) != tuple(shape):
             raise ValueError(f"NF4 weight has shape {tuple(q.shape)}, expected {tuple(shape)}")
-        old = self._parameters.get("weight")
+        old = None if assign else self._parameters.get("weight")
         device = q.device if old is None else old.device
         packed = q.packed.reshape(-1, 1).to(device)
         if old is not None and old.shape == packed.shape:
@@ -209,16 +240,13 @@ class QLoRALinear(LoRABase):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x)
-        autocast = self._autocast_dtype(x)
-        dtype = autocast or self.compute_dtype
+        dtype, out_dtype, cast_to = nf4_dtypes(x, self._autocast_dtype(x), self.compute_dtype, self.wide_output)
         bias = as_dtype(self.bias, dtype)
         scaling, dropout_p, seed = self._adapter_args(x)
-        out_dtype = None
-        if self.wide_output and autocast is not None and torch.finfo(self.compute_dtype).bits > torch.finfo(dtype).bits:
-            out_dtype = self.compute_dtype
         lora_A, lora_B = self._adapter_in(dtype)
-        return ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, lora_A, lora_B, scaling, dropout_p,
-                                seed, out_dtype=out_dtype)
+        y = ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, lora_A, lora_B, scaling, dropout_p,
+                             seed, out_dtype=out_dtype)
+        return y if cast_to is None else y.to(cast_to)
 
     # --------------------------------------------------------------------------- merging
 
@@ -280,10 +308,11 @@ class QLoRALinear(LoRABase):
                               error_msgs):
         wkey = prefix + "weight"
         quant_keys = {wkey, *(f"{wkey}.{s}" for s in _BNB_SUFFIXES)}
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))  # load_state_dict(..., assign=True)
         if wkey in state_dict:
             try:
                 q = nf4_format.from_bnb_state_dict({k: state_dict[k] for k in quant_keys if k in state_dict}, wkey)
-                self._set_quantized(q, (self.out_features, self.in_features))
+                self._set_quantized(q, (self.out_features, self.in_features), assign)
             except (QuantStateError, ValueError) as e:
                 error_msgs.append(f"{wkey}: {e}")
         else:
@@ -301,6 +330,9 @@ class QLoRALinear(LoRABase):
             elif not isinstance(value, Tensor) or value.shape != param.shape:
                 error_msgs.append(f"size mismatch for {key}: expected {tuple(param.shape)}, "
                                   f"got {tuple(getattr(value, 'shape', ()))}")
+            elif assign:  # torch's rule: the module's Parameter-ness and requires_grad are kept
+                value = value if isinstance(value, nn.Parameter) else nn.Parameter(value, param.requires_grad)
+                setattr(self, name, value.requires_grad_(param.requires_grad))
             else:
                 with torch.no_grad():
                     param.copy_(value)
