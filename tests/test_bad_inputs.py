@@ -345,6 +345,9 @@ def _lora(**over):
     (dict(scaling="2"), TypeError, "scaling must be a real number"),
     (dict(scaling=torch.tensor(2.0)), TypeError, "scaling must be a real number .*got Tensor"),
     (dict(scaling=float("nan")), ValueError, "scaling must be a finite number"),
+    (dict(scaling=float("-inf")), ValueError, "scaling must be a finite number"),
+    (dict(scaling=True), TypeError, "scaling must be a real number .*got bool"),
+    (dict(dropout_p=False), TypeError, "dropout_p must be a real number .*got bool"),
     (dict(dropout_p=None), TypeError, "dropout_p must be a real number"),
     (dict(dropout_p=torch.tensor(0.1)), TypeError, "dropout_p must be a real number"),
     (dict(dropout_p=float("nan")), ValueError, r"dropout_p must be in \[0, 1\)"),
@@ -361,6 +364,17 @@ def test_lora_linear_rejects(over, exc, match):
 def test_numpy_scalars_are_accepted_as_scaling_and_dropout():
     y = _lora(scaling=np.float32(0.5), dropout_p=np.float64(0.25), seed=torch.tensor([2]))
     torch.testing.assert_close(y, _lora(scaling=0.5, dropout_p=0.25, seed=torch.tensor([2])), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quantize", [ops.nf4_quantize, nf4.quantize])
+def test_quantize_options_accept_numpy_and_refuse_non_booleans(quantize):
+    w = _randn(N, K)
+    q = quantize(w, np.int64(128), np.bool_(False))
+    assert type(q.blocksize) is int and q.blocksize == 128 and not q.double_quant
+    assert torch.equal(q.packed, quantize(w, 128, False).packed)
+    for bad in ("no", "False", 2, None):
+        with pytest.raises(TypeError, match="double_quant must be True or False"):
+            quantize(w, 64, bad)
 
 
 @pytest.mark.parametrize("field", ["absmax", "nested_absmax", "nested_code"])

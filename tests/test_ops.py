@@ -396,3 +396,60 @@ def test_qlora_out_dtype_must_be_wider():
     with pytest.raises(ValueError, match="out_dtype"):
         ops.qlora_linear(x.bfloat16(), q, None, a.bfloat16(), b.bfloat16(), out_dtype=torch.int32)
     assert ops.qlora_linear(x, q, None, a, b, out_dtype=torch.float32).dtype == torch.float32  # same dtype: no-op
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+def _func_cases():
+    x, w, b, a, bb = _lora_args(torch.float64, m=5, k=20, n=12, r=4)
+    q = nf4.quantize(torch.randn(12, 20))
+    seed = torch.tensor([7])
+    return x, {
+        "lora_linear": lambda x: ops.lora_linear(x, w, b, a, bb, 0.5, 0.25, seed),
+        "lora_linear_in_A": lambda a_: ops.lora_linear(x, w, b, a_, bb, 0.5, 0.25, seed),
+        "qlora_linear": lambda x: ops.qlora_linear(x, q, b, a, bb, 0.5, 0.25, seed),
+        "nf4_matmul": lambda x: ops.nf4_matmul(x, q, b),
+    }, {
+        "lora_linear": lambda x: ref.lora_linear(x, w, b, a, bb, 0.5, 0.25, seed),
+        "lora_linear_in_A": lambda a_: ref.lora_linear(x, w, b, a_, bb, 0.5, 0.25, seed),
+        "qlora_linear": lambda x: ref.qlora_linear(x, q, b, a, bb, 0.5, 0.25, seed),
+        "nf4_matmul": lambda x: x @ nf4.dequantize(q, x.dtype).t() + b,
+    }, a
+
+
+@pytest.mark.parametrize("case", ["lora_linear", "lora_linear_in_A", "qlora_linear", "nf4_matmul"])
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "jacrev", "vjp", "grad"])
+def test_torch_func_transforms_differentiate_the_ops(case, transform):
+    """torch.func's grad / vjp / jacrev / jvp / jacfwd give the reference's derivatives (the custom ops'
+    autograd does not serve them: jvp gave all-zero tangents, grad a torch-internal error)."""
+    x, ours, theirs, a = _func_cases()
+    primal = a if case.endswith("_in_A") else x
+    f, g = ours[case], theirs[case]
+    tangent = torch.randn_like(primal)
+    if transform == "jvp":
+        got, want = torch.func.jvp(f, (primal,), (tangent,))[1], torch.func.jvp(g, (primal,), (tangent,))[1]
+        assert want.abs().max() > 0
+    elif transform in ("jacfwd", "jacrev"):
+        got, want = getattr(torch.func, transform)(f)(primal), torch.func.jacrev(g)(primal)
+    elif transform == "vjp":
+        cot = torch.randn_like(g(primal))
+        got, want = torch.func.vjp(f, primal)[1](cot)[0], torch.func.vjp(g, primal)[1](cot)[0]
+    else:
+        got, want = torch.func.grad(lambda p: f(p).square().sum())(primal), torch.func.grad(
+            lambda p: g(p).square().sum())(primal)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_grad_of_a_layer_through_functional_call():
+    from lorakern.nn import LoRALinear
+
+    m = LoRALinear.from_linear(torch.nn.Linear(20, 12), r=4, dropout=0.0)
+    torch.nn.init.normal_(m.lora_B)
+    params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+    x = torch.randn(3, 20)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).square().sum())(params)
+    m(x).square().sum().backward()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, getattr(m, name).grad)

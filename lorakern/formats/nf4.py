@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -163,6 +165,20 @@ def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
         raise ValueError(f"{name} must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
 
 
+def quantize_options(blocksize, double_quant) -> tuple[int, bool]:
+    """``(blocksize, double_quant)`` of a quantize call, checked, as a Python int and bool.
+
+    NumPy integers (hyperparameters read from arrays) are accepted; a double_quant
+    that is not a boolean ("no", 2) is refused rather than read as true.
+    """
+    if isinstance(blocksize, numbers.Integral) and not isinstance(blocksize, (bool, torch.SymInt)):
+        blocksize = int(blocksize)
+    _check_blocksize(blocksize)
+    if not isinstance(double_quant, (bool, numbers.Integral, np.bool_)) or double_quant not in (True, False):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    return blocksize, bool(double_quant)
+
+
 def _blockwise_absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """absmax per block and the values scaled into [-1, 1], as bitsandbytes computes them.
 
@@ -226,7 +242,7 @@ def check_weight_for_quantize(w: torch.Tensor, name: str = "weight") -> None:
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize any float tensor to NF4 (pure torch; bit-exact with bitsandbytes)."""
     check_weight_for_quantize(w, "weight")
-    _check_blocksize(blocksize)
+    blocksize, double_quant = quantize_options(blocksize, double_quant)
     flat = w.detach().reshape(-1).float()
     absmax, scaled = _blockwise_absmax_and_scaled(flat, blocksize)
     if scaled.numel() % 2:
@@ -301,8 +317,12 @@ def to_bnb_state_dict(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.T
     if q.double_quant:
         out[f"{prefix}.nested_absmax"] = q.nested_absmax
         out[f"{prefix}.nested_quant_map"] = q.nested_code
-        info.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(q.offset.item()))
-    out[f"{prefix}.{QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(info).encode("utf-8")), dtype=torch.uint8)
+        # a meta weight (no data) gets the keys with meta tensors, the blob sized for an offset of 0.0
+        offset = 0.0 if q.offset.is_meta else float(q.offset.item())
+        info.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset)
+    blob = list(json.dumps(info).encode("utf-8"))
+    out[f"{prefix}.{QUANT_STATE_KEY}"] = (torch.empty(len(blob), dtype=torch.uint8, device="meta") if q.device.type == "meta"
+                                           else torch.tensor(blob, dtype=torch.uint8))
     return out
 
 

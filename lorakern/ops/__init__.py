@@ -133,6 +133,24 @@ def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
+def _func_differentiates() -> bool:
+    """Is a ``torch.func`` transform that differentiates (grad, vjp, jacrev, jvp, jacfwd) active?
+
+    The custom ops' registered autograd does not serve these transforms: jvp and
+    jacfwd got all-zero tangents from them, silently, and grad / vjp failed inside
+    torch. The ops then compute with the pure-torch reference composition, which
+    every transform differentiates. vmap alone keeps the custom ops.
+    """
+    if _functorch_active is None or not _functorch_active():
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without these internals: assume the worst, stay correct
+        return True
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
 def _records_autograd(*tensors: Optional[Tensor]) -> bool:
     """Must an eager call go through its ``autograd.Function``?
 
@@ -176,11 +194,11 @@ def _(weight, blocksize, double_quant):
 
 def nf4_quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize ``weight`` (any shape, fp32/fp16/bf16, finite) to NF4; bitsandbytes-compatible."""
-    from ..formats.nf4 import _check_blocksize, check_weight_for_quantize
+    from ..formats.nf4 import check_weight_for_quantize, quantize_options
 
     check_weight_for_quantize(weight, "weight")
-    _check_blocksize(blocksize)
-    tensors = _nf4_quantize(weight.detach(), blocksize, bool(double_quant))
+    blocksize, double_quant = quantize_options(blocksize, double_quant)
+    tensors = _nf4_quantize(weight.detach(), blocksize, double_quant)
     return NF4Weight(*tensors, tuple(weight.shape), blocksize, weight.dtype)
 
 
@@ -294,6 +312,9 @@ def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None) -> Tensor
     check.bias(bias, n, x)
     if x.numel() == 0:
         return _empty_rows(x, n, None, bias)
+    if _func_differentiates():
+        from .. import reference
+        return reference.nf4_matmul(x, q, bias)
     y = _nf4_matmul(x.reshape(-1, k), *q.tensors(), list(q.shape), q.blocksize, bias)
     return y.reshape(*x.shape[:-1], n)
 
@@ -432,6 +453,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         return _empty_rows(x, n, weight, bias, lora_A, lora_B, float(scaling))
     eager = _eager_fast_path(x, weight, bias, lora_A, lora_B, seed)  # (a seed made here is a plain tensor)
     seed = _seed_or_zero(seed, x, dropout_p, eager)
+    if not eager and _func_differentiates():
+        from .. import reference
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     args = (_rows(x, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     if not eager:
         y, _ = _lora_linear_fwd(*args)
@@ -579,6 +603,10 @@ def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor
         return _empty_rows(x, n, None, bias, lora_A, lora_B, float(scaling), out_dtype)
     eager = _eager_fast_path(x, *q.tensors(), bias, lora_A, lora_B, seed)  # (a seed made here is a plain tensor)
     seed = _seed_or_zero(seed, x, dropout_p, eager)
+    if not eager and _func_differentiates():  # (out_dtype: the LoRA term is added in x's dtype here)
+        from .. import reference
+        y = reference.qlora_linear(x, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+        return y if out_dtype is None else y.to(out_dtype)
     x2 = _rows(x, k)
     if eager and _records_autograd(x, bias, lora_A, lora_B):  # q is frozen: never differentiated
         y = _QLoRALinear.apply(x2, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, out_dtype)

@@ -45,15 +45,16 @@ def input_x(x, name: str = "x") -> None:
 
 
 def scalars(scaling: float, dropout_p: float) -> None:
-    if type(scaling) is float and type(dropout_p) is float and math.isfinite(scaling) and 0.0 <= dropout_p < 1.0:
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) traces the floats as symbols
+    if type(scaling) is float and type(dropout_p) is float and -math.inf < scaling < math.inf and 0.0 <= dropout_p < 1.0:
         return
     # numbers.Real admits NumPy scalars (hyperparameters read from arrays or configs); a
     # tensor is refused: it would need a device sync here, and the op schema takes a float.
-    if not isinstance(scaling, numbers.Real):
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a real number (float), got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
+    if not -math.inf < scaling < math.inf:
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
-    if not isinstance(dropout_p, numbers.Real):
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
         raise TypeError(f"dropout_p must be a real number (float) in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
