@@ -121,6 +121,97 @@ def test_quantize_meta_model_is_a_clear_error():
     assert out.shape == (2, 3, 128) and out.device.type == "meta"
 
 
+def _state(model):
+    """Every module and parameter object of ``model`` with its requires_grad flag."""
+    return [(n, m) for n, m in model.named_modules()], [(n, p, p.requires_grad) for n, p in model.named_parameters()]
+
+
+def _same_state(a, b):
+    return [(n, id(m)) for n, m in a[0]] == [(n, id(m)) for n, m in b[0]] and \
+        [(n, id(p), g) for n, p, g in a[1]] == [(n, id(p), g) for n, p, g in b[1]]
+
+
+@pytest.mark.parametrize("case", ["meta", "float64", "nan", "empty"])
+def test_failed_apply_leaves_the_model_as_it_was(case):
+    """All or nothing: a target that cannot be built leaves every module, parameter and requires_grad flag as it
+    was, whether the check runs before any swap (meta, float64 with NF4) or the build fails after others were
+    swapped (a NaN found while quantizing the last layer; a dense layer of zero in_features); apply_lora then works
+    once the layer is fixed."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 64))
+    model[0].bias.requires_grad_(False)  # a flag apply_lora must give back as it found it
+    quantize, exc, match = {"meta": ("nf4", ValueError, "cannot quantize '3'.*meta device"),
+                            "float64": ("nf4", TypeError, "cannot quantize '3'.*float64"),
+                            "nan": ("nf4", ValueError, "NaN"),
+                            "empty": (None, ValueError, "in_features >= 1")}[case]
+    broken = {"meta": lambda: nn.Linear(64, 64, device="meta"), "float64": lambda: nn.Linear(64, 64).double(),
+              "nan": lambda: nn.Linear(64, 64), "empty": lambda: nn.Linear(0, 64)}[case]()
+    if case == "nan":
+        with torch.no_grad():
+            broken.weight[5, 7] = float("nan")
+    model[3] = broken
+    before = _state(model)
+    with pytest.raises(exc, match=match):
+        lorakern.apply_lora(model, r=2, quantize=quantize)
+    assert _same_state(_state(model), before) and not lora_modules(model)
+    model[3] = nn.Linear(64, 64)
+    assert lorakern.apply_lora(model, r=2, quantize=quantize) == ["0", "2", "3"]
+
+
+def test_failed_in_place_quantization_says_to_reload_and_keeps_no_full_precision_copies(monkeypatch):
+    """Quantizing where the weights lie frees each full-precision weight as its layer is built (the peak stays
+    the model's size); a failure after that (out of memory) cannot undo them and says so."""
+    import weakref
+
+    from lorakern.nn import QLoRALinear
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    freed = [weakref.ref(layer.weight) for layer in model]
+    built = []
+    from_linear = QLoRALinear.from_linear.__func__
+
+    def fail_third(cls, linear, *args, **kwargs):
+        if len(built) == 2:
+            assert freed[0]() is None and freed[1]() is None  # already released, one by one
+            raise RuntimeError("out of memory (simulated)")
+        built.append(from_linear(cls, linear, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(QLoRALinear, "from_linear", classmethod(fail_third))
+    with pytest.raises(RuntimeError, match=r"after quantizing 2 layer\(s\) in place.*reload it.*simulated"):
+        lorakern.apply_lora(model, r=2, quantize="nf4")
+
+
+def test_failed_apply_puts_expert_weights_back(monkeypatch):
+    """A failure after fused expert weights were swapped gives them back, with the experts implementation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lorakern.patch.apply as apply_module
+
+    config = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    experts = model.model.layers[0].mlp.experts
+    implementation = experts.config._experts_implementation
+    assert implementation != "eager"  # apply_lora switches it, so putting it back is tested
+    before = _state(model)
+    switched = []
+
+    def fail_second(module):
+        if switched:
+            raise RuntimeError("out of memory (simulated)")
+        switched.append(eager_experts(module))
+        return switched[-1]
+
+    eager_experts = apply_module._eager_experts
+    monkeypatch.setattr(apply_module, "_eager_experts", fail_second)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lorakern.apply_lora(model, "all-linear", r=2, target_parameters="all-experts")
+    assert switched and _same_state(_state(model), before) and not lora_modules(model)
+    assert experts.config._experts_implementation == implementation
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="quantize"):
         lorakern.apply_lora(PlainMLP(), quantize="int8")

@@ -19,7 +19,7 @@ from torch import nn
 import lorakern
 from lorakern.patch import AdapterError, lora_modules
 
-from helpers_models import FAMILIES, example_input, logits, loss_of, randomize_adapters
+from helpers_models import FAMILIES, VOCAB, example_input, logits, loss_of, randomize_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -228,6 +228,193 @@ def test_save_through_compile_wrapper_uses_the_model_paths(tmp_path):
     assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" and len(keys) == 4
 
 
+def test_apply_through_compile_wrapper_patches_the_model_inside(tmp_path):
+    """apply_lora on a torch.compile wrapper records the wrapped model's names, so save / disable / merge work."""
+    model = FAMILIES["llama"][0]()
+    compiled = torch.compile(model)
+    names = lorakern.apply_lora(compiled, ["q_proj"], r=2, modules_to_save=["lm_head"])
+    assert names == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    lorakern.save_adapter(compiled, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and config["target_modules"] == ["q_proj"]
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    with lorakern.disable_adapters(compiled):
+        assert all(not m.adapter_enabled for m in lora_modules(model).values())
+    assert lorakern.merge_lora(compiled) is compiled and not lora_modules(model)
+
+
+def _task_model(kind):
+    """Tiny transformers task models (dropout off): "bert-seq-cls", "roberta-seq-cls", "bert-token-cls", "bert-qa"."""
+    import transformers
+
+    family, task = kind.split("-", 1)
+    auto = {"seq-cls": transformers.AutoModelForSequenceClassification,
+            "token-cls": transformers.AutoModelForTokenClassification,
+            "qa": transformers.AutoModelForQuestionAnswering}[task]
+    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                               num_labels=2 if task == "qa" else 3)  # qa: start and end logits
+    torch.manual_seed(0)
+    return auto.from_config(config).eval()
+
+
+def _task_outputs(model, ids):
+    out = model(input_ids=ids)
+    return torch.cat([out.start_logits, out.end_logits]) if hasattr(out, "start_logits") else out.logits
+
+
+@pytest.mark.parametrize("kind, head", [("roberta-seq-cls", "classifier"), ("bert-seq-cls", "classifier"),
+                                        ("bert-token-cls", "classifier"), ("bert-qa", "qa_outputs")])
+def test_all_linear_on_task_models_leaves_the_head_to_modules_to_save(kind, head, tmp_path):
+    """PEFT's task wrappers train the head whole (modules_to_save) and skip LoRA targets inside it: "all-linear"
+    leaves the head and its layers out (RoBERTa's classifier.dense / out_proj too), and the adapter loads in PEFT."""
+    base = _task_model(kind)
+    model = copy.deepcopy(base)
+    names = lorakern.apply_lora(model, "all-linear", r=4, alpha=8)
+    assert names and not [n for n in names if n == head or n.startswith(head + ".")]
+    randomize_adapters(model)
+    lorakern.save_adapter(model, tmp_path)  # with the head, which PEFT's task wrapper will read
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == [head] and config["task_type"] is not None
+    ids = example_input()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    again = copy.deepcopy(base)
+    lorakern.load_adapter(again, tmp_path)
+    with torch.no_grad():
+        want = _task_outputs(model, ids)
+        torch.testing.assert_close(_task_outputs(theirs, ids), want, atol=ATOL, rtol=RTOL)
+        assert torch.equal(_task_outputs(again, ids), want)
+
+
+@pytest.mark.parametrize("kind, targets, head_layer", [
+    ("bert-seq-cls", ["query", "classifier"], "classifier"),
+    ("roberta-seq-cls", ["query", "out_proj"], "classifier.out_proj"),
+])
+def test_lora_inside_a_task_head_is_saved_for_peft_generic_model(kind, targets, head_layer, tmp_path):
+    """An explicit LoRA target inside the classifier head: the adapter is written as PEFT writes one made without
+    a task type (task_type null, no modules_to_save), which PEFT's PeftModel loads with the same logits."""
+    base = _task_model(kind)
+    model = copy.deepcopy(base)
+    assert head_layer in lorakern.apply_lora(model, targets, r=4, alpha=8)
+    randomize_adapters(model)
+    lorakern.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] is None and config["modules_to_save"] is None
+    ids = example_input()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    again = copy.deepcopy(base)
+    lorakern.load_adapter(again, tmp_path)
+    with torch.no_grad():
+        want = _task_outputs(model, ids)
+        torch.testing.assert_close(_task_outputs(theirs, ids), want, atol=ATOL, rtol=RTOL)
+        assert torch.equal(_task_outputs(again, ids), want)
+    # the same weights under a task wrapper's config: PEFT would drop the head's LoRA, so it is refused here
+    _edit_config(tmp_path, task_type="SEQ_CLS", modules_to_save=["classifier", "score"])
+    fresh = copy.deepcopy(base)
+    with pytest.raises(AdapterError, match=f"LoRA weights for .*{head_layer}.*inside its modules_to_save"):
+        lorakern.load_adapter(fresh, tmp_path)
+    assert not lora_modules(fresh)
+
+
+def _llama(tie):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=tie)).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_peft_adapter_on_lm_head_with_its_base_weight(tie, tmp_path):
+    """PEFT saves an adapted lm_head's base weight too (base_layer.weight): the checkpoint's own weight changes
+    nothing (dense or NF4); a different one replaces the dense head weight (and the tied embeddings) as in PEFT,
+    and is refused on an NF4 head."""
+    base = _llama(tie)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.lm_head.base_layer.weight"
+    assert key in tensors
+    ids = example_input()
+    ours = copy.deepcopy(base)
+    lorakern.load_adapter(ours, tmp_path)
+    assert torch.equal(ours.lm_head.weight, base.lm_head.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
+    lorakern.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4")  # quantizes to the very NF4 the head holds
+
+    tensors[key] = tensors[key] + 0.01
+    save_file(tensors, path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ours = copy.deepcopy(base)
+    lorakern.load_adapter(ours, tmp_path)
+    assert torch.equal(ours.lm_head.weight, tensors[key])
+    assert torch.equal(ours.model.embed_tokens.weight, tensors[key] if tie else base.model.embed_tokens.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
+    with pytest.raises(AdapterError, match="lm_head.base_layer.weight is a base weight that differs.*NF4"):
+        lorakern.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_disable_adapters_runs_the_base_modules_to_save_as_peft_does(tie, tmp_path):
+    """A trained modules_to_save head (tied to the input embeddings or not): inside disable_adapters the model
+    gives the base model's logits, as PEFT's disable_adapter does; on exit the trained parameters are back."""
+    base = _llama(tie)
+    model = copy.deepcopy(base)
+    lorakern.apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, modules_to_save=["lm_head"])
+    randomize_adapters(model)
+    trained = model.lm_head.weight
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = example_input()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()  # the head (and, tied, the embeddings) move away from the base
+    with torch.no_grad():
+        want_base, want_trained = logits(base, ids), logits(model, ids)
+        assert not torch.allclose(want_trained, want_base, atol=1e-2)
+        with lorakern.disable_adapters(model):
+            torch.testing.assert_close(logits(model, ids), want_base, atol=1e-5, rtol=1e-5)
+            assert not model.lm_head.weight.requires_grad
+        assert model.lm_head.weight is trained and trained.requires_grad
+        assert (model.model.embed_tokens.weight is trained) == tie
+        assert torch.equal(logits(model, ids), want_trained)
+    lorakern.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad(), theirs.disable_adapter():
+        torch.testing.assert_close(logits(theirs, ids), want_base, atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_adapter_is_refused_and_its_peft_conversion_loads(tmp_path):
+    """PiSSA rewrites the base weights when the adapter is made: its adapter only fits that base and is refused;
+    PEFT's conversion (path_initial_model_for_weight_conversion) gives a plain one that loads with its logits."""
+    base = FAMILIES["llama"][0]()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")).eval()
+    theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter as a plain LoRA one
+    theirs.save_pretrained(tmp_path / "initial")
+    theirs.peft_config["default"].init_lora_weights = "pissa"
+    g = torch.Generator().manual_seed(3)
+    ids = example_input()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:  # "training"
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        want = logits(theirs, ids)
+    theirs.save_pretrained(tmp_path / "trained")
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterError, match="PiSSA initialisation.*path_initial_model_for_weight_conversion"):
+        lorakern.load_adapter(model, tmp_path / "trained")
+    assert not lora_modules(model)
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    lorakern.load_adapter(model, tmp_path / "converted")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids), want, atol=ATOL, rtol=RTOL)
+
+
 def test_save_uses_leaf_names_only_when_they_are_exact(tmp_path):
     model = FAMILIES["bert"][0]()
     lorakern.apply_lora(model, ["attention.output.dense"], r=2)  # leaf "dense" would also hit other layers
@@ -266,6 +453,16 @@ def _edit_config(directory, **changes):
     (dict(peft_type="IA3"), "peft_type"),
     (dict(bias="all"), "bias"),
     (dict(r=0), "r must be"),
+    (dict(init_lora_weights="pissa_niter_4"), "PiSSA initialisation"),
+    (dict(init_lora_weights="olora"), "OLoRA initialisation"),
+    (dict(init_lora_weights="corda"), "CorDA initialisation"),
+    (dict(init_lora_weights="lora_ga"), "LoRA-GA initialisation"),
+    (dict(init_lora_weights="loftq"), "LoftQ replaced the base weights"),
+    (dict(init_lora_weights="fancy"), "'fancy' is not an initialisation this library knows"),
+    (dict(lora_dropout=None), r"lora_dropout must be a number in \[0, 1\), got None"),
+    (dict(lora_dropout="0.1"), "lora_dropout must be a number"),
+    (dict(use_rslora="false"), "use_rslora must be true or false"),
+    (dict(modules_to_save="lm_head"), "modules_to_save must be a list"),
 ])
 def test_unsupported_configs_are_refused(saved, changes, match):
     _edit_config(saved, **changes)
@@ -273,6 +470,21 @@ def test_unsupported_configs_are_refused(saved, changes, match):
     with pytest.raises(AdapterError, match=match):
         lorakern.load_adapter(model, saved)
     assert not lora_modules(model)
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", "orthogonal", "eva", "mica"])
+def test_inits_that_leave_the_base_alone_load(saved, init):
+    _edit_config(saved, init_lora_weights=init)
+    assert len(lorakern.load_adapter(FAMILIES["llama"][0](), saved)) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_corrupt_weights_file_is_named(saved, damage):
+    path = saved / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": b"\xff" * 100}[damage])
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is not a readable safetensors file"):
+        lorakern.load_adapter(FAMILIES["llama"][0](), saved)
 
 
 def test_missing_files(saved, tmp_path_factory):

@@ -14,6 +14,9 @@ Key layout of ``adapter_model.safetensors`` (what ``peft.PeftModel.from_pretrain
                                              (PEFT keeps them under ``modules_to_save.<adapter>``
                                              in memory and strips that part when saving), and of
                                              each module tied to one (a head's input embeddings)
+    base_model.model.<path>.base_layer.weight   read only: the base weight of an adapted layer,
+                                             which PEFT writes for an adapted ``lm_head``
+                                             (``save_embedding_layers="auto"``)
 
 ``<path>`` is the qualified module name in the model given to :func:`apply_lora`.
 Only JSON and safetensors are read: never pickle (a ``.bin`` adapter is refused).
@@ -30,9 +33,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn import LoRAExperts
-from .apply import apply_lora, lora_modules, lora_state, pattern_value
-from .targets import expert_stacks, leaf_names_or_paths, name_matches, resolve_parameters
+from .. import ops
+from ..nn import LoRAExperts, LoRALinear, QLoRALinear
+from .apply import apply_lora, lora_modules, lora_state, pattern_value, unwrap
+from .targets import (TASK_HEADS, expert_stacks, leaf_names_or_paths, name_matches, resolve_parameters, select,
+                      task_heads)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,15 +47,9 @@ _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # Class-name suffix -> PEFT task_type (PeftModel.from_pretrained picks the wrapper class by it).
 _TASK_TYPES = (
     ("ForCausalLM", "CAUSAL_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"),
+    *((suffix, task) for suffix, task, _ in TASK_HEADS),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
 )
-
-# Task types for which PEFT itself adds the top-level "classifier" / "score" head to modules_to_save.
-_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
-_CLASSIFIER_HEADS = ("classifier", "score")
 
 # Config fields whose non-default value means an adapter this loader cannot reproduce exactly:
 # field -> (values that mean "off", what the field asks for).
@@ -64,24 +63,17 @@ _UNSUPPORTED = {
     "use_bdlora": ((None, False), "block-diagonal LoRA"),
 }
 
+# init_lora_weights values (lower case; "pissa_niter_<n>" too) whose initialisation rewrote the base
+# weights when the adapter was created: PiSSA, OLoRA, CorDA and LoRA-GA subtract the initial
+# scaling * B @ A from W, LoftQ replaces W by a quantized residual. The saved lora_A / lora_B then
+# reproduce the trained model only on that rewritten base, not on the original checkpoint.
+_BASE_REWRITING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA", "loftq": "LoftQ"}
+# The others leave the base as it is (how lora_A / lora_B started does not matter once trained).
+_PLAIN_INITS = ("gaussian", "orthogonal", "eva", "mica")
+
 
 class AdapterError(ValueError):
     """An adapter directory this library cannot load faithfully."""
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside (DistributedData)Parallel (``.module``) or torch.compile (``._orig_mod``).
-
-    Adapter keys are module paths of the user's model; a wrapper would add its own prefix.
-    """
-    while True:
-        kind = type(model).__name__
-        if kind in ("DistributedDataParallel", "DataParallel") and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        elif kind == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _task_type(model: nn.Module) -> Optional[str]:
@@ -102,7 +94,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     """
     from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = unwrap(model)
     state, modules = lora_state(model), lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA layers; call apply_lora (or load_adapter) first")
@@ -122,13 +114,16 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     alpha_pattern = {re.escape(n): _number(m.alpha) for n, m in modules.items() if m.alpha != alpha}
     keep = list(state.modules_to_save) if state is not None else []
     task_type = _task_type(model)
-    if task_type in _HEAD_TASKS:
-        # PEFT adds the classifier head to modules_to_save for these tasks and then
-        # requires its weights in the file; store the head as it is (trained or not).
-        names = [n for n, _ in model.named_modules() if n]
-        for head in _CLASSIFIER_HEADS:
-            if head in names and not any(head == k or head.startswith(k + ".") for k in keep):
-                keep.append(head)
+    heads = task_heads(model)
+    if any(_kept_root(name, heads) is not None for name in modules):
+        # PEFT's task models (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) add these heads to modules_to_save and
+        # then skip every LoRA layer inside them; an adapter with LoRA layers there is written for
+        # PEFT's generic PeftModel (task_type None), which loads them as they are.
+        task_type = None
+    else:
+        # PEFT adds the task head to modules_to_save and loads its weights from the file:
+        # store the head as it is (trained or not).
+        keep += [head for head in heads if _kept_root(head, keep) is None]
     # A kept module trained here still shares tied weights with its partners (an output head with
     # the input embeddings); PEFT gives each modules_to_save entry its own copy, so the partners
     # are stored too, or PEFT would run the trained head with the original embeddings.
@@ -204,6 +199,15 @@ def read_adapter_config(directory: str) -> dict:
             raise AdapterError(f"{path}: {key}={config[key]!r} is not supported: {feature} cannot be loaded exactly")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    _check_init(config.get("init_lora_weights", True), path)
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    keep = config.get("modules_to_save")
+    if keep is not None and not (isinstance(keep, list) and all(isinstance(k, str) and k for k in keep)):
+        raise AdapterError(f"{path}: modules_to_save must be a list of module names or null, got {keep!r}")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"{path}: r must be a positive integer, got {r!r}")
@@ -232,7 +236,31 @@ def read_adapter_config(directory: str) -> dict:
     return config
 
 
+def _check_init(init, path: str) -> None:
+    """Refuse an ``init_lora_weights`` whose adapter only fits a base model rewritten at its creation."""
+    kind = init.lower() if isinstance(init, str) else None
+    if isinstance(init, bool) or kind in _PLAIN_INITS:
+        return
+    method = next((m for m in _BASE_REWRITING_INITS if kind is not None and kind.startswith(m)), None)
+    if method is None:
+        raise AdapterError(f"{path}: init_lora_weights={init!r} is not an initialisation this library knows "
+                           f"(true, false, {', '.join(map(repr, _PLAIN_INITS))})")
+    if method == "loftq":
+        how = ("LoftQ replaced the base weights by a quantized residual when the adapter was created; the adapter "
+               "reproduces the trained model only on that residual base, saved beside it")
+    else:
+        how = (f"{_BASE_REWRITING_INITS[method]} initialisation subtracted the adapter's initial value from the "
+               "base weights when the adapter was created, so its lora_A / lora_B reproduce the trained model only on "
+               "that modified base. "
+               "PEFT converts it into a plain LoRA adapter (init_lora_weights true, twice the rank) that loads on "
+               "the original model: save_pretrained(directory, path_initial_model_for_weight_conversion=<the "
+               "adapter as saved before training>)")
+    raise AdapterError(f"{path}: init_lora_weights={init!r} cannot be loaded onto the original model: {how}. If "
+                       f"the model given is that modified base itself, set init_lora_weights to true in {CONFIG_NAME}")
+
+
 def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.path.join(directory, WEIGHTS_NAME)
@@ -241,7 +269,10 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
         hint = (" (found adapter_model.bin: pickle files are never loaded; convert it to safetensors "
                 "with a tool you trust)") if os.path.exists(pickled) else ""
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}{hint}")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise AdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = None,
@@ -259,8 +290,13 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     another module (a head tied to the input embeddings loads apart from them).
     Then every tensor is copied in; a key that belongs to no layer, a layer
     without weights, or a shape mismatch is an :class:`AdapterError` naming it.
+    An adapted layer's ``base_layer.weight`` (PEFT writes it for an adapted
+    ``lm_head``) is checked against the layer's weight (see :func:`_base_value`).
+    Refused: adapters whose initialisation rewrote the base weights (PiSSA, OLoRA,
+    CorDA, LoRA-GA, LoftQ: ``init_lora_weights``), and LoRA weights for a layer inside
+    a modules_to_save module (PEFT would ignore them).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     config = read_adapter_config(directory)
     weights = _read_weights(directory)
     # PEFT adds both "classifier" and "score" for SEQ_CLS adapters; keep the ones this model has.
@@ -285,8 +321,14 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
         if absent:
             raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: "
                                f"{absent[:5]}{_per_expert_hint(model, absent)}")
+        kept = select(names, modules_to_save, "modules_to_save") if modules_to_save else []
+        inside = [t for t in targets if _kept_root(t, kept) is not None]
+        if inside:
+            raise AdapterError(f"{directory}: the adapter has LoRA weights for {inside[:5]}, inside its "
+                               f"modules_to_save {modules_to_save}, which are trained and saved whole: PEFT ignores "
+                               "LoRA weights there, so the adapter does not hold one model")
         apply_lora(model, targets or None, r=config["r"], alpha=config["lora_alpha"],
-                   dropout=float(config.get("lora_dropout", 0.0)), quantize=quantize, modules_to_save=modules_to_save,
+                   dropout=config.get("lora_dropout", 0.0), quantize=quantize, modules_to_save=modules_to_save,
                    use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype, device=device,
                    target_parameters=params or None, rank_pattern=config.get("rank_pattern") or None,
                    alpha_pattern=config.get("alpha_pattern") or None)
@@ -302,15 +344,22 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     paths.update(_expert_paths([n for n in modules if isinstance(modules[n], LoRAExperts)]))
     lora_keys = {f"{PREFIX}{path}{s}": (n, s) for n, path in paths.items() for s in _LORA_SUFFIXES}
     keep_keys = {f"{PREFIX}{n}.{k}": (n, k) for n in keep for k in model.get_submodule(n).state_dict()}
-    unexpected = sorted(k for k in weights if k not in lora_keys and k not in keep_keys)
+    base_keys = {f"{PREFIX}{n}.base_layer.{attr}": (n, attr) for n, m in modules.items()
+                 if not isinstance(m, LoRAExperts) for attr in ("weight", "bias")}
+    unexpected = sorted(k for k in weights if k not in lora_keys and k not in keep_keys and k not in base_keys)
     if unexpected:
         raise AdapterError(f"{directory}: {len(unexpected)} key(s) match no LoRA layer or modules_to_save module of "
                            f"the model: {unexpected[:5]}")
     missing = sorted(k for k in lora_keys if k not in weights)
     if missing:
         raise AdapterError(f"{directory}: the model has LoRA layers the adapter has no weights for: {missing[:5]}")
+    new_base = [(getattr(modules[name], attr), _base_value(modules[name], attr, weights[key], key, directory))
+                for key, (name, attr) in base_keys.items() if key in weights]
 
     with torch.no_grad():
+        for param, value in new_base:
+            if value is not None:
+                param.copy_(value)
         for key, (name, suffix) in lora_keys.items():
             module, is_a = modules[name], suffix == _LORA_SUFFIXES[0]
             param = module.lora_A if is_a else module.lora_B
@@ -460,6 +509,43 @@ def _check_layers(modules: dict, config: dict, directory: str) -> None:
             raise AdapterError(f"{directory}: layer {name!r} has r={module.r}, alpha={module.alpha:g}, "
                                f"use_rslora={module.use_rslora} but the adapter has r={r}, lora_alpha={alpha:g}, "
                                f"use_rslora={rslora}")
+
+
+def _base_value(module: nn.Module, attr: str, value: torch.Tensor, key: str, directory: str) -> Optional[torch.Tensor]:
+    """The tensor to copy into an adapted layer's base ``weight`` / ``bias`` from a ``<path>.base_layer.<attr>``
+    entry, or None when the layer already holds it.
+
+    PEFT writes the base weight of an adapted ``lm_head`` into the adapter (its
+    ``save_embedding_layers="auto"``) and loads it back into the base layer. It is
+    usually the checkpoint's own weight: then nothing changes. A different one is
+    copied into a dense layer (a head tied to the input embeddings changes them too,
+    as in PEFT); an NF4 base cannot take it without re-quantizing, which is an error.
+    """
+    current = getattr(module, attr)
+    if current is None:
+        raise AdapterError(f"{directory}: {key} is a base-layer {attr} for a layer that has none")
+    if not value.is_floating_point():
+        raise AdapterError(f"{directory}: {key} has dtype {value.dtype}, expected a floating dtype")
+    if attr == "weight" and module.fan_in_fan_out:
+        value = value.t()  # a Conv1D weight [in, out], held transposed here
+    shape = (module.out_features, module.in_features) if attr == "weight" else tuple(current.shape)
+    if tuple(value.shape) != shape:
+        raise AdapterError(f"{directory}: {key} has shape {tuple(value.shape)}, the layer's base {attr} is {shape}")
+    if isinstance(module, QLoRALinear) and attr == "weight":
+        q, mine = ops.nf4_quantize(value.to(module.weight.device, module.quant_dtype), module.blocksize,
+                                   module.double_quant), module.quantized_weight()
+        if all(torch.equal(a, b) for a, b in zip(q[:5], mine[:5])):
+            return None
+        raise AdapterError(f"{directory}: {key} is a base weight that differs from this model's, and the layer is "
+                           "NF4: it cannot take a new base weight without re-quantizing it. Load the adapter into a "
+                           "dense model (quantize=None), merge, then quantize")
+    value = value.to(current.device, current.dtype)
+    if torch.equal(value, current):
+        return None
+    if isinstance(module, LoRALinear) and module.merged:
+        raise AdapterError(f"{directory}: {key} is a new base weight but the layer is merged (its weight holds the "
+                           "adapter); unmerge it first")
+    return value
 
 
 def _copy(param: nn.Parameter, value: torch.Tensor, key: str, directory: str) -> None:

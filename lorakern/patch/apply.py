@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class LoRAState:
     init: str
     quantize: Optional[str]
     modules_to_save: list[str] = field(default_factory=list)
+    # "<module_to_save>.<tensor name>" -> a frozen copy of that parameter or buffer as apply_lora found it
+    # (the base model's), for disable_adapters; PEFT keeps the same copy as its ``original_module``
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -44,6 +48,22 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def lora_state(model: nn.Module) -> Optional[LoRAState]:
     return getattr(model, STATE_ATTR, None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside (DistributedData)Parallel (``.module``) or torch.compile (``._orig_mod``).
+
+    Layer names, the patch record and adapter keys belong to the user's model; a wrapper
+    would add its own prefix (``_orig_mod.model.layers.0...``).
+    """
+    while True:
+        kind = type(model).__name__
+        if kind in ("DistributedDataParallel", "DataParallel") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif kind == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -101,9 +121,24 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
             then fits a GPU that could not hold it in full precision (an 8B model:
             ~5 GB of NF4 layers instead of 16 GB in bf16); move the rest with
             ``model.to(device)`` afterwards. Default: where each weight is.
+
+    All or nothing: every target is checked before any is swapped (with ``quantize``:
+    a weight on the meta device, in float64, empty, or holding NaN/inf; an error
+    names the layer), and if building a layer still fails, the layers swapped so far
+    are put back with their ``requires_grad`` flags before the error is raised.
+    Layers quantized where they lie (``quantize`` without ``device``) free their
+    full-precision weight one by one, so the peak stays the model's own size; those
+    cannot be put back, and a failure after one of them (out of memory) is an error
+    saying the model must be reloaded.
+
+    A ``torch.compile`` or (DistributedData)Parallel wrapper is patched inside:
+    the names returned are the wrapped model's. Each ``modules_to_save`` module's
+    weights are copied once (frozen, beside the model, as PEFT's
+    ``original_module``) so that :func:`disable_adapters` gives the base model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     already = lora_modules(model)
     if already or lora_state(model) is not None:
         raise RuntimeError(f"model already has LoRA layers ({len(already)}, e.g. {next(iter(already), '?')!r}); "
@@ -158,54 +193,143 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     if quantize is not None and target_parameters is None:
         _warn_dense_experts(model)
 
-    def rank_alpha(name):
-        return pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
+    def nf4(name: str) -> bool:
+        return quantize == "nf4" and name not in dense
 
-    for name in targets:
-        old = model.get_submodule(name)
-        r_, alpha_ = rank_alpha(name)
+    _check_targets(model, targets, parameters, nf4)
+
+    def build(name: str, old: nn.Module) -> nn.Module:
+        r_, alpha_ = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
         if is_bnb_linear4bit(old):  # already NF4 (load_in_4bit): the same 4-bit weight, whatever quantize says
-            new = QLoRALinear.from_bnb_linear4bit(old, r_, alpha_, dropout, use_rslora, init,
-                                                  compute_dtype=compute_dtype, device=device)
-        elif quantize == "nf4" and name not in dense:
-            new = QLoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init, compute_dtype=compute_dtype,
-                                          device=device)
-        else:
-            new = LoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init)
-        new.train(old.training)
-        _replace(model, name, new)
-        del old  # the last reference to a quantized layer's full-precision weight goes here
-    for key in parameters:
-        mname, _, pname = key.rpartition(".")
-        owner = model.get_submodule(mname)
-        weight = getattr(owner, pname)
-        # a 2-D weight (a router's) stays dense: bitsandbytes' 4-bit loading leaves routers dense too
-        nf4 = quantize == "nf4" and mname not in dense and weight.dim() == 3
-        if nf4 and weight.device.type == "meta":
-            raise ValueError(f"cannot quantize {key}: it is on the meta device (shape {tuple(weight.shape)}, no "
-                             "data); load or materialize the weights first")
-        source = weight.detach().to(device) if nf4 and device is not None else weight
-        new = LoRAExperts(source, bool(getattr(owner, "is_transposed", False)), *rank_alpha(key), dropout,
-                          use_rslora, init, quantize="nf4" if nf4 else None,
-                          compute_dtype=compute_dtype if nf4 else None)
-        new.train(owner.training)
-        new.replaced_config = _eager_experts(owner) if weight.dim() == 3 else None
-        del owner._parameters[pname]
-        owner.add_module(pname, new)
-        del weight, source
+            return QLoRALinear.from_bnb_linear4bit(old, r_, alpha_, dropout, use_rslora, init,
+                                                   compute_dtype=compute_dtype, device=device)
+        if nf4(name):
+            return QLoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init, compute_dtype=compute_dtype,
+                                           device=device)
+        return LoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init)
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in lora_modules(model).values():
-        module.lora_A.requires_grad_(True)
-        module.lora_B.requires_grad_(True)
-    for name in keep:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
+    def build_experts(key: str, weight: torch.Tensor, transposed: bool) -> LoRAExperts:
+        # a 2-D weight (a router's) stays dense: bitsandbytes' 4-bit loading leaves routers dense too
+        quantized = nf4(key.rpartition(".")[0]) and weight.dim() == 3
+        source = weight.detach().to(device) if quantized and device is not None else weight
+        return LoRAExperts(source, transposed, pattern_value(rank_pattern, key, r),
+                           pattern_value(alpha_pattern, key, alpha), dropout, use_rslora, init,
+                           quantize="nf4" if quantized else None, compute_dtype=compute_dtype if quantized else None)
+
+    def in_place(name: str) -> bool:  # quantized on the weight's own device: keeping the original costs memory
+        return device is None and nf4(name) and not is_bnb_linear4bit(model.get_submodule(name))
+
+    # by name, not the tensors: a list of them would keep every replaced full-precision weight alive
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    undo: list = []  # one callable per change made so far, run in reverse if a later step fails (None: cannot)
+    try:
+        for name in targets:
+            undo.append(_swap_layer(model, name, build, keep_original=not in_place(name)))
+        for key in parameters:
+            mname = key.rpartition(".")[0]
+            quantized = device is None and nf4(mname) and model.get_submodule(mname).get_parameter(
+                key.rpartition(".")[2]).dim() == 3
+            undo.append(_swap_parameter(model, key, build_experts, keep_original=not quantized))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in lora_modules(model).values():
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+        for name in keep:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        base_copies = {f"{name}.{key}": t.detach().clone() for name in keep
+                       for key, t in _tensors(model.get_submodule(name))}
+    except BaseException as e:
+        lost = [step for step in undo if step is None]
+        if lost:
+            raise RuntimeError(f"apply_lora failed after quantizing {len(lost)} layer(s) in place, whose "
+                               "full-precision weights are freed: the model cannot be put back as it was; reload "
+                               f"it ({type(e).__name__}: {e})") from e
+        for step in reversed(undo):
+            step()
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
+        raise
+    # the last references to the replaced layers: a quantized layer's full-precision weight is freed here
+    del undo, requires_grad
 
     setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init, quantize,
-                                         keep))
+                                         keep, base_copies))
     return targets + parameters
+
+
+def _check_quantizable(name: str, weight: torch.Tensor) -> None:
+    """What NF4 quantization needs of a weight, checked on every target before any layer is swapped."""
+    if weight.device.type == "meta":
+        raise ValueError(f"cannot quantize {name!r}: its weight is on the meta device (shape "
+                         f"{tuple(weight.shape)}, no data); load or materialize the weights first")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"cannot quantize {name!r}: its weight is {weight.dtype}; NF4 quantizes float32, float16 or "
+                        "bfloat16 weights (cast the model, or leave the layer out with exclude=)")
+    if weight.numel() == 0:
+        raise ValueError(f"cannot quantize {name!r}: its weight is empty (shape {tuple(weight.shape)})")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"cannot quantize {name!r}: its weight holds NaN/inf values, which NF4 cannot represent")
+
+
+def _check_targets(model: nn.Module, targets: list[str], parameters: list[str], nf4) -> None:
+    """What building each layer needs of its weight, checked on every target before any is swapped."""
+    for name in targets:
+        module = model.get_submodule(name)
+        if nf4(name) and not is_bnb_linear4bit(module):
+            _check_quantizable(name, module.weight)
+    for key in parameters:
+        mname, _, pname = key.rpartition(".")
+        weight = model.get_submodule(mname).get_parameter(pname)
+        if weight.device.type == "meta":
+            raise ValueError(f"cannot adapt {key!r}: it is on the meta device (shape {tuple(weight.shape)}, no "
+                             "data); load or materialize the weights first")
+        if nf4(mname) and weight.dim() == 3:
+            _check_quantizable(key, weight)
+
+
+def _swap_layer(model: nn.Module, name: str, build, keep_original: bool = True):
+    """Replace the layer ``name`` by ``build(name, layer)``; return the undo (None without ``keep_original``:
+    the last reference to the old layer, and a quantized layer's full-precision weight, is dropped here)."""
+    old = model.get_submodule(name)
+    new = build(name, old)
+    new.train(old.training)
+    _replace(model, name, new)
+    return functools.partial(_replace, model, name, old) if keep_original else None
+
+
+def _swap_parameter(model: nn.Module, key: str, build, keep_original: bool = True):
+    """Replace the expert weight ``key`` (``<module>.<parameter>``) by ``build(key, weight, transposed)``, a
+    LoRAExperts registered as a submodule of that name; return the undo (None without ``keep_original``)."""
+    mname, _, pname = key.rpartition(".")
+    owner = model.get_submodule(mname)
+    weight = owner.get_parameter(pname)
+    new = build(key, weight, bool(getattr(owner, "is_transposed", False)))
+    new.train(owner.training)
+    new.replaced_config = _eager_experts(owner) if weight.dim() == 3 else None
+    order = list(owner._parameters)
+    del owner._parameters[pname]
+    owner.add_module(pname, new)
+
+    def undo():
+        del owner._modules[pname]
+        params = dict(owner._parameters, **{pname: weight})
+        owner._parameters.clear()  # in the registration order it had: state_dict and optimizer order follow it
+        owner._parameters.update((name, params[name]) for name in order)
+        if new.replaced_config is not None:
+            owner.config = new.replaced_config
+    if not keep_original:
+        del weight
+        return None
+    return undo
+
+
+def _tensors(module: nn.Module):
+    """(name, tensor) for every parameter and buffer of ``module``."""
+    yield from module.named_parameters()
+    yield from ((n, b) for n, b in module.named_buffers() if b is not None)
 
 
 def pattern_value(patterns: dict, name: str, default):
@@ -234,20 +358,26 @@ def _loops_over_experts(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Context manager: inside it, every LoRA layer and expert weight of ``model`` computes its base alone.
+    """Context manager: inside it, ``model`` computes the base model's outputs.
 
-    For reference outputs of the base model without a second copy of it (DPO and
-    other preference losses, KL penalties, before/after comparisons). No dropout
-    mask is drawn and the adapter's gradients are zero; on exit each layer is as it
-    was (nesting is fine). A merged LoRALinear (``merge()``) cannot drop its
-    adapter and raises in forward.
+    Every LoRA layer and expert weight computes its base alone, and every
+    ``modules_to_save`` module (trained whole) runs with the weights it had when
+    :func:`apply_lora` patched the model (the frozen copy kept then, as PEFT's
+    ``disable_adapter`` runs its ``original_module``). For reference outputs of the
+    base model without a second copy of it (DPO and other preference losses, KL
+    penalties, before/after comparisons). No dropout mask is drawn and the adapter's
+    gradients are zero; on exit each layer is as it was, the trained modules_to_save
+    parameters included (nesting is fine). A merged LoRALinear (``merge()``) cannot
+    drop its adapter and raises in forward.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modules = lora_modules(model)
+    inner = unwrap(model)
+    modules = lora_modules(inner)
     if not modules:
         raise ValueError("model has no LoRA layers; call apply_lora (or load_adapter) first")
     before = [(m, m.__dict__.get("adapter_enabled")) for m in modules.values()]
+    restore = _swap_in_base_copies(inner)
     for m in modules.values():
         m.adapter_enabled = False
     try:
@@ -258,6 +388,41 @@ def disable_adapters(model: nn.Module):
                 m.__dict__.pop("adapter_enabled", None)
             else:
                 m.adapter_enabled = value
+        for slots, attr, tensor in restore:
+            slots[attr] = tensor
+
+
+def _swap_in_base_copies(model: nn.Module) -> list:
+    """Put the base copies of the modules_to_save weights in place of the trained ones, in every module that
+    holds a trained one (a tied partner such as the input embeddings too); return ``(slots, name, trained)``
+    to put back."""
+    state = lora_state(model)
+    if state is None or not state.modules_to_save:
+        return []
+    base: dict[int, torch.Tensor] = {}  # id(trained tensor) -> its base copy, on its device and in its dtype
+    for name in state.modules_to_save:
+        for key, tensor in _tensors(model.get_submodule(name)):
+            copy_key = f"{name}.{key}"
+            original = state.base_copies.get(copy_key)
+            if original is None or original.shape != tensor.shape:
+                change = "is new" if original is None else \
+                    f"changed shape from {tuple(original.shape)} to {tuple(tensor.shape)}"
+                raise RuntimeError(f"disable_adapters: modules_to_save tensor {copy_key!r} {change} since apply_lora; "
+                                   "the base model's value of it is unknown")
+            if (original.device, original.dtype) != (tensor.device, tensor.dtype):
+                original = state.base_copies[copy_key] = original.to(tensor.device, tensor.dtype)
+            base[id(tensor)] = original
+    swapped, done = [], set()
+    for module in model.modules():
+        for slots in (module._parameters, module._buffers):
+            for attr, tensor in list(slots.items()):
+                if tensor is None or id(tensor) not in base or (id(slots), attr) in done:
+                    continue
+                original = base[id(tensor)]
+                slots[attr] = nn.Parameter(original, requires_grad=False) if slots is module._parameters else original
+                swapped.append((slots, attr, tensor))
+                done.add((id(slots), attr))
+    return swapped
 
 
 def _eager_experts(module: nn.Module):
@@ -286,6 +451,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     their compute dtype (``dequant(W) + scaling * B @ A``, formed in float32).
     Returns ``model`` (changed in place) with the patch record removed.
     """
+    wrapper, model = model, unwrap(model)
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA layers to merge")
@@ -304,7 +470,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
     _drop_hf_quantization(model)
-    return model
+    return wrapper
 
 
 def _drop_hf_quantization(model: nn.Module) -> None:

@@ -3,9 +3,11 @@
 Forms accepted for ``target_modules`` / ``exclude`` / ``modules_to_save``:
 
 * ``"all-linear"`` (targets only): every ``nn.Linear`` and transformers ``Conv1D``
-  except the output head (``model.get_output_embeddings()``; for
-  ``*ForSequenceClassification`` / ``*ForTokenClassification`` models without one,
-  the ``score`` / ``classifier`` head), as PEFT does. Also left out: layers whose
+  except the output head (``model.get_output_embeddings()``) and, on transformers
+  task models, the task head PEFT trains whole as modules_to_save, with every layer
+  inside it (``classifier`` / ``score`` of ``*ForSequenceClassification`` and
+  ``*ForTokenClassification``, ``qa_outputs`` of ``*ForQuestionAnswering``: see
+  :data:`TASK_HEADS`). Also left out: layers whose
   parent reads their weight instead of calling them (``nn.MultiheadAttention``'s
   ``out_proj``, the projections a Mamba mixer hands to its fused kernel:
   ``WEIGHTS_READ_BY_MIXER``), and ``nn.Linear`` subclasses that a
@@ -27,8 +29,16 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 ALL_LINEAR = "all-linear"
-_CLASSIFIER_HEADS = ("score", "classifier")
-_CLASSIFIER_MODELS = ("ForSequenceClassification", "ForTokenClassification")
+
+# transformers task models: class-name suffix -> (PEFT task_type, the top-level heads PEFT adds to
+# modules_to_save for that task type). PEFT's task wrappers train and save these heads whole and
+# skip any LoRA target inside them, so "all-linear" leaves them out (a RoBERTa classifier is a
+# module with two Linear children, dense and out_proj: both are left out).
+TASK_HEADS = (
+    ("ForSequenceClassification", "SEQ_CLS", ("classifier", "score")),
+    ("ForTokenClassification", "TOKEN_CLS", ("classifier", "score")),
+    ("ForQuestionAnswering", "QUESTION_ANS", ("qa_outputs",)),
+)
 
 Selector = Union[str, Sequence[str]]
 
@@ -190,20 +200,24 @@ def _examples(names: list[str], limit: int = 6) -> str:
     return shown + (", ..." if len(leaves) > limit else "") if shown else "none"
 
 
+def task_heads(model: nn.Module) -> list[str]:
+    """The top-level heads PEFT adds to modules_to_save for ``model``'s task type (see :data:`TASK_HEADS`),
+    among the modules ``model`` has: ``["classifier"]`` for ``BertForSequenceClassification``."""
+    kind = type(model).__name__
+    for suffix, _, heads in TASK_HEADS:
+        if kind.endswith(suffix):
+            return [h for h in heads if isinstance(model._modules.get(h), nn.Module)]
+    return []
+
+
 def output_heads(model: nn.Module) -> set[str]:
-    """Qualified names of the output head(s) that "all-linear" leaves alone."""
+    """Qualified names of the output head(s) that "all-linear" leaves alone, with every layer inside them."""
     modules = {id(m): n for n, m in model.named_modules()}
-    heads = set()
+    heads = set(task_heads(model))
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if isinstance(head, nn.Module) and id(head) in modules:
         heads.add(modules[id(head)])
-    elif any(s in type(model).__name__ for s in _CLASSIFIER_MODELS):
-        for attr in _CLASSIFIER_HEADS:
-            head = getattr(model, attr, None)
-            if isinstance(head, nn.Module) and id(head) in modules:
-                heads.add(modules[id(head)])
-                break
     return heads
 
 
@@ -227,7 +241,8 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
         candidates = [n for n in names if isinstance(modules[n], nn.Linear) or is_conv1d(modules[n])]
         chosen = []
         for n in candidates:
-            if n in heads or inside_kept(n) or n in excluded or skipped_by_all_linear(n, modules[n], parents[n]):
+            in_head = any(n == h or n.startswith(h + ".") for h in heads)
+            if in_head or inside_kept(n) or n in excluded or skipped_by_all_linear(n, modules[n], parents[n]):
                 continue
             reason = unsupported_reason(n, modules[n], parents[n])
             if reason is not None:
