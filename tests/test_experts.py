@@ -8,6 +8,7 @@ layout), adapters loading both ways, merge_lora equal to the adapted model.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -516,3 +517,38 @@ def test_the_moe_benchmark_runs_and_reports_every_setup(tmp_path):
     for row in ("no adapter, grouped_mm experts", "no adapter, eager experts", "lorakern LoRAExperts (r=16)",
                 "lorakern LoRAExperts NF4 (r=16)", "PEFT target_parameters (r=16)"):
         assert f"| {row} |" in table, row
+
+
+def test_config_rank_is_the_common_one_when_the_last_expert_weight_differs(tmp_path):
+    """save_adapter's expert loop must not overwrite the config's r with the rank of the last stack it writes."""
+    peft = pytest.importorskip("peft")
+    ours = _base("mixtral")
+    lorakern.apply_lora(ours, ["q_proj"], r=4, alpha=8, target_parameters=TARGETS,
+                        rank_pattern={r"layers\.1\.mlp\.experts\.down_proj": 2})
+    randomize_adapters(ours)
+    lorakern.save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and list(config["rank_pattern"].values()) == [2]
+    again = _base("mixtral")
+    lorakern.load_adapter(again, tmp_path)
+    torch.testing.assert_close(_logits(again), _logits(ours), rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(_base("mixtral"), tmp_path).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(ours), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "mixtral"])
+@pytest.mark.parametrize("model_dtype, compute_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_nf4_experts_with_a_compute_dtype_other_than_the_model_run_and_merge_in_the_model_dtype(
+        family, model_dtype, compute_dtype):
+    """Llama 4 reads the stack whole (torch.bmm with the hidden states): it gets it in the model's dtype, not the
+    compute dtype; merge_lora gives back a model of one dtype that computes what the patched one did."""
+    model = _base(family).to(model_dtype)
+    lorakern.apply_lora(model, "all-linear", r=4, alpha=8, target_parameters="all-experts", quantize="nf4",
+                        compute_dtype=compute_dtype)
+    randomize_adapters(model)
+    got = _logits(model)
+    assert got.dtype == model_dtype
+    merged = lorakern.merge_lora(copy.deepcopy(model))
+    assert {p.dtype for p in merged.parameters()} == {model_dtype}
+    tol = 3e-2 if torch.bfloat16 in (model_dtype, compute_dtype) else 1e-5
+    torch.testing.assert_close(_logits(merged).float(), got.float(), atol=tol * got.abs().max().item(), rtol=tol)

@@ -116,7 +116,9 @@ class LoRAExperts(LoRABase):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.compute_dtype if self.quantize else self.weight.dtype
+        """The dtype the replaced parameter had (NF4: the model's, which ``model.to(dtype)`` moves), in which
+        code reading the stack whole gets it (``torch.bmm(hidden, W)`` needs the hidden states' dtype)."""
+        return self.base_dtype if self.quantize else self.weight.dtype
 
     @property
     def device(self) -> torch.device:

@@ -42,6 +42,8 @@ def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn
     probe = fn(torch.empty(0, dtype=torch.float64, device=device))
     if isinstance(probe, Tensor) and probe.dtype != torch.float64 and probe.dtype in _COMPUTE_DTYPES:
         module.compute_dtype = probe.dtype
+        if hasattr(module, "base_dtype"):  # LoRAExperts: the dtype the model sees the stack in
+            module.base_dtype = probe.dtype
     return module
 
 

@@ -137,9 +137,9 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         tensors[f"{PREFIX}{name}.lora_B.weight"] = modules[name].lora_B.detach()
     for name, path in _expert_paths(list(experts)).items():
         lora_A, lora_B = experts[name].lora_A.detach(), experts[name].lora_B.detach()
-        e, r, k = lora_A.shape
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_A.reshape(e * r, k)
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_B.permute(1, 2, 0).reshape(lora_B.shape[1], r * e)
+        e, rank, k = lora_A.shape  # (not r: the config's rank, written below)
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_A.reshape(e * rank, k)
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_B.permute(1, 2, 0).reshape(lora_B.shape[1], rank * e)
     for name in keep:
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = value.detach()

@@ -447,14 +447,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     A layer that was a transformers ``Conv1D`` becomes a ``Conv1D`` again (weight
     ``[in, out]``), so ``save_pretrained`` writes the layout the model class
-    expects. Dense layers keep their weight dtype; NF4 layers become dense in
-    their compute dtype (``dequant(W) + scaling * B @ A``, formed in float32).
+    expects. Dense layers keep their weight dtype; NF4 layers become dense
+    (``dequant(W) + scaling * B @ A``, formed in float32) in the dtype of the rest
+    of the model (the most common among its other floating parameters: a float32
+    model quantized with a bf16 compute dtype, or a bf16 model loaded in 4-bit with
+    bitsandbytes' float32 default, stays one dtype), else their compute dtype; NF4
+    expert stacks in the dtype their parameter had.
     Returns ``model`` (changed in place) with the patch record removed.
     """
     wrapper, model = model, unwrap(model)
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA layers to merge")
+    dtype = _rest_dtype(model, modules)
     for name, module in modules.items():
         if isinstance(module, LoRAExperts):
             owner = model.get_submodule(name.rpartition(".")[0])
@@ -462,7 +467,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if module.replaced_config is not None:
                 owner.config = module.replaced_config
             continue
-        linear = module.merged_linear()
+        linear = module.merged_linear(dtype if isinstance(module, QLoRALinear) else None)
         if module.fan_in_fan_out:
             linear = _to_conv1d(linear)
         linear.train(module.training)
@@ -471,6 +476,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
         delattr(model, STATE_ATTR)
     _drop_hf_quantization(model)
     return wrapper
+
+
+def _rest_dtype(model: nn.Module, modules: dict) -> Optional[torch.dtype]:
+    """The most common floating dtype among ``model``'s parameters outside its LoRA modules (None: none)."""
+    inside = {id(p) for m in modules.values() for p in m.parameters()}
+    counts: dict = {}
+    for p in model.parameters():
+        if id(p) not in inside and p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 def _drop_hf_quantization(model: nn.Module) -> None:
