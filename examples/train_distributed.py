@@ -12,8 +12,9 @@ Two nodes with 8 GPUs each (run on both; --node_rank 0 on the node at HOST):
 ``--batch-size`` is per process: a step trains on batch_size x grad_accum x
 processes examples. A checkpoint resumes on any number of processes that keeps
 that product (``--resume``); the adapter written at the end is the same PEFT
-directory a one-process run writes. ``--model tiny`` trains a small random
-Llama with a character tokenizer: a smoke test that runs in seconds.
+directory a one-process run writes (``--method full``: the whole model,
+``save_pretrained`` in safetensors, under ``model/``). ``--model tiny`` trains a
+small random Llama with a character tokenizer: a smoke test that runs in seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddp: replicate the model, all-reduce adapter gradients; fsdp: shard every weight "
                         "(NF4 base included) across processes")
     p.add_argument("--method", choices=("qlora", "lora", "full"), default="qlora",
-                   help="'full' needs --strategy ddp when the output head is tied to the embedding")
+                   help="'full' needs --strategy ddp or none (fsdp needs a frozen output head)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
@@ -54,9 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what an earlier run left in --output-dir and start over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=os.path.join("runs", "train_distributed"))
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The checks of ``python -m lorakern train`` (values, files, output directory), before any process group starts.
+
+    Raises ValueError naming the option and what it must be.
+    """
+    from lorakern.train.pipeline import build_parser as pipeline_parser
+    from lorakern.train.pipeline import check_args as check_options
+
+    if args.method == "full" and args.strategy == "fsdp":
+        raise ValueError("--method full needs --strategy ddp or none: fsdp needs a frozen output head, and full "
+                         "fine-tuning trains it")
+    options = pipeline_parser().parse_args([])  # its defaults for the options this script does not have
+    vars(options).update(vars(args), test_data="split", test_fraction=0.0, general_data="none")
+    check_options(options)
 
 
 def load(spec: str | None, device: str):
@@ -75,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from lorakern.train import TrainConfig, Trainer, prepare_dataset, prepare_model
-    from lorakern.train.distributed import init_world, save_adapter
+    from lorakern.train.distributed import init_world, save_trained
+    from lorakern.train.pipeline import clear_previous_run
 
     world = init_world(device=None if args.device == "auto" else args.device)
     # The same seed everywhere: every rank builds the same adapters and data split
@@ -101,17 +121,22 @@ def run(args: argparse.Namespace) -> dict:
                          save_every=args.save_every, seed=args.seed, output_dir=args.output_dir)
     trainer = Trainer(model, data.train, config, eval_data=data.validation,
                       pad_token_id=tokenizer.pad_token_id, world=world, strategy=args.strategy)
-    if args.resume and trainer.resume() and world.is_main:
-        print(f"resumed at step {trainer.step}", flush=True)
+    if args.overwrite and world.is_main:
+        clear_previous_run(args.output_dir)
+    world.barrier()
+    try:
+        if args.resume and trainer.resume() and world.is_main:
+            print(f"resumed at step {trainer.step}", flush=True)
+    except ValueError as e:  # a checkpoint of another batch, dataset or adapter
+        raise SystemExit(f"error: --resume: {e}") from None
     records = trainer.train()
-    adapter = None
-    if args.method != "full":
-        adapter = save_adapter(trainer.model, os.path.join(args.output_dir, "adapter"), world)
+    saved = save_trained(trainer.model, tokenizer, os.path.join(args.output_dir, "adapter" if args.method != "full"
+                                                                 else "model"), world)
     summary = {"steps": trainer.step, "world_size": world.world_size,
                "first_loss": records[0]["loss"] if records else None,
                "last_loss": records[-1]["loss"] if records else None,
                "eval_loss": next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None),
-               "adapter": adapter}
+               "saved": saved}
     if world.is_main:
         print(summary, flush=True)
     # Only on success: after an error on one rank the others are inside collectives,
@@ -121,7 +146,25 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    from lorakern.patch.adapter import AdapterError
+    from lorakern.train.data import DataError
+    from lorakern.train.models import ModelError
+    from lorakern.train.trainer import TrainingInterrupted
+
+    try:
+        run(args)
+    except (OSError, DataError, AdapterError, ModelError) as e:  # a missing or unreadable file, a model it cannot serve
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:  # Ctrl-C: the trainer saved the last whole step
+        print(f"\ninterrupted: {e}; run the same command with --resume to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -19,13 +19,12 @@ def _train(argv: list[str]) -> int:
 
 def _eval(args) -> int:
     from .train import evaluate_model, format_report
-    from .train.data import clean_records, load_records, tokenize_records
     from .train.export import load_for_chat
+    from .train.pipeline import load_eval_set
 
     model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize, device=args.device)
-    raw = clean_records(load_records(args.data))
-    examples, _ = tokenize_records(tokenizer, raw, args.max_length)
-    chats = raw.chats[:args.limit] if args.limit else raw.chats
+    chats, examples = load_eval_set(tokenizer, args.data, args.max_length, "--data", "evaluation set")
+    chats = chats[:args.limit] if args.limit else chats
     report = evaluate_model(model, tokenizer, chats, examples, max_new_tokens=args.max_new_tokens,
                             num_samples=args.num_samples)
     print(format_report(report, f"evaluation on {args.data}"))
@@ -102,6 +101,12 @@ def _check_args(args) -> None:
     adapter = getattr(args, "adapter", None)
     if adapter is not None and not os.path.isdir(adapter):
         raise ValueError(f"--adapter: no such directory: {adapter}")
+    if args.command == "merge":
+        output = os.path.realpath(args.output)
+        for option, source in (("--adapter", adapter), ("--model", args.model)):
+            if source is not None and os.path.isdir(source) and output == os.path.realpath(source):
+                raise ValueError(f"--output {args.output} is the {option} directory; the merged model would "
+                                 "overwrite what it is built from: pass another directory")
 
 
 def main(argv=None) -> int:

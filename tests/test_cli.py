@@ -80,6 +80,11 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
     (["--target-parameters", " , "], "--target-parameters must be auto, all-experts, none or a comma-separated"),
     (["--config", "/nonexistent/run.yaml"], "--config: .*No such file"),
     (["--config", "run.toml"], "--config: --config must be a .yaml, .yml or .json file"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2**32)"),
+    (["--test-data", "split", "--val-fraction", "0.5", "--test-fraction", "0.6"],
+     "--val-fraction + --test-fraction must be < 1"),
+    (["--resume", "--overwrite"], "--resume continues the run in --output-dir and --overwrite deletes it"),
 ])
 def test_train_refuses_bad_options_before_loading_anything(flags, message, monkeypatch, capsys):
     import re
@@ -140,6 +145,8 @@ def test_bad_values_in_a_config_file_are_usage_errors(tmp_path, capsys):
     (["eval", "--data", __file__, "--limit", "-1"], "--limit must be >= 0"),
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["merge", "--adapter", "/nonexistent", "--output", "out"], "--adapter: no such directory"),
+    (["merge", "--adapter", os.path.dirname(__file__), "--output", os.path.dirname(__file__) + "/"],
+     "is the --adapter directory; the merged model would overwrite what it is built from"),
 ])
 def test_other_commands_refuse_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -226,3 +233,168 @@ def test_qlora_on_a_moe_model_adapts_and_quantizes_the_experts(tmp_path, capsys)
     assert main(["train", *common, "--target-parameters", "experts.w1", "--output-dir", str(tmp_path / "bad")]) == 1
     assert "error: --target-parameters experts.w1: target_parameters entries matched no parameter" in \
         capsys.readouterr().err
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def small_run(tiny_model_dir, tmp_path):
+    """``train`` flags for a run of seconds: 24 training and 3 test records, no forgetting check."""
+    with open(os.path.join(ROOT, "examples", "data", "support_triage_train.jsonl")) as f:
+        lines = f.readlines()
+    (tmp_path / "train.jsonl").write_text("".join(lines[:24]))
+    (tmp_path / "test.jsonl").write_text("".join(lines[24:27]))
+    return ["train", "--model", tiny_model_dir, "--data", str(tmp_path / "train.jsonl"), "--test-data",
+            str(tmp_path / "test.jsonl"), "--general-data", "none", "--method", "lora", "--steps", "2",
+            "--batch-size", "2", "--eval-limit", "1", "--max-new-tokens", "2", "--max-length", "1024",
+            "--val-fraction", "0", "--no-progress", "--mixed-precision", "no", "--num-samples", "0",
+            "--output-dir", str(tmp_path / "run")]
+
+
+def _steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_train_refuses_an_output_dir_holding_a_previous_run(tmp_path, monkeypatch, capsys):
+    from lorakern.train import models
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("no model may load"))
+    (tmp_path / "notes.txt").write_text("not a run")
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 6, "loss": 1.0}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--output-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert (f"--output-dir {tmp_path} holds a previous run (checkpoint-6, metrics.jsonl): pass --resume to continue "
+            "it, --overwrite to delete it and start over, or another --output-dir") in capsys.readouterr().err
+
+
+def test_overwrite_replaces_the_previous_run_and_keeps_other_files(small_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoint-9").mkdir(parents=True)
+    (run / "checkpoint-9" / "trainer_state.json").write_text("{}")
+    (run / "adapter").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
+    (run / "notes.txt").write_text("mine")
+    assert main(small_run + ["--save-every", "1", "--overwrite"]) == 0
+    assert "--overwrite: deleted adapter, checkpoint-9, metrics.jsonl from" in capsys.readouterr().out
+    # checkpoint-9 would have outranked this run's checkpoints in the rotation (2 kept)
+    assert sorted(os.listdir(run)) == ["adapter", "checkpoint-1", "checkpoint-2", "loss_curve.png", "metrics.jsonl",
+                                       "notes.txt", "report.json"]
+    assert _steps(run) == [1, 2]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("steps: 2.5\n", "steps: expected an integer, got 2.5"),
+    ('merge: "false"\n', "merge: expected true or false, got 'false'"),
+    ("method: bogus\n", "method: expected one of qlora, lora, full, got 'bogus'"),
+    ("mixed_precision: no\n", "mixed_precision: expected one of auto, bf16, fp16, no, got false (quote yes, no"),
+    ("lr: fast\n", "lr: expected a number, got 'fast'"),
+    ("data: {a: 1}\n", "data: expected a string, got {'a': 1}"),
+    ("target_modules: [q_proj, [v_proj]]\n", "target_modules: expected a list of names, got ['q_proj', ['v_proj']]"),
+])
+def test_config_values_are_checked_like_flags(text, message, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(config)])
+    assert e.value.code == 2
+    assert f"{config}: {message}" in capsys.readouterr().err
+
+
+def test_config_values_convert_like_flags(tmp_path):
+    from lorakern.train.pipeline import parse_args
+
+    data = os.path.join(ROOT, "examples", "data", "support_triage_train.jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"lr: 5e-4\nsteps: 3\ndata: {data}\ntarget_modules: [q_proj, v_proj]\nmerge: true\n"
+                      f"alpha: 16\noutput_dir: {tmp_path / 'run'}\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.lr, args.steps, args.data, args.target_modules, args.merge) == \
+        (5e-4, 3, [data], "q_proj,v_proj", True)  # YAML 1.1 reads 5e-4 (no dot) as a string
+    assert isinstance(args.alpha, float)
+
+
+def test_resume_continues_from_the_base_models_report_and_refuses_other_runs(small_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(small_run + ["--steps", "4", "--save-every", "2"]) == 0
+    first = json.load(open(run / "report.json"))
+    capsys.readouterr()
+
+    def resume(*flags):
+        code = main(small_run + ["--steps", "4", "--resume", *flags])
+        return code, capsys.readouterr()
+
+    # Another global batch, rank or data: refused before the first evaluation (minutes on a real model).
+    for flags, message in ((["--batch-size", "4"], ": global batch is 2 samples per step"),
+                           (["--r", "8"], "lora_A has shape (16, 32), model has (8, 32): resume with the method"),
+                           (["--data", str(tmp_path / "test.jsonl")],
+                            "was trained on 24 examples in 'train' but this run has 3 examples in 'train'")):
+        code, out = resume(*flags)
+        assert code == 1 and f"error: --resume: checkpoint {run / 'checkpoint-4'}" in out.err and message in out.err
+        assert "before-training evaluation" not in out.out
+
+    # Resumed halfway: "before" is still the base model's report, not the checkpoint's.
+    os.rename(run / "checkpoint-4", tmp_path / "spare")
+    code, out = resume()
+    assert code == 0 and f"resumed at step 2 from {run / 'checkpoint-2'}" in out.out
+    assert json.load(open(run / "report.json"))["before"] == first["before"]
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(small_run, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: dropped a torn last line"):
+        assert main(small_run + ["--resume"]) == 0
+    assert f"--resume: no checkpoint in {tmp_path / 'run'} yet; starting from step 0" in capsys.readouterr().out
+    assert _steps(tmp_path / "run") == [1, 2]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(small_run, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from lorakern.train.trainer import Trainer
+
+    log = Trainer._log
+
+    def ctrl_c_after_step_1(self, record):
+        log(self, record)
+        if record["step"] == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "_log", ctrl_c_after_step_1)
+    try:
+        code = main(small_run + ["--steps", "5"])
+    except KeyboardInterrupt:  # would end the whole test session
+        pytest.fail("Ctrl-C escaped as a raw KeyboardInterrupt")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (f"interrupted after step 1: {tmp_path / 'run' / 'checkpoint-1'} holds the last saved step; run the same "
+            "command with --resume to continue from it") in err
+    monkeypatch.setattr(Trainer, "_log", log)
+    assert main(small_run + ["--steps", "5", "--resume"]) == 0
+    assert "resumed at step 1" in capsys.readouterr().out and _steps(tmp_path / "run") == [1, 2, 3, 4, 5]
+
+
+def test_skipped_evaluation_records_are_reported(small_run, tiny_model_dir, tmp_path, capsys):
+    test = tmp_path / "test.csv"
+    test.write_text('instruction,output\n"Say, hi",ok\nonly\n,empty\nb,c\n')
+    argv = small_run + ["--steps", "1"]
+    argv[argv.index("--test-data") + 1] = str(test)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"held-out test set: 2 records from {test}\n  2 record(s) skipped or changed:\n    {test}:3: no response " \
+        "field" in out and f"{test}:4: empty user message; dropped" in out
+
+    # Nothing usable: an error, not an empty report.
+    none = tmp_path / "none.jsonl"
+    none.write_text('{"x": 1}\n')
+    assert main(["eval", "--model", tiny_model_dir, "--data", str(none)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --data {none}: no usable record; 1 record(s) skipped:\n  {none}:1: no prompt field" in err
+    argv[argv.index("--general-data") + 1] = str(none)
+    assert main(argv + ["--overwrite"]) == 1
+    assert f"error: --general-data {none}: no usable record" in capsys.readouterr().err

@@ -133,3 +133,16 @@ def test_save_merge_and_reload_for_chat(tok, tmp_path):
     inputs = iter(["first", ""])
     replies = chat(plain, tok, max_new_tokens=3, read=lambda _: next(inputs), out=open(os.devnull, "w"))
     assert len(replies) == 1
+
+
+def test_comparison_columns_stay_aligned_for_large_values():
+    # An untrained model's perplexity is ~100 (the vocabulary size), and up to e^50 when the loss explodes.
+    before = {"test": {"loss": 4.6244, "perplexity": 101.9462}, "task": {"exact_match": 0.0, "n": 2},
+              "general": {"loss": 4.65}}
+    after = {"test": {"loss": 50.0, "perplexity": 5.184705528587072e21}, "task": {"exact_match": 1.0, "n": 2},
+             "general": {"loss": 4.64}}
+    header, *rows = format_comparison(before, after).splitlines()[:5]
+    assert [r.index(" -> ") for r in rows] == [34] * 4, rows
+    assert "101.9462 ->" in rows[1] and rows[1].endswith(" 5.185e+21")
+    assert all(len(r) == len(header) for r in rows)  # numbers right-aligned under "before" and "after"
+    assert header.index("before") + len("before") == rows[0].index(" -> ")

@@ -34,11 +34,35 @@ def test_example_runs_on_tiny_model(tiny_model_dir, tmp_path, method, capsys):
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps == [1, 2]
 
+    # The same command again would mix two runs in one directory: refused at once, saying what to do.
+    with pytest.raises(SystemExit) as e:
+        load_example().main(argv)
+    assert e.value.code == 2 and f"--output-dir {out} holds a previous run" in capsys.readouterr().err
+
     # --resume with more steps continues from checkpoint-2 instead of starting over
     assert load_example().main(argv[:5] + ["3"] + argv[6:] + ["--resume"]) == 0
     assert "resumed at step 2" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps == [1, 2, 3]
+    assert json.load(open(os.path.join(out, "report.json")))["before"] == report["before"]  # the base model's
+
+
+def test_the_readme_command_runs_again_and_keeps_the_previous_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Without --output-dir (the README's command) a second run works: the first one's directory is renamed
+    aside, whole, never deleted or mixed with the new run."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", tiny_model_dir, "--method", "lora", "--steps", "1", "--batch-size", "2", "--eval-limit", "1",
+            "--max-new-tokens", "2", "--max-length", "512", "--no-progress", "--mixed-precision", "no"]
+    assert load_example().main(argv) == 0
+    first = open(os.path.join("runs", "train_qlora", "metrics.jsonl")).read()
+    capsys.readouterr()
+    assert load_example().main(argv) == 0
+    moved = [d for d in os.listdir("runs") if d.startswith("train_qlora-")]
+    assert len(moved) == 1 and f"moved to {os.path.join('runs', moved[0])}" in capsys.readouterr().out
+    assert open(os.path.join("runs", moved[0], "metrics.jsonl")).read() == first
+    assert {"adapter", "report.json"} <= set(os.listdir(os.path.join("runs", moved[0])))
+    steps = [json.loads(line)["step"] for line in open(os.path.join("runs", "train_qlora", "metrics.jsonl"))]
+    assert steps == [1]
 
 
 def test_example_reports_missing_data(tiny_model_dir, tmp_path, capsys):
@@ -95,3 +119,43 @@ def test_load_for_chat_builds_the_nf4_base_on_the_gpu(tiny_model_dir, tmp_path):
                                 "--no-progress", "--device", "cpu"]) == 0
     model, _ = load_for_chat(tiny_model_dir, os.path.join(out, "adapter"), quantize="nf4", device="cuda")
     assert all(p.is_cuda for p in model.parameters()) and all(b.is_cuda for b in model.buffers())
+
+
+def load_distributed_example():
+    path = os.path.join(ROOT, "examples", "train_distributed.py")
+    spec = importlib.util.spec_from_file_location("train_distributed_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--r", "0"], "--r (the LoRA rank) must be a positive int"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--data", "/nonexistent/train.jsonl"], "--data: no such file: /nonexistent/train.jsonl"),
+    (["--method", "full", "--strategy", "fsdp"], "--method full needs --strategy ddp or none"),
+])
+def test_distributed_example_refuses_bad_options(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_distributed_example().main(["--model", "tiny", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_distributed_example_saves_the_fully_fine_tuned_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakern.train.tiny import tiny_llama, tiny_tokenizer
+
+    data = tmp_path / "train.jsonl"
+    with open(os.path.join(ROOT, "examples", "data", "support_triage_train.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:16]))
+    out = tmp_path / "run"
+    assert load_distributed_example().main(["--model", "tiny", "--method", "full", "--strategy", "none", "--data",
+                                            str(data), "--steps", "2", "--batch-size", "2", "--max-length", "1024",
+                                            "--mixed-precision", "no", "--lr", "1e-3", "--output-dir", str(out)]) == 0
+    assert f"'saved': '{out / 'model'}'" in capsys.readouterr().out
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    initial = tiny_llama(vocab_size=len(tiny_tokenizer()), hidden_size=64).state_dict()
+    changed = [n for n, t in trained.state_dict().items() if not torch.equal(t, initial[n])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "lm_head.weight" in changed

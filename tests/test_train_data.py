@@ -105,6 +105,45 @@ def test_files_saved_with_a_byte_order_mark_and_crlf(tmp_path, ext):
     assert data.chats[0] == [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "wörld"}]
 
 
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_lines_that_are_not_utf8_are_reported_and_skipped(tok, tmp_path, ext):
+    # A file saved as Latin-1 (caf\xe9) among UTF-8 lines: that record is bad, the others load.
+    if ext == "jsonl":
+        raw = b'{"instruction": "ok", "output": "fine"}\n{"instruction": "caf\xe9", "output": "x"}\n' \
+              b'{"instruction": "b\xc3\xa9", "output": "c"}\n'
+        line, reason = 2, "not valid UTF-8 (byte 0xe9 at column 21); save the file as UTF-8"
+    else:
+        raw = b'instruction,output\nok,fine\n"caf\xe9",x\nb\xc3\xa9,c\n'
+        line, reason = 3, "not valid UTF-8 (byte 0xe9); save the file as UTF-8"  # line 1: the header
+    path = tmp_path / f"d.{ext}"
+    path.write_bytes(raw)
+    data = load_records(str(path))
+    assert [c[0]["content"] for c in data.chats] == ["ok", "bé"]
+    assert [str(i) for i in data.issues] == [f"{path}:{line}: {reason}"]
+    with pytest.raises(DataError, match=rf"d\.{ext}:{line}: not valid UTF-8"):
+        load_records(str(path), strict=True)
+    prepare_dataset(tok, str(path))  # nothing downstream sees the bad bytes
+
+
+def test_a_json_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[{"instruction": "a", "output": "b"},\n {"instruction": "caf\xe9", "output": "x"}]')
+    with pytest.raises(DataError, match=r"d\.json:2: not valid UTF-8 \(byte 0xe9 at column 22\)"):
+        load_records(str(path))
+
+
+def test_a_lone_surrogate_is_a_bad_record(tok, tmp_path):
+    # JSON can escape half a UTF-16 pair; such a string cannot be encoded, hashed for the split or tokenized.
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"instruction": "a\\ud800b", "output": "ok"}',
+                                              {"instruction": "b", "output": "c"},
+                                              {"instruction": "c", "output": "d"}])
+    data = load_records(path)
+    assert len(data) == 2 and [i.line for i in data.issues] == [1]
+    assert "user message holds a lone surrogate (U+D800 at character 2)" in data.issues[0].reason
+    prepared = prepare_dataset(tok, path, val_fraction=0.5)
+    assert len(prepared.train) + len(prepared.validation) == 2
+
+
 def test_no_training_example_left_is_an_error_saying_why(tok, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -170,7 +170,7 @@ def test_resume_rejects_a_different_adapter(examples, tmp_path):
     _train(examples, 1, "lora", out=str(tmp_path), total=2)
     model = tiny_llama()
     prepare_model(model, "lora", r=8, alpha=8)
-    trainer = Trainer(model, examples, TrainConfig(steps=2, output_dir=str(tmp_path), progress=False))
+    trainer = Trainer(model, examples, TrainConfig(steps=2, batch_size=4, output_dir=str(tmp_path), progress=False))
     with pytest.raises(ValueError, match="shape"):
         trainer.resume()
 
@@ -371,3 +371,91 @@ def test_fast_attention_keeps_sdpa_on_a_transformers_without_mask_registries(mon
     model.set_attn_implementation("sdpa")
     assert attention.use_fast_attention(model) is False
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_ctrl_c_saves_the_last_whole_step_and_resumes_exactly(examples, tmp_path):
+    """The first SIGINT stops after the step in progress with a checkpoint of it; a second one stops at once."""
+    import signal
+
+    from lorakern.train import TrainingInterrupted
+
+    def trainer_for(out, callbacks=()):
+        model = tiny_llama(seed=0)
+        torch.manual_seed(0)
+        prepare_model(model, "lora", r=4, alpha=8, dropout=0.1)
+        config = TrainConfig(steps=5, batch_size=4, lr=5e-3, warmup_steps=2, output_dir=str(out), progress=False,
+                             mixed_precision="no", seed=0)
+        return Trainer(model, examples, config, callbacks=callbacks)
+
+    def ctrl_c_at(step, times=1):
+        def callback(trainer, record):
+            if record["step"] == step:
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+        return callback
+
+    straight = [r["loss"] for r in trainer_for(tmp_path / "straight").train()]
+    interrupted = trainer_for(tmp_path / "run", [ctrl_c_at(2)])
+    with pytest.raises(KeyboardInterrupt) as e:  # not TrainingInterrupted alone: a bare one would end the session
+        interrupted.train()
+    assert isinstance(e.value, TrainingInterrupted), repr(e.value)
+    assert e.value.step == 2 and e.value.checkpoint == str(tmp_path / "run" / "checkpoint-2")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = trainer_for(tmp_path / "run")
+    assert resumed.resume() and resumed.step == 2
+    resumed.train()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == straight  # bit for bit: the checkpoint is a consistent step boundary
+
+    # Pressed twice: KeyboardInterrupt at once (mid-step: nothing consistent to save).
+    with pytest.raises(KeyboardInterrupt) as e:
+        trainer_for(tmp_path / "twice", [ctrl_c_at(1, times=2)]).train()
+    assert not isinstance(e.value, TrainingInterrupted)
+    assert not list(tmp_path.glob("twice/checkpoint-*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_refuses_a_damaged_file(examples, tmp_path):
+    from lorakern.train.plot import plot_loss_curve
+
+    _train(examples, 2, "lora", out=str(tmp_path), total=4)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2)) + '{"step": 3, "lo')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:3: dropped a torn last line"):
+        plot_loss_curve(str(metrics), str(tmp_path / "curve.png"))
+    with pytest.warns(UserWarning, match="torn last line"):
+        trainer, _ = _train(examples, 2, "lora", out=str(tmp_path), resume=True, total=4)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+    metrics.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a metrics record \(invalid JSON"):
+        _train(examples, 2, "lora", out=str(tmp_path), resume=True, total=4)
+
+
+def test_resume_refuses_other_data_or_adapter_before_loading_weights(examples, tmp_path, monkeypatch):
+    from lorakern.train import checkpoint
+
+    _train(examples, 2, "lora", out=str(tmp_path), total=4)
+    monkeypatch.setattr(checkpoint, "load_file", lambda *a, **k: pytest.fail("no tensor may load"))
+    model = tiny_llama(seed=0)
+    prepare_model(model, "lora", r=4, alpha=8)
+    config = TrainConfig(steps=4, batch_size=4, output_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"trained on 36 examples in 'train' but this run has 30 examples in 'train'"):
+        Trainer(model, examples[:30], config).resume()
+    with pytest.raises(ValueError, match="global batch is 4 samples per step"):
+        Trainer(model, examples, TrainConfig(steps=4, batch_size=2, output_dir=str(tmp_path))).resume()
+    other = tiny_llama(seed=0)
+    prepare_model(other, "lora", r=8, alpha=8)
+    with pytest.raises(ValueError, match=r"has shape \(4, 32\), model has \(8, 32\): resume with the method"):
+        Trainer(other, examples, config).resume()
+
+
+def test_resume_without_a_checkpoint_starts_over_and_drops_stale_metrics(examples, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    model = tiny_llama(seed=0)
+    prepare_model(model, "lora", r=4, alpha=8)
+    trainer = Trainer(model, examples, TrainConfig(steps=1, batch_size=4, output_dir=str(tmp_path), progress=False,
+                                                   mixed_precision="no"))
+    assert trainer.resume() is False and trainer.step == 0
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and records[0]["loss"] != 9.0

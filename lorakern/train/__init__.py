@@ -15,12 +15,12 @@ from .data import (IGNORE_INDEX, Collator, DataError, DataIssue, Example, LoadRe
 from .evaluate import evaluate_loss, evaluate_model, format_comparison, format_report, generate, task_metrics
 from .loss import causal_lm_loss
 from .sampler import MixtureSampler, World
-from .trainer import TrainConfig, Trainer, autocast_dtype, cosine_lr, prepare_model
+from .trainer import TrainConfig, Trainer, TrainingInterrupted, autocast_dtype, cosine_lr, prepare_model
 
 __all__ = [
     "IGNORE_INDEX", "Collator", "DataError", "DataIssue", "Example", "LoadResult", "clean_records",
     "format_chat", "load_records", "pack_examples", "prepare_dataset", "split_records", "tokenize_chat",
     "tokenize_records", "evaluate_loss", "evaluate_model", "format_comparison", "format_report", "generate",
-    "task_metrics", "causal_lm_loss", "MixtureSampler", "World", "TrainConfig", "Trainer", "autocast_dtype",
-    "cosine_lr", "prepare_model",
+    "task_metrics", "causal_lm_loss", "MixtureSampler", "World", "TrainConfig", "Trainer", "TrainingInterrupted",
+    "autocast_dtype", "cosine_lr", "prepare_model",
 ]

@@ -26,10 +26,12 @@ import tempfile
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "check_parameters",
+           "rng_state", "set_rng_state"]
 
 _STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -140,28 +142,44 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def read_trainer_state(path: str) -> dict:
+    """The JSON trainer state of checkpoint ``path`` (step, config, dataset sizes, ...), without loading tensors."""
+    state_path = os.path.join(path, _STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
+    with open(state_path) as f:
+        return json.load(f)
+
+
+def check_parameters(path: str, shapes: dict[str, tuple]) -> None:
+    """Refuse checkpoint ``path`` unless it holds exactly the trainable parameters ``{name: shape}``.
+
+    Reads only the safetensors header, so a run learns of a different adapter
+    (other rank, targets or method) before any weight is loaded.
+    """
+    with safe_open(os.path.join(path, "trainable.safetensors"), framework="pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    missing, unexpected = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model's trainable parameters: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in shapes.items():
+        if saved[name] != tuple(shape):
+            raise ValueError(f"checkpoint {path}: {name} has shape {saved[name]}, model has {tuple(shape)}")
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Restore trainable parameters, optimizer and RNG states; return the JSON trainer state.
 
     The model must already have the same trainable parameters (same LoRA
     targets and rank); a mismatch is an error naming the differing parameters.
     """
-    state_path = os.path.join(path, _STATE_FILE)
-    if not os.path.isfile(state_path):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
-    with open(state_path) as f:
-        state = json.load(f)
-    saved = load_file(os.path.join(path, "trainable.safetensors"))
+    state = read_trainer_state(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model's trainable parameters: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    check_parameters(path, {n: p.shape for n, p in params.items()})
+    saved = load_file(os.path.join(path, "trainable.safetensors"))
     with torch.no_grad():
         for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
-                                 f"model has {tuple(p.shape)}")
             p.copy_(saved[name])
     if optimizer is not None:
         opt = _join_optimizer_state(load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])

@@ -27,8 +27,10 @@ template's scaffolding before each assistant reply, padding).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ __all__ = [
     "RESPONSE_FIELDS",
     "DataIssue",
     "DataError",
+    "format_issues",
     "LoadResult",
     "Example",
     "load_records",
@@ -70,6 +73,14 @@ class DataIssue:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
+
+
+def format_issues(issues: Sequence[DataIssue], limit: int = 10, indent: str = "    ") -> list[str]:
+    """Report lines for skipped or changed records: the first ``limit`` as ``file:line: reason``, then a count."""
+    lines = [f"{indent}{i}" for i in issues[:limit]]
+    if len(issues) > limit:
+        lines.append(f"{indent}... and {len(issues) - limit} more")
+    return lines
 
 
 class DataError(ValueError):
@@ -121,6 +132,17 @@ class Example:
 
 def _record_to_chat(rec) -> list[dict]:
     """Normalise one record to a chat; raise ``ValueError(reason)`` when it is malformed."""
+    chat = _parse_record(rec)
+    for m in chat:
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud800"); no text encoding can
+            raise ValueError(f"a {m['role']} message holds a lone surrogate (U+{ord(e.object[e.start]):04X} at "
+                             f"character {e.start + 1}), which is not valid Unicode text") from None
+    return chat
+
+
+def _parse_record(rec) -> list[dict]:
     if not isinstance(rec, dict):
         raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
@@ -163,12 +185,27 @@ def _record_to_chat(rec) -> list[dict]:
     return chat
 
 
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    """Why ``raw`` (a line, or a whole file) failed to decode, with the 1-based column in its line."""
+    start = raw.rfind(b"\n", 0, e.start) + 1
+    column = len(raw[start:e.start].decode("utf-8", "replace")) + 1
+    return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); save the file as UTF-8"
+
+
 def _iter_file(path: str) -> Iterable[tuple[int, object | Exception]]:
     """Yield (line or record number, parsed record or the parse error) for one file."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
+        # Bytes, decoded line by line: a line in another encoding is one bad record, not a failed load.
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield lineno, ValueError(_not_utf8(raw, e))
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -176,11 +213,17 @@ def _iter_file(path: str) -> Iterable[tuple[int, object | Exception]]:
                 except json.JSONDecodeError as e:
                     yield lineno, ValueError(f"invalid JSON: {e.msg} at column {e.colno}")
     elif ext == ".json":
-        with open(path, encoding="utf-8-sig") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError([DataIssue(path, e.lineno, f"invalid JSON: {e.msg}")]) from None
+        with open(path, "rb") as f:
+            raw = f.read().removeprefix(codecs.BOM_UTF8)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # one document: nothing to skip to
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError([DataIssue(path, line, _not_utf8(raw, e))]) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError([DataIssue(path, e.lineno, f"invalid JSON: {e.msg}")]) from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -188,11 +231,20 @@ def _iter_file(path: str) -> Iterable[tuple[int, object | Exception]]:
         # no line numbers survive json.load: report the 1-based record index
         yield from enumerate(data, 1)
     elif ext == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
+        # Quoted fields may span lines, so the file is decoded whole; bytes that are not
+        # UTF-8 become lone surrogates (surrogateescape) and mark their record as bad.
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            reader = csv.DictReader(io.StringIO(f.read(), newline=""))
             for rec in reader:
                 # line of the record's last physical line (quoted fields may span lines)
-                yield reader.line_num, {k: v for k, v in rec.items() if k is not None and v is not None}
+                rec = {k: v for k, v in rec.items() if k is not None and v is not None}
+                try:
+                    "".join((*rec, *rec.values())).encode("utf-8")
+                except UnicodeEncodeError as e:
+                    byte = ord(e.object[e.start]) - 0xDC00
+                    yield reader.line_num, ValueError(f"not valid UTF-8 (byte 0x{byte:02x}); save the file as UTF-8")
+                    continue
+                yield reader.line_num, rec
     else:
         raise DataError(f"{path}: unsupported extension {ext!r}; expected .jsonl, .json or .csv")
 
@@ -433,9 +485,7 @@ class PreparedData:
         lines = [f"data: train {len(self.train)}, validation {len(self.validation)}, test {len(self.test)} examples"]
         if self.issues:
             lines.append(f"  {len(self.issues)} record(s) skipped or changed:")
-            lines += [f"    {i}" for i in self.issues[:10]]
-            if len(self.issues) > 10:
-                lines.append(f"    ... and {len(self.issues) - 10} more")
+            lines += format_issues(self.issues)
         return "\n".join(lines)
 
 

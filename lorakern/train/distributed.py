@@ -68,8 +68,8 @@ from torch import nn
 from .sampler import World
 
 __all__ = ["LaunchError", "DistributedWorld", "init_world", "launch_env", "wrap_model", "unwrap_model",
-           "no_sync", "full_state", "save_adapter", "check_resume", "local_parameter_bytes", "fsdp_qlora_unsupported",
-           "STRATEGIES"]
+           "no_sync", "full_state", "save_adapter", "save_trained", "check_resume", "local_parameter_bytes",
+           "fsdp_qlora_unsupported", "STRATEGIES"]
 
 STRATEGIES = ("none", "ddp", "fsdp")
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -632,6 +632,28 @@ def full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = No
         _scatter(model, optimizer, full_model, full_optimizer, full_optimizer.state_dict())
 
 
+@contextlib.contextmanager
+def _full_trainable(model: nn.Module, world: World):
+    """Yield the user's module; on rank 0 its trainable parameters hold full tensors for the time of the block.
+
+    Every rank must enter (FSDP shards are gathered); the shards are put back on exit.
+    """
+    inner = unwrap_model(model)
+    full = {n: _gather(p) for n, p in _trainable(inner)}  # collective under FSDP
+    swapped = []
+    try:
+        if world.is_main:
+            for name, tensor in full.items():
+                owner_name, _, leaf = name.rpartition(".")
+                owner = inner.get_submodule(owner_name)
+                swapped.append((owner, leaf, owner._parameters[leaf]))
+                owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        yield inner
+    finally:
+        for owner, leaf, original in swapped:
+            owner._parameters[leaf] = original
+
+
 def save_adapter(model: nn.Module, directory: str, world: World) -> Optional[str]:
     """:func:`lorakern.save_adapter` for a wrapped or sharded model: the same PEFT files a one-process run writes.
 
@@ -640,27 +662,34 @@ def save_adapter(model: nn.Module, directory: str, world: World) -> Optional[str
     """
     from ..patch import save_adapter as save_single
 
-    inner = unwrap_model(model)
-    full = {n: _gather(p) for n, p in _trainable(inner)}  # collective under FSDP
     path = None
-    if world.is_main:
-        # Show save_adapter full tensors for the time of the call, then put the shards back.
-        swapped = []
-        try:
-            for name, tensor in full.items():
-                owner_name, _, leaf = name.rpartition(".")
-                owner = inner.get_submodule(owner_name)
-                swapped.append((owner, leaf, owner._parameters[leaf]))
-                owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    with _full_trainable(model, world) as inner:
+        if world.is_main:
             path = save_single(inner, directory)
-        finally:
-            for owner, leaf, original in swapped:
-                owner._parameters[leaf] = original
     world.barrier()
     return path
 
 
-def check_resume(state: Mapping, batch_size: int, grad_accum: int, world_size: int) -> None:
+def save_trained(model: nn.Module, tokenizer, directory: str, world: World) -> Optional[str]:
+    """:func:`lorakern.train.export.save_trained` for a wrapped or sharded model.
+
+    The adapter of a LoRA / QLoRA model, or the whole fully fine-tuned model
+    (``save_pretrained``, safetensors), with the tokenizer: what a one-process
+    run writes. Every rank must call it; rank 0 writes and gets the directory,
+    the others get None.
+    """
+    from .export import save_trained as save_single
+
+    path = None
+    with _full_trainable(model, world) as inner:
+        if world.is_main:
+            path = save_single(inner, tokenizer, directory)
+    world.barrier()
+    return path
+
+
+def check_resume(state: Mapping, batch_size: int, grad_accum: int, world_size: int,
+                 path: Optional[str] = None) -> None:
     """Refuse to resume a checkpoint whose global batch differs from this run's.
 
     ``state`` is the trainer state a checkpoint stored (its ``config`` with
@@ -668,7 +697,7 @@ def check_resume(state: Mapping, batch_size: int, grad_accum: int, world_size: i
     ``world_size`` was written by one process). The world size itself may
     change; only ``batch_size * grad_accum * world_size`` must stay equal, since
     the sampler position is a global sample count and step ``s`` must have
-    consumed ``s`` global batches.
+    consumed ``s`` global batches. ``path`` (the checkpoint's) is named in the error.
     """
     config = state.get("config", {})
     saved_ws = int(state.get("world_size", 1))
@@ -678,8 +707,9 @@ def check_resume(state: Mapping, batch_size: int, grad_accum: int, world_size: i
         hint = ""
         if saved % (batch_size * world_size) == 0:
             hint = f"; e.g. grad_accum={saved // (batch_size * world_size)} with batch_size={batch_size}"
+        where = f"checkpoint {path}:" if path else "checkpoint"
         raise ValueError(
-            f"checkpoint global batch is {saved} samples per step (batch_size {config.get('batch_size')} x "
+            f"{where} global batch is {saved} samples per step (batch_size {config.get('batch_size')} x "
             f"grad_accum {config.get('grad_accum')} x {saved_ws} processes) but this run's is {now} "
             f"(batch_size {batch_size} x grad_accum {grad_accum} x {world_size} processes): keep "
             f"batch_size x grad_accum x world_size equal to resume{hint}")

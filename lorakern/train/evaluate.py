@@ -211,8 +211,7 @@ def format_comparison(before: dict, after: dict) -> str:
         b, a = _get(before, key_path), _get(after, key_path)
         if b is None or a is None:
             return
-        fmt = (lambda v: f"{v:8.1%}") if pct else (lambda v: f"{v:8.4f}")
-        rows.append(f"  {name:<22}{fmt(b)}  ->{fmt(a)}")
+        rows.append(f"  {name:<22}{_cell(b, pct)} -> {_cell(a, pct)}")
 
     add("held-out loss", ("test", "loss"))
     add("held-out perplexity", ("test", "perplexity"))
@@ -221,13 +220,20 @@ def format_comparison(before: dict, after: dict) -> str:
     for key in (_get(after, ("task", "field_accuracy")) or {}):
         add(f"field {key}", ("task", "field_accuracy", key), pct=True)
     add("general-text loss", ("general", "loss"))
-    lines = ["                          before       after", *rows]
+    lines = [f"  {'':<22}{'before':>10}    {'after':>10}", *rows]
     b, a = _get(before, ("general", "loss")), _get(after, ("general", "loss"))
     if b is not None and a is not None:
         change = (a - b) / b
         verdict = "no sign of forgetting" if change < 0.05 else "general-text loss rose: some forgetting"
         lines.append(f"  forgetting check: general-text loss {change:+.1%} ({verdict})")
     return "\n".join(lines)
+
+
+def _cell(value: float, pct: bool) -> str:
+    """One table cell, 10 characters wide for any value (perplexity runs up to e^50 ~ 5e21)."""
+    if pct:
+        return f"{value:10.1%}"
+    return f"{value:10.4f}" if abs(value) < 1e5 else f"{value:10.3e}"
 
 
 def _get(d: dict, path: tuple):

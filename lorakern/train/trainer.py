@@ -18,6 +18,9 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -25,13 +28,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_parameters, latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .data import Collator, Example
-from .distributed import check_resume, full_state, no_sync, wrap_model
+from .distributed import check_resume, full_state, no_sync, unwrap_model, wrap_model
 from .loss import causal_lm_loss, check_loss_split
 from .sampler import MixtureSampler, World, mix_seed
 
-__all__ = ["TrainConfig", "Trainer", "prepare_model", "cosine_lr", "autocast_dtype"]
+__all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "prepare_model", "cosine_lr", "autocast_dtype"]
 
 METHODS = ("full", "lora", "qlora")
 # Last part of the per-step seed: keeps the step RNG stream apart from the sampler's streams.
@@ -391,14 +394,44 @@ class Trainer:
         self.world.barrier()
         return path
 
+    def check_checkpoint(self, path: str) -> dict:
+        """Refuse checkpoint ``path`` unless this trainer can continue it exactly; return its JSON state.
+
+        Reads only the checkpoint's JSON and tensor headers, so a mismatch shows
+        before any weight loads: the global batch (batch_size x grad_accum x
+        processes), the training dataset sizes and the trainable parameters'
+        names and shapes must be those of the run that wrote it. Raises
+        ``ValueError`` saying what differs.
+        """
+        state = read_trainer_state(path)
+        check_resume(state, self.config.batch_size, self.config.grad_accum, self.world.world_size, path)
+        sizes = {k: len(v) for k, v in self.datasets.items()}
+        saved = state.get("datasets", sizes)
+        if saved != sizes:
+            raise ValueError(f"checkpoint {path} was trained on {_sizes(saved)} but this run has {_sizes(sizes)}: "
+                             "resume with the same training data, prepared the same way (files, max length, "
+                             "validation split, packing)")
+        try:
+            check_parameters(path, {n: p.shape for n, p in unwrap_model(self.model).named_parameters()
+                                    if p.requires_grad})
+        except ValueError as e:
+            raise ValueError(f"{e}: resume with the method, LoRA rank and targets it was trained with") from None
+        return state
+
     def resume(self, path: str | None = None) -> bool:
-        """Restore the newest checkpoint in ``output_dir`` (or ``path``); False when there is none."""
+        """Restore the newest checkpoint in ``output_dir`` (or ``path``); False when there is none.
+
+        Without a checkpoint the run starts at step 0, and records a previous
+        attempt left in ``metrics.jsonl`` are dropped. A checkpoint this trainer
+        cannot continue raises ``ValueError`` (see :meth:`check_checkpoint`).
+        """
         path = path or (latest_checkpoint(self.config.output_dir) if self.config.output_dir else None)
         if path is None:
+            self._truncate_metrics(0)
             return False
+        self.check_checkpoint(path)
         with full_state(self.model, self.optimizer, load=True) as (model, optimizer):
             state = load_checkpoint(path, model, optimizer)
-        check_resume(state, self.config.batch_size, self.config.grad_accum, self.world.world_size)
         self.sampler.load_state_dict(state["sampler"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
@@ -407,7 +440,14 @@ class Trainer:
         return True
 
     def train(self) -> list[dict]:
-        """Train until ``config.steps``; return the metrics records of this call."""
+        """Train until ``config.steps``; return the metrics records of this call.
+
+        Ctrl-C (SIGINT, in the main thread) stops after the optimizer step in
+        progress: the trainer saves a checkpoint of that step (with
+        ``output_dir``) and raises :class:`TrainingInterrupted`, a
+        ``KeyboardInterrupt`` saying where; :meth:`resume` continues exactly.
+        A second Ctrl-C interrupts at once, saving nothing.
+        """
         cfg = self.config
         show = cfg.progress and self.world.is_main
         bar = None
@@ -416,29 +456,46 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         records = []
-        try:
-            while self.step < cfg.steps:
-                record = self.train_step()
-                if cfg.eval_every and self.eval_data and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    record.update(self._eval_record())
-                if self.step == cfg.steps and self.eval_data:
-                    record.update(self._eval_record())
-                self._log(record)
-                records.append(record)
+        note = "stopping after this step" + (" to save a checkpoint" if cfg.output_dir else "")
+        with _stop_after_step_on_sigint(note if self.world.is_main else None) as stop_requested:
+            try:
+                self._train_loop(records, bar, stop_requested)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    postfix = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
-                    if "eval_loss" in record:
-                        postfix["eval"] = f"{record['eval_loss']:.4f}"
-                    bar.set_postfix(postfix)
-                if cfg.output_dir and ((cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps):
-                    self.save()
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
         if cfg.output_dir and self.world.is_main:
             self.plot()
         return records
+
+    def _train_loop(self, records: list, bar, stop_requested: Callable[[], bool]) -> None:
+        cfg = self.config
+        while self.step < cfg.steps:
+            record = self.train_step()
+            if cfg.eval_every and self.eval_data and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                record.update(self._eval_record())
+            if self.step == cfg.steps and self.eval_data:
+                record.update(self._eval_record())
+            self._log(record)
+            records.append(record)
+            if bar is not None:
+                bar.update(1)
+                postfix = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                if "eval_loss" in record:
+                    postfix["eval"] = f"{record['eval_loss']:.4f}"
+                bar.set_postfix(postfix)
+            due = bool(cfg.output_dir) and ((cfg.save_every and self.step % cfg.save_every == 0)
+                                            or self.step == cfg.steps)
+            path = self.save() if due else None
+            # Every rank must stop after the same step: saving is collective under FSDP.
+            stop = stop_requested()
+            if self.world.world_size > 1:
+                stop = self.world.all_reduce_sum(float(stop)) > 0
+            if stop:
+                if cfg.output_dir and not due:
+                    path = self.save()
+                if cfg.output_dir and self.world.is_main:
+                    self.plot()
+                raise TrainingInterrupted(self.step, path)
 
     def _eval_record(self) -> dict:
         result = self.evaluate()
@@ -462,13 +519,14 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         # A resumed run repeats the steps after its checkpoint: drop their old records.
+        from .plot import read_metrics
+
         path = self._metrics_path()
         if not path or not self.world.is_main or not os.path.exists(path):
             return
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
         with open(path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def plot(self, path: str | None = None) -> str | None:
         """Plot train (and eval) loss from ``metrics.jsonl`` to ``loss_curve.png``; return its path."""
@@ -478,6 +536,54 @@ class Trainer:
         from .plot import plot_loss_curve
 
         return plot_loss_curve(metrics, path or os.path.join(self.config.output_dir, "loss_curve.png"))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :meth:`Trainer.train` after optimizer step ``step``.
+
+    ``checkpoint`` is the directory holding that step (None without an
+    ``output_dir``, and on ranks other than 0).
+    """
+
+    def __init__(self, step: int, checkpoint: str | None):
+        saved = f"; checkpoint saved in {checkpoint}" if checkpoint else ""
+        super().__init__(f"training interrupted after step {step}{saved}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextlib.contextmanager
+def _stop_after_step_on_sigint(note: str | None):
+    """Yield ``stop_requested()``: True once Ctrl-C was pressed inside the block (which prints ``note``).
+
+    Python's default handler raises ``KeyboardInterrupt`` wherever the program
+    is, mid-backward or mid-optimizer-step included, where no consistent state
+    exists to save. Inside this block the first SIGINT only sets a flag, read
+    between steps; a second one raises at once. Nothing changes when SIGINT is
+    ignored or handled by the application, or outside the main thread (where
+    signal handlers cannot be installed).
+    """
+    requested = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def on_sigint(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        if note:
+            print(f"\nCtrl-C: {note} (Ctrl-C again stops at once, without saving)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _sizes(datasets: dict) -> str:
+    return ", ".join(f"{n} examples in {name!r}" for name, n in datasets.items())
 
 
 def _jsonable(value):
