@@ -10,9 +10,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_example():
-    path = os.path.join(ROOT, "examples", "train_qlora.py")
-    spec = importlib.util.spec_from_file_location("train_qlora_example", path)
+def load_example(name="train_qlora"):
+    """examples/<name>.py as a module."""
+    path = os.path.join(ROOT, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -122,11 +123,7 @@ def test_load_for_chat_builds_the_nf4_base_on_the_gpu(tiny_model_dir, tmp_path):
 
 
 def load_distributed_example():
-    path = os.path.join(ROOT, "examples", "train_distributed.py")
-    spec = importlib.util.spec_from_file_location("train_distributed_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_distributed")
 
 
 @pytest.mark.parametrize("flags,message", [

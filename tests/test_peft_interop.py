@@ -277,10 +277,15 @@ def test_all_linear_on_task_models_leaves_the_head_to_modules_to_save(kind, head
     lorakern.save_adapter(model, tmp_path)  # with the head, which PEFT's task wrapper will read
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["modules_to_save"] == [head] and config["task_type"] is not None
+    _check_both_load(base, model, tmp_path)
+
+
+def _check_both_load(base, model, directory):
+    """PEFT and load_adapter, each on a fresh copy of ``base``, give ``model``'s task outputs."""
     ids = example_input()
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
     again = copy.deepcopy(base)
-    lorakern.load_adapter(again, tmp_path)
+    lorakern.load_adapter(again, directory)
     with torch.no_grad():
         want = _task_outputs(model, ids)
         torch.testing.assert_close(_task_outputs(theirs, ids), want, atol=ATOL, rtol=RTOL)
@@ -301,14 +306,7 @@ def test_lora_inside_a_task_head_is_saved_for_peft_generic_model(kind, targets, 
     lorakern.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["task_type"] is None and config["modules_to_save"] is None
-    ids = example_input()
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    again = copy.deepcopy(base)
-    lorakern.load_adapter(again, tmp_path)
-    with torch.no_grad():
-        want = _task_outputs(model, ids)
-        torch.testing.assert_close(_task_outputs(theirs, ids), want, atol=ATOL, rtol=RTOL)
-        assert torch.equal(_task_outputs(again, ids), want)
+    _check_both_load(base, model, tmp_path)
     # the same weights under a task wrapper's config: PEFT would drop the head's LoRA, so it is refused here
     _edit_config(tmp_path, task_type="SEQ_CLS", modules_to_save=["classifier", "score"])
     fresh = copy.deepcopy(base)
