@@ -552,3 +552,21 @@ def test_nf4_experts_with_a_compute_dtype_other_than_the_model_run_and_merge_in_
     assert {p.dtype for p in merged.parameters()} == {model_dtype}
     tol = 3e-2 if torch.bfloat16 in (model_dtype, compute_dtype) else 1e-5
     torch.testing.assert_close(_logits(merged).float(), got.float(), atol=tol * got.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("move", ["double", "half"])
+def test_nf4_stacks_read_whole_follow_every_dtype_move(move):
+    """model.double() (float64: no NF4 compute dtype, but the stack must come in it for torch.bmm) and
+    model.half() under bf16 autocast (CPU autocast refuses to stack fp16 tensors) on Llama 4."""
+    model = _base("llama4_text")
+    lorakern.apply_lora(model, "all-linear", r=4, alpha=8, target_parameters="all-experts", quantize="nf4")
+    randomize_adapters(model)
+    getattr(model, move)()
+    want = torch.float64 if move == "double" else torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=move == "half"):
+        got = _logits(model)
+    assert torch.isfinite(got).all()
+    merged = lorakern.merge_lora(copy.deepcopy(model))
+    assert {p.dtype for p in merged.parameters()} == {want}
+    if move == "double":
+        torch.testing.assert_close(_logits(merged), got, atol=1e-6, rtol=1e-6)

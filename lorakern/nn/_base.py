@@ -60,7 +60,8 @@ def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
     Only an activation that autograd produced (``x.grad_fn`` set) is shared. A
     leaf, such as a batch buffer refilled in place through NumPy or ``.data``,
     can change without a version-counter bump, and a stale copy would be a
-    silently wrong output; it is cast afresh on every call.
+    silently wrong output; it is cast afresh on every call. (Writing into an
+    activation through ``.data`` between two layers that read it is not seen.)
     """
     if x.dtype == dtype:
         return x

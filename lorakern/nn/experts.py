@@ -183,7 +183,10 @@ class LoRAExperts(LoRABase):
             return w.to(dtype)
         experts = range(self.num_experts) if expert is None else (expert,)
         ws = [ops.nf4_dequantize(self.quantized_weight(i), dtype) for i in experts]
-        return torch.stack(ws) if expert is None else ws[0]
+        if expert is not None:
+            return ws[0]
+        with torch.autocast(self.device.type, enabled=False):  # CPU autocast refuses to stack fp16 tensors
+            return torch.stack(ws)
 
     def linear(self, x: Tensor, expert: int, bias: Optional[Tensor] = None) -> Tensor:
         """``F.linear(x, W_e, bias)`` with expert ``expert``'s adapter: one fused op."""

@@ -30,7 +30,7 @@ def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn
 
     A move to a floating dtype (``model.half()``, ``model.to(torch.bfloat16)``) sets
     ``compute_dtype``, as it sets the dtype a dense layer computes in; a device move
-    leaves it. The target dtype is read from what ``fn`` does to a float64 probe.
+    leaves it. The target dtype is read from what ``fn`` does to two probes.
     """
     stash = {name: module._buffers.pop(name) for name in _QUANT_BUFFERS if name in module._buffers}
     try:
@@ -38,13 +38,24 @@ def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn
     finally:
         for name, t in stash.items():
             module._buffers[name] = fn(t.view(torch.uint8)).view(t.dtype)
-    device = next(iter(stash.values())).device if stash else None
-    probe = fn(torch.empty(0, dtype=torch.float64, device=device))
-    if isinstance(probe, Tensor) and probe.dtype != torch.float64 and probe.dtype in _COMPUTE_DTYPES:
-        module.compute_dtype = probe.dtype
-        if hasattr(module, "base_dtype"):  # LoRAExperts: the dtype the model sees the stack in
-            module.base_dtype = probe.dtype
+    target = _target_dtype(fn, next(iter(stash.values())).device if stash else None)
+    if target is not None:
+        if target in _COMPUTE_DTYPES:
+            module.compute_dtype = target
+        if hasattr(module, "base_dtype"):  # LoRAExperts: the dtype the model sees the stack in (float64 too)
+            module.base_dtype = target
     return module
+
+
+def _target_dtype(fn, device) -> Optional[torch.dtype]:
+    """The floating dtype ``fn`` (an ``nn.Module._apply`` function) casts to, None for a device-only move:
+    what it makes of a float32 and a float64 probe (``.double()`` changes the first, ``.float()`` the second)."""
+    out32, out64 = (fn(torch.empty(0, dtype=d, device=device)) for d in (torch.float32, torch.float64))
+    if not (isinstance(out32, Tensor) and isinstance(out64, Tensor)):
+        return None
+    if out32.dtype != torch.float32:
+        return out32.dtype
+    return out64.dtype if out64.dtype != torch.float64 else None
 
 
 def nf4_dtypes(x: Tensor, autocast: Optional[torch.dtype], compute_dtype: torch.dtype,
