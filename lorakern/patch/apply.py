@@ -196,7 +196,11 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     def nf4(name: str) -> bool:
         return quantize == "nf4" and name not in dense
 
-    _check_targets(model, targets, parameters, nf4)
+    def nf4_stack(key: str, weight: torch.Tensor) -> bool:
+        # a 2-D weight (a router's) stays dense: bitsandbytes' 4-bit loading leaves routers dense too
+        return nf4(key.rpartition(".")[0]) and weight.dim() == 3
+
+    _check_targets(model, targets, parameters, nf4, nf4_stack)
 
     def build(name: str, old: nn.Module) -> nn.Module:
         r_, alpha_ = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
@@ -209,8 +213,7 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
         return LoRALinear.from_linear(old, r_, alpha_, dropout, use_rslora, init)
 
     def build_experts(key: str, weight: torch.Tensor, transposed: bool) -> LoRAExperts:
-        # a 2-D weight (a router's) stays dense: bitsandbytes' 4-bit loading leaves routers dense too
-        quantized = nf4(key.rpartition(".")[0]) and weight.dim() == 3
+        quantized = nf4_stack(key, weight)
         source = weight.detach().to(device) if quantized and device is not None else weight
         return LoRAExperts(source, transposed, pattern_value(rank_pattern, key, r),
                            pattern_value(alpha_pattern, key, alpha), dropout, use_rslora, init,
@@ -225,11 +228,9 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     try:
         for name in targets:
             undo.append(_swap_layer(model, name, build, keep_original=not in_place(name)))
-        for key in parameters:
-            mname = key.rpartition(".")[0]
-            quantized = device is None and nf4(mname) and model.get_submodule(mname).get_parameter(
-                key.rpartition(".")[2]).dim() == 3
-            undo.append(_swap_parameter(model, key, build_experts, keep_original=not quantized))
+        for key in parameters:  # (the stack is not held in a local: it would outlive its swap)
+            in_place_stack = device is None and nf4_stack(key, model.get_parameter(key))
+            undo.append(_swap_parameter(model, key, build_experts, keep_original=not in_place_stack))
         for p in model.parameters():
             p.requires_grad_(False)
         for module in lora_modules(model).values():
@@ -252,7 +253,7 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
             if n in requires_grad:
                 p.requires_grad_(requires_grad[n])
         raise
-    # the last references to the replaced layers: a quantized layer's full-precision weight is freed here
+    # the last references to the replaced layers kept for undo (those quantized in place are already freed)
     del undo, requires_grad
 
     setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init, quantize,
@@ -270,23 +271,24 @@ def _check_quantizable(name: str, weight: torch.Tensor) -> None:
                         "bfloat16 weights (cast the model, or leave the layer out with exclude=)")
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize {name!r}: its weight is empty (shape {tuple(weight.shape)})")
+    # (from_linear checks this again while quantizing; found only there, it would come after layers
+    # quantized in place, which cannot be put back)
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"cannot quantize {name!r}: its weight holds NaN/inf values, which NF4 cannot represent")
 
 
-def _check_targets(model: nn.Module, targets: list[str], parameters: list[str], nf4) -> None:
+def _check_targets(model: nn.Module, targets: list[str], parameters: list[str], nf4, nf4_stack) -> None:
     """What building each layer needs of its weight, checked on every target before any is swapped."""
     for name in targets:
         module = model.get_submodule(name)
         if nf4(name) and not is_bnb_linear4bit(module):
             _check_quantizable(name, module.weight)
     for key in parameters:
-        mname, _, pname = key.rpartition(".")
-        weight = model.get_submodule(mname).get_parameter(pname)
+        weight = model.get_parameter(key)
         if weight.device.type == "meta":
             raise ValueError(f"cannot adapt {key!r}: it is on the meta device (shape {tuple(weight.shape)}, no "
                              "data); load or materialize the weights first")
-        if nf4(mname) and weight.dim() == 3:
+        if nf4_stack(key, weight):
             _check_quantizable(key, weight)
 
 
