@@ -443,6 +443,15 @@ def test_resume_refuses_other_data_or_adapter_before_loading_weights(examples, t
         Trainer(model, examples[:30], config).resume()
     with pytest.raises(ValueError, match="global batch is 4 samples per step"):
         Trainer(model, examples, TrainConfig(steps=4, batch_size=2, output_dir=str(tmp_path))).resume()
+    # Same count, one token changed (a data file edited, another tokenizer): the sampler's
+    # saved position would index other examples.
+    edited = list(examples)
+    edited[7] = Example(input_ids=[*edited[7].input_ids[:-1], edited[7].input_ids[-1] + 1], labels=edited[7].labels)
+    with pytest.raises(ValueError, match=r"trained on other examples in 'train' \(same sizes, different tokens\)"):
+        Trainer(model, edited, config).resume()
+    reordered = [examples[1], examples[0], *examples[2:]]
+    with pytest.raises(ValueError, match="different tokens"):
+        Trainer(model, reordered, config).resume()
     other = tiny_llama(seed=0)
     prepare_model(other, "lora", r=8, alpha=8)
     with pytest.raises(ValueError, match=r"has shape \(4, 32\), model has \(8, 32\): resume with the method"):

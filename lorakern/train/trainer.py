@@ -15,6 +15,7 @@ resume + N-k steps give the same losses bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -275,6 +277,7 @@ class Trainer:
                                       seed=config.seed)
         self.step = 0
         self.history: list[dict] = []
+        self._fingerprints: dict[str, str] | None = None
 
     # ----------------------------------------------------------------------- setup
 
@@ -376,7 +379,8 @@ class Trainer:
     def state(self) -> dict:
         """JSON-able trainer state stored in checkpoints (besides weights, optimizer, RNG)."""
         state = {"sampler": self.sampler.state_dict(), "config": _jsonable(asdict(self.config)),
-                 "datasets": {k: len(v) for k, v in self.datasets.items()}, "world_size": self.world.world_size}
+                 "datasets": {k: len(v) for k, v in self.datasets.items()},
+                 "data_fingerprints": self.data_fingerprints(), "world_size": self.world.world_size}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()  # floats and ints: JSON
         return state
@@ -399,8 +403,9 @@ class Trainer:
 
         Reads only the checkpoint's JSON and tensor headers, so a mismatch shows
         before any weight loads: the global batch (batch_size x grad_accum x
-        processes), the training dataset sizes and the trainable parameters'
-        names and shapes must be those of the run that wrote it. Raises
+        processes), the training datasets (sizes, and token ids and labels by
+        :meth:`data_fingerprints`) and the trainable parameters' names and shapes
+        must be those of the run that wrote it. Raises
         ``ValueError`` saying what differs.
         """
         state = read_trainer_state(path)
@@ -411,12 +416,29 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was trained on {_sizes(saved)} but this run has {_sizes(sizes)}: "
                              "resume with the same training data, prepared the same way (files, max length, "
                              "validation split, packing)")
+        saved = state.get("data_fingerprints")
+        if saved is not None and saved != self.data_fingerprints():
+            differ = [name for name, digest in self.data_fingerprints().items() if saved.get(name) != digest]
+            raise ValueError(f"checkpoint {path} was trained on other examples in {', '.join(map(repr, differ))} "
+                             "(same sizes, different tokens): resume with the same training data, prepared the "
+                             "same way (files, tokenizer, chat template, max length, validation split, packing)")
         try:
             check_parameters(path, {n: p.shape for n, p in unwrap_model(self.model).named_parameters()
                                     if p.requires_grad})
         except ValueError as e:
             raise ValueError(f"{e}: resume with the method, LoRA rank and targets it was trained with") from None
         return state
+
+    def data_fingerprints(self) -> dict[str, str]:
+        """SHA-256 of each training dataset's token ids and labels, in order (hex; computed once).
+
+        The sampler's position in a checkpoint indexes these examples, so a resume
+        on other examples of the same count would silently train on a different
+        sequence of batches.
+        """
+        if self._fingerprints is None:
+            self._fingerprints = {name: _fingerprint(rows) for name, rows in self.datasets.items()}
+        return self._fingerprints
 
     def resume(self, path: str | None = None) -> bool:
         """Restore the newest checkpoint in ``output_dir`` (or ``path``); False when there is none.
@@ -580,6 +602,16 @@ def _stop_after_step_on_sigint(note: str | None):
         yield lambda: bool(requested)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _fingerprint(rows: Sequence[Example]) -> str:
+    digest = hashlib.sha256()
+    for ex in rows:
+        # Lengths first, so that no two different example lists hash the same byte stream.
+        digest.update(len(ex.input_ids).to_bytes(8, "little"))
+        digest.update(array("q", ex.input_ids).tobytes())
+        digest.update(array("q", ex.labels).tobytes())
+    return digest.hexdigest()
 
 
 def _sizes(datasets: dict) -> str:
