@@ -25,6 +25,7 @@ import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUTPUT_DIR = os.path.join("runs", "train_distributed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="delete what an earlier run left in --output-dir and start over")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=os.path.join("runs", "train_distributed"))
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                   help="where the run writes; a previous run there needs --resume or --overwrite, except in the "
+                        "default directory, where it is renamed aside (<dir>-<UTC time>)")
     return p
 
 
@@ -75,7 +78,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "fine-tuning trains it")
     options = pipeline_parser().parse_args([])  # its defaults for the options this script does not have
     vars(options).update(vars(args), test_data="split", test_fraction=0.0, general_data="none")
-    check_options(options)
+    check_options(options, default_output_dir=DEFAULT_OUTPUT_DIR)
 
 
 def load(spec: str | None, device: str):
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from lorakern.train import TrainConfig, Trainer, prepare_dataset, prepare_model
     from lorakern.train.distributed import init_world, save_trained
-    from lorakern.train.pipeline import clear_previous_run
+    from lorakern.train.pipeline import clear_previous_run, move_previous_run_aside, previous_run
 
     world = init_world(device=None if args.device == "auto" else args.device)
     # The same seed everywhere: every rank builds the same adapters and data split
@@ -123,6 +126,9 @@ def run(args: argparse.Namespace) -> dict:
                       pad_token_id=tokenizer.pad_token_id, world=world, strategy=args.strategy)
     if args.overwrite and world.is_main:
         clear_previous_run(args.output_dir)
+    elif not args.resume and world.is_main and previous_run(args.output_dir):  # the default one (check_args)
+        print(f"{args.output_dir} held a previous run: moved to {move_previous_run_aside(args.output_dir)}",
+              flush=True)
     world.barrier()
     try:
         if args.resume and trainer.resume() and world.is_main:

@@ -156,3 +156,24 @@ def test_distributed_example_saves_the_fully_fine_tuned_model(tmp_path, capsys):
     initial = tiny_llama(vocab_size=len(tiny_tokenizer()), hidden_size=64).state_dict()
     changed = [n for n, t in trained.state_dict().items() if not torch.equal(t, initial[n])]
     assert "model.layers.0.self_attn.q_proj.weight" in changed and "lm_head.weight" in changed
+
+
+def test_distributed_example_default_command_runs_again(tmp_path, monkeypatch, capsys):
+    """Its default --output-dir is scratch, as the README command's is: a second run moves the first aside;
+    another directory holding a run is refused without --resume / --overwrite."""
+    data = tmp_path / "train.jsonl"
+    with open(os.path.join(ROOT, "examples", "data", "support_triage_train.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:16]))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "tiny", "--strategy", "none", "--data", str(data), "--steps", "1", "--batch-size", "2",
+            "--max-length", "1024", "--mixed-precision", "no"]
+    assert load_distributed_example().main(argv) == 0
+    first = open(os.path.join("runs", "train_distributed", "metrics.jsonl")).read()
+    capsys.readouterr()
+    assert load_distributed_example().main(argv) == 0
+    moved = [d for d in os.listdir("runs") if d.startswith("train_distributed-")]
+    assert len(moved) == 1 and f"moved to {os.path.join('runs', moved[0])}" in capsys.readouterr().out
+    assert open(os.path.join("runs", moved[0], "metrics.jsonl")).read() == first
+    with pytest.raises(SystemExit) as e:
+        load_distributed_example().main([*argv, "--output-dir", os.path.join("runs", moved[0])])
+    assert e.value.code == 2 and "holds a previous run" in capsys.readouterr().err

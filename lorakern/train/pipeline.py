@@ -167,8 +167,8 @@ DEFAULT_OUTPUT_DIR = os.path.join("runs", "train_qlora")
 _RUN_OUTPUTS = ("adapter", "model", "merged", "metrics.jsonl", "loss_curve.png", "report.json")
 
 
-def _is_default_output_dir(path: str) -> bool:
-    return os.path.normpath(path) == os.path.normpath(DEFAULT_OUTPUT_DIR)
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
 
 
 def move_previous_run_aside(output_dir: str) -> str:
@@ -204,7 +204,7 @@ def clear_previous_run(output_dir: str) -> list[str]:
     return names
 
 
-def _check_output_dir(args: argparse.Namespace) -> None:
+def _check_output_dir(args: argparse.Namespace, default_output_dir: str) -> None:
     # A second run into the same directory would overwrite the adapter, append to the
     # first run's metrics.jsonl, and lose its own checkpoints to the rotation (which keeps
     # the highest step numbers: the first run's); a later --resume would continue the first.
@@ -215,7 +215,7 @@ def _check_output_dir(args: argparse.Namespace) -> None:
     found = previous_run(args.output_dir)
     # the default directory is the scratch one of the README's command, which must run again: a previous
     # run there is moved aside by run() (renamed, never deleted)
-    if found and not (args.resume or args.overwrite) and not _is_default_output_dir(args.output_dir):
+    if found and not (args.resume or args.overwrite) and not _same_dir(args.output_dir, default_output_dir):
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise ValueError(f"--output-dir {args.output_dir} holds a previous run ({shown}): pass --resume to "
                          "continue it, --overwrite to delete it and start over, or another --output-dir")
@@ -231,10 +231,13 @@ def _train_config(args: argparse.Namespace):
                        progress=not args.no_progress)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, default_output_dir: str = DEFAULT_OUTPUT_DIR) -> None:
     """Refuse bad option values before anything loads (a model load and the first evaluation take minutes).
 
-    Raises ValueError naming the option and what it must be.
+    Raises ValueError naming the option and what it must be. A previous run in
+    ``--output-dir`` is refused without --resume or --overwrite, except in the
+    script's ``default_output_dir``, where the caller moves it aside
+    (:func:`move_previous_run_aside`), so the documented command runs again.
     """
     import re
 
@@ -283,7 +286,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--adapter: no such directory: {args.adapter}")
     if args.adapter and args.method == "full":
         raise ValueError("--adapter continues LoRA training; it does not apply to --method full")
-    _check_output_dir(args)
+    _check_output_dir(args, default_output_dir)
 
 
 def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str, strict: bool = False):
