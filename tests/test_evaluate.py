@@ -46,6 +46,31 @@ def test_task_metrics_exact_match_and_fields():
         task_metrics(["a", "b"], ["a"])
 
 
+def test_a_truncated_object_is_not_valid_json_through_a_nested_one():
+    # max_new_tokens cut the answer after a nested object: the nested one alone is not the answer.
+    cut = '{"category": "Support", "priority": 1, "product": {"name": "orbit"}'
+    assert parse_json_object(cut) is None
+    assert parse_json_object(cut + "} and more") == {"category": "Support", "priority": 1, "product": {"name": "orbit"}}
+    assert parse_json_object('{"a": "}{"} {"b": 2}') == {"a": "}{"}  # braces inside strings do not count
+    assert parse_json_object('{"a": "\\"}", "b": {"c": 1}') is None  # an escaped quote does not close the string
+    assert parse_json_object('a 5" screen: {"x": 1}') == {"x": 1}  # quotes in the prose open no string
+    ref = '{"category": "billing", "product": "orbit"}'
+    m = task_metrics([cut], [ref])
+    assert m["valid_json"] == 0.0 and m["exact_match"] == 0.0
+
+
+def test_task_metrics_compare_json_values_not_python_values():
+    # Python has True == 1 and False == 0; JSON true is not the number 1, at any depth.
+    m = task_metrics(['{"urgent": true, "count": false, "tags": [1, {"x": true}]}'] * 2,
+                     ['{"urgent": 1, "count": 0, "tags": [1, {"x": 1}]}',
+                      '{"urgent": true, "count": false, "tags": [1.0, {"x": true}]}'])
+    assert m["exact_match"] == pytest.approx(1 / 2)  # the second: 1 and 1.0 are the same JSON number
+    assert m["field_accuracy"] == {"urgent": 0.5, "count": 0.5, "tags": 0.5}
+    # a missing field is wrong, even when the reference's value is null
+    m = task_metrics(['{"a": 1}'], ['{"a": 1, "b": null}'])
+    assert m["field_accuracy"] == {"a": 1.0, "b": 0.0} and m["exact_match"] == 0.0
+
+
 def test_evaluate_loss_matches_hf_mean_loss(tok):
     model = tiny_llama()
     examples = [tokenize_chat(tok, c) for c in chats()]

@@ -107,26 +107,55 @@ def generate(model: nn.Module, tokenizer, chats: Sequence[list[dict]], max_new_t
 
 
 def parse_json_object(text: str) -> dict | None:
-    """The first JSON object in ``text`` (models often wrap it in prose or code fences), or None."""
+    """The first JSON object in ``text`` (models often wrap it in prose or code fences), or None.
+
+    Only a ``{`` outside every brace pair is a candidate: an object nested in a
+    cut-off one (``{"a": 1, "b": {"c": 2}`` at the token limit) is not an answer.
+    Braces inside JSON strings are not counted.
+    """
     decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-            if isinstance(value, dict):
-                return value
-        except json.JSONDecodeError:
-            pass
-        start = text.find("{", start + 1)
+    depth, in_string, escaped = 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"' and depth > 0:  # quotes in the prose around an object open no string
+            in_string = True
+        elif ch == "{":
+            if depth == 0:
+                try:
+                    return decoder.raw_decode(text, i)[0]  # starts with "{": always a dict
+                except json.JSONDecodeError:
+                    pass  # braces around prose ("{not json}"): the next top-level brace may open the answer
+            depth += 1
+        elif ch == "}" and depth > 0:
+            depth -= 1
     return None
+
+
+def _json_equal(a, b) -> bool:
+    """Equality of parsed JSON values: ``true`` is not ``1`` nor ``false`` ``0`` (Python's ``True == 1``),
+    at any depth. ``1`` and ``1.0`` stay equal: JSON has one number type."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_json_equal, a, b))
+    return a == b
 
 
 def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
     """Exact match, valid-JSON rate and per-field accuracy of predictions against references.
 
     A JSON reference matches when the prediction's first JSON object equals it
-    (key order and whitespace ignored); each of the reference's fields counts
-    as correct when the prediction has the same value. Non-JSON references are
+    (key order and whitespace ignored; ``true`` differs from ``1``); each of the
+    reference's fields counts as correct when the prediction has the same value
+    (a missing field is wrong, even where the reference's value is ``null``). Non-JSON references are
     compared as stripped text.
     """
     if len(predictions) != len(references):
@@ -141,9 +170,9 @@ def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
             continue
         pred_obj = parse_json_object(pred)
         valid += pred_obj is not None
-        exact += int(pred_obj == ref_obj)
+        exact += int(pred_obj is not None and _json_equal(pred_obj, ref_obj))
         for key, value in ref_obj.items():
-            hit = int(pred_obj is not None and pred_obj.get(key) == value)
+            hit = int(pred_obj is not None and key in pred_obj and _json_equal(pred_obj[key], value))
             fields.setdefault(key, []).append(hit)
     out = {"n": n, "exact_match": exact / n if n else float("nan")}
     if fields:
