@@ -257,3 +257,11 @@ def test_prepare_dataset_end_to_end(tok, tmp_path):
     assert "2 record(s) skipped" in report and "invalid JSON" in report and "duplicate" in report
     with pytest.raises(DataError):
         prepare_dataset(tok, path, strict=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_mixture_weights_must_be_finite_and_non_negative(bad):
+    from lorakern.train.sampler import MixtureSampler
+
+    with pytest.raises(ValueError, match=r"weights must be 2 finite non-negative numbers .* got \[1\.0, (nan|inf|-1\.0)\]"):
+        MixtureSampler([3, 3], [1.0, bad])

@@ -13,6 +13,7 @@ drawn from the mixture weights in blocks of ``_BLOCK`` draws seeded by
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -81,8 +82,12 @@ class MixtureSampler:
             raise ValueError(f"every dataset needs at least one row, got sizes {list(sizes)}")
         if weights is None:
             weights = [float(s) for s in sizes]
-        if len(weights) != len(sizes) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be {len(sizes)} non-negative numbers with a positive sum, got {weights}")
+        # not (w >= 0) also refuses NaN, which fails every comparison; inf would make the
+        # normalised weights NaN, and torch.multinomial only complains at the first draw.
+        if (len(weights) != len(sizes) or any(not (w >= 0 and math.isfinite(w)) for w in weights)
+                or sum(weights) <= 0):
+            raise ValueError(f"weights must be {len(sizes)} finite non-negative numbers with a positive sum, "
+                             f"got {list(weights)}")
         self.sizes = [int(s) for s in sizes]
         self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
         self.seed, self.shuffle = int(seed), shuffle
