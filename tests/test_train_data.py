@@ -265,3 +265,86 @@ def test_mixture_weights_must_be_finite_and_non_negative(bad):
 
     with pytest.raises(ValueError, match=r"weights must be 2 finite non-negative numbers .* got \[1\.0, (nan|inf|-1\.0)\]"):
         MixtureSampler([3, 3], [1.0, bad])
+
+
+# DeepSeek-R1 distills: the generation header opens a thought ("<think>\n") that a rendered reply does not hold.
+THINK_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}")
+
+
+def test_a_generation_header_that_a_reply_does_not_start_with():
+    tok = tiny_tokenizer(THINK_TEMPLATE)
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6"}]
+    ex = tokenize_chat(tok, chat)
+    assert tok.decode(ex.input_ids) == format_chat(tok, chat)  # the conversation once, as the template renders it
+    eos = tok.eos_token
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == f"4{eos}\n6{eos}\n"
+    # a template that renders the earlier messages differently once a reply follows cannot be split: refused
+    tok = tiny_tokenizer(THINK_TEMPLATE.replace("{% endif %}", "{% else %}{{ '(your turn)' }}{% endif %}"))
+    with pytest.raises(ValueError, match="renders the messages before assistant turn 3 differently"):
+        tokenize_chat(tok, chat[:3])
+
+
+def test_a_chat_must_open_with_a_prompt(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "a", "response": "b"},
+        {"messages": [{"role": "assistant", "content": "I open"}]},
+        {"messages": [{"role": "assistant", "content": "I open"}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "r"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "r"}]},
+    ])
+    data = load_records(path)
+    assert [i.line for i in data.issues] == [2, 3]
+    assert all("messages[0] has role 'assistant'" in i.reason for i in data.issues)
+    assert len(prepare_dataset(tok, path).train) == 2
+
+
+def test_records_the_chat_template_refuses_are_reported_and_skipped(tmp_path):
+    from lorakern.train.tiny import CHATML_TEMPLATE
+
+    # Gemma's template has no system role; Mistral's checks that users and assistants alternate.
+    tok = tiny_tokenizer("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + CHATML_TEMPLATE)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(4)]
+                       + [{"system": "be brief", "instruction": "q", "response": "a"}])
+    data = prepare_dataset(tok, path, val_fraction=0.25)
+    assert len(data.train) + len(data.validation) == 4  # the split sees only the records that render
+    assert [str(i) for i in data.issues] == [f"{path}:5: the chat template refused this record: "
+                                             "System role not supported"]
+    assert "System role not supported" in data.report()
+    examples, issues = tokenize_records(tok, load_records(path), max_length=64)
+    assert len(examples) == 4 and [i.line for i in issues] == [5]
+    with pytest.raises(DataError, match=r"(?s)2 bad record.*d.jsonl:5: the chat template refused.*d.jsonl:6: invalid"):
+        prepare_dataset(tok, write_jsonl(tmp_path / "d.jsonl", [
+            *[{"instruction": f"q{i}", "response": f"a{i}"} for i in range(4)],
+            {"system": "be brief", "instruction": "q", "response": "a"}, "{broken"]), strict=True)
+
+
+def test_split_sizes_round_half_up_and_must_leave_training_records(tok, tmp_path):
+    def sizes(n, val, test):
+        rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(n)]
+        return [len(p) for p in split_records(load_records(write_jsonl(tmp_path / f"{n}.jsonl", rows)), val, test)]
+
+    assert sizes(4, 0.125, 0.125) == [2, 1, 1]  # 0.5 -> 1 both times (round() gave 0 and 0)
+    assert sizes(5, 0.0, 0.1) == [4, 0, 1] and sizes(4, 0.0, 0.1) == [4, 0, 0]
+    assert sizes(10, 0.25, 0.35) == [3, 3, 4]  # 2.5 -> 3 and 3.5 -> 4 (round() gave 2 and 4)
+    assert sizes(5, 0.0, 0.7) == [1, 0, 4]  # 0.7 * 5 is 3.4999999999999996 in binary
+    with pytest.raises(DataError, match=r"val_fraction 0\.3 and test_fraction 0\.3 of 2 record\(s\) leave no "
+                                        r"training record \(1 validation, 1 test"):
+        prepare_dataset(tok, write_jsonl(tmp_path / "two.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"}
+                                                                  for i in range(2)]), val_fraction=0.3,
+                        test_fraction=0.3)
+
+
+def test_a_split_test_set_with_no_record_is_an_error(tiny_model_dir, tmp_path, capsys):
+    from lorakern.train.pipeline import main
+
+    data = write_jsonl(tmp_path / "four.jsonl", [{"instruction": f"say {i}", "response": f"{i}"} for i in range(4)])
+    code = main(["--model", tiny_model_dir, "--data", data, "--test-data", "split", "--general-data", "none",
+                 "--steps", "1", "--method", "lora", "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert code == 1
+    assert ("--test-data split: --test-fraction 0.1 of 4 usable record(s) leaves no test record (sizes round half "
+            "up: at least 0.125 for one); raise --test-fraction or pass a held-out file as --test-data"
+            ) in capsys.readouterr().err

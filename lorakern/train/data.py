@@ -10,7 +10,8 @@ header row). Each record is either
   present, the input is appended to the instruction after a blank line (the
   Alpaca layout); or
 * a chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-  ending with an assistant message. Every assistant turn is trained on.
+  opening with a user (or system) message and ending with an assistant
+  message. Every assistant turn is trained on.
 
 Bad records (invalid JSON, missing fields, wrong types) never stop a load by
 default: they are collected as :class:`DataIssue` (file, line, reason) in
@@ -32,6 +33,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -160,6 +162,9 @@ def _parse_record(rec) -> list[dict]:
             chat.append({"role": m["role"], "content": m["content"]})
         if chat[-1]["role"] != "assistant":
             raise ValueError("the last message must have role 'assistant' (nothing to learn otherwise)")
+        if chat[0]["role"] == "assistant":
+            raise ValueError("messages[0] has role 'assistant'; a chat opens with a user (or system) message, "
+                             "the prompt the first reply answers")
         return chat
 
     prompt_key = next((k for k in PROMPT_FIELDS if k in rec), None)
@@ -313,23 +318,42 @@ def split_records(
 
     Each record is ranked by a SHA-256 hash of ``seed`` and its content, so the
     split does not depend on the order of rows in the file (adding a row moves at
-    most a few others). Sizes are ``round(fraction * n)``; train keeps file order.
+    most a few others). The test and validation sizes are ``fraction * n``
+    rounded half up (0.5 -> 1: 0.1 of 5 records is 1, 0.1 of 4 is 0); train
+    keeps the rest, in file order. Raises :class:`DataError` when the fractions
+    leave no training record.
     """
+    train_ids, val_ids, test_ids = _split_ids(data, val_fraction, test_fraction, seed)
+
+    def take(ids) -> LoadResult:
+        return LoadResult([data.chats[i] for i in ids], [data.sources[i] for i in ids], [])
+
+    return take(train_ids), take(val_ids), take(test_ids)
+
+
+def _round_half_up(x: float) -> int:
+    # The 1e-9 absorbs binary fractions such as 0.7 * 5 = 3.4999999999999996.
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def _split_ids(data: LoadResult, val_fraction: float, test_fraction: float,
+               seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Indices into ``data`` of the train, validation and test records (see :func:`split_records`)."""
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= frac < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {frac}")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
     n = len(data)
-    n_test, n_val = round(test_fraction * n), round(val_fraction * n)
+    n_test, n_val = _round_half_up(test_fraction * n), _round_half_up(val_fraction * n)
+    if n and n_test + n_val >= n:
+        raise DataError(f"val_fraction {val_fraction} and test_fraction {test_fraction} of {n} record(s) leave no "
+                        f"training record ({n_val} validation, {n_test} test, sizes rounded half up); "
+                        "lower the fractions or add records")
     rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}\n{_canonical(data.chats[i])}".encode()).digest())
     test_ids, val_ids = set(rank[:n_test]), set(rank[n_test:n_test + n_val])
-
-    def take(ids) -> LoadResult:
-        return LoadResult([data.chats[i] for i in ids], [data.sources[i] for i in ids], [])
-
     train_ids = [i for i in range(n) if i not in test_ids and i not in val_ids]
-    return take(train_ids), take(sorted(val_ids)), take(sorted(test_ids))
+    return train_ids, sorted(val_ids), sorted(test_ids)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -361,28 +385,66 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _template_errors() -> tuple[type[Exception], ...]:
+    """What rendering a chat raises for a record its template refuses.
+
+    transformers raises ValueError (an empty conversation, a template it cannot
+    use); a template's own checks (``raise_exception('System role not supported')``
+    in Gemma's, the user/assistant alternation in Mistral's) raise jinja2's
+    TemplateError, imported only when a render failed: the fallback template
+    needs no jinja2.
+    """
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, TemplateError)
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
     """Tokenize a chat, labelling exactly the assistant replies (and what ends them).
 
     The text is rendered at the boundaries of every assistant turn (prompt with
     the generation header, then prompt + reply) and each piece is tokenized on its
     own, so the prompt tokens are exactly what :func:`generate` feeds the model.
-    When the template is not prefix-stable across turns (some templates rewrite
-    earlier turns), only the last assistant turn is trained on.
+    Where the generation header is not how the template renders a reply's start
+    (DeepSeek-R1 distills append ``<think>\\n`` to it), the reply starts where the
+    two renderings part. When the template is not prefix-stable across turns
+    (some templates rewrite earlier turns), only the last assistant turn is
+    trained on.
+
+    Raises ValueError for a record the template refuses, or whose reply cannot
+    be told apart from its prompt; no text but a reply is ever labelled.
     """
-    cuts: list[tuple[str, bool]] = []  # (text up to here, is the piece ending here a reply?)
-    for i, m in enumerate(chat):
-        if m["role"] == "assistant":
-            cuts.append((format_chat(tokenizer, chat[:i], add_generation_prompt=True), False))
-            cuts.append((format_chat(tokenizer, chat[: i + 1]), True))
+    try:
+        cuts: list[tuple[str, bool]] = []  # (text up to here, is the piece ending here a reply?)
+        for i, m in enumerate(chat):
+            if m["role"] != "assistant":
+                continue
+            prompt = format_chat(tokenizer, chat[:i], add_generation_prompt=True)
+            full = format_chat(tokenizer, chat[: i + 1])
+            if not full.startswith(prompt):
+                # Everything before this turn must render the same in both; the reply's
+                # header is what the generation header and the reply share.
+                before = format_chat(tokenizer, chat[:i])
+                if not full.startswith(before):
+                    raise ValueError(f"the chat template renders the messages before assistant turn {i + 1} "
+                                     "differently once the reply follows; cannot tell the reply from the prompt")
+                prompt = full[:max(len(before), _common_prefix_length(prompt, full))]
+            cuts += [(prompt, False), (full, True)]
+    except _template_errors() as e:
+        raise ValueError(f"the chat template refused this record: {e}") from e
     if not all(b.startswith(a) for (a, _), (b, _) in zip(cuts, cuts[1:])):
-        cuts = cuts[-2:]
+        cuts = cuts[-2:]  # the last prompt is a prefix of the last full rendering (checked above)
     input_ids: list[int] = []
     labels: list[int] = []
     prev = ""
     for text, is_reply in cuts:
-        if not text.startswith(prev):  # only after the fallback to the last turn: restart from 0
-            prev = ""
         ids = _encode(tokenizer, text[len(prev):])
         input_ids += ids
         labels += ids if is_reply else [IGNORE_INDEX] * len(ids)
@@ -390,22 +452,24 @@ def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
     return Example(input_ids, labels)
 
 
-def tokenize_records(
-    tokenizer, data: LoadResult, max_length: int, overlong: str = "drop"
-) -> tuple[list[Example], list[DataIssue]]:
-    """Tokenize every chat; report (and by default drop) those longer than ``max_length`` tokens.
+def _tokenize_each(tokenizer, data: LoadResult) -> tuple[list[int], list[Example], list[DataIssue]]:
+    """Tokenize every chat: (indices of the chats tokenized, their examples, one issue per refused chat)."""
+    kept, examples, refused = [], [], []
+    for i, (chat, (path, lineno)) in enumerate(zip(data.chats, data.sources)):
+        try:
+            examples.append(tokenize_chat(tokenizer, chat))
+        except ValueError as e:
+            refused.append(DataIssue(path, lineno, str(e)))
+            continue
+        kept.append(i)
+    return kept, examples, refused
 
-    ``overlong``: ``"drop"`` (report and skip), ``"truncate"`` (report and cut the
-    end; the example is kept only if a labelled token survives) or ``"error"``
-    (raise :class:`DataError` listing them).
-    """
-    if overlong not in ("drop", "truncate", "error"):
-        raise ValueError(f"overlong must be 'drop', 'truncate' or 'error', got {overlong!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    examples, issues = [], []
-    for chat, (path, lineno) in zip(data.chats, data.sources):
-        ex = tokenize_chat(tokenizer, chat)
+
+def _fit_length(examples: Sequence[Example], sources: Sequence[tuple[str, int]], max_length: int,
+                overlong: str) -> tuple[list[Example], list[DataIssue]]:
+    """Apply ``overlong`` to examples longer than ``max_length``; drop those with nothing to learn."""
+    kept, issues = [], []
+    for ex, (path, lineno) in zip(examples, sources):
         if len(ex) > max_length:
             issue = DataIssue(path, lineno, f"{len(ex)} tokens > max_length {max_length}; {overlong}")
             issues.append(issue)
@@ -415,10 +479,33 @@ def tokenize_records(
         if ex.num_labels == 0:
             issues.append(DataIssue(path, lineno, "no trainable tokens after formatting; dropped"))
             continue
-        examples.append(ex)
+        kept.append(ex)
     if overlong == "error" and issues:
         raise DataError(issues)
-    return examples, issues
+    return kept, issues
+
+
+def _check_length_options(max_length: int, overlong: str) -> None:
+    if overlong not in ("drop", "truncate", "error"):
+        raise ValueError(f"overlong must be 'drop', 'truncate' or 'error', got {overlong!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+
+
+def tokenize_records(
+    tokenizer, data: LoadResult, max_length: int, overlong: str = "drop"
+) -> tuple[list[Example], list[DataIssue]]:
+    """Tokenize every chat; report (and by default drop) those longer than ``max_length`` tokens.
+
+    ``overlong``: ``"drop"`` (report and skip), ``"truncate"`` (report and cut the
+    end; the example is kept only if a labelled token survives) or ``"error"``
+    (raise :class:`DataError` listing them). A record the chat template refuses
+    is reported and skipped.
+    """
+    _check_length_options(max_length, overlong)
+    kept, examples, refused = _tokenize_each(tokenizer, data)
+    examples, issues = _fit_length(examples, [data.sources[i] for i in kept], max_length, overlong)
+    return examples, refused + issues
 
 
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
@@ -500,25 +587,34 @@ def prepare_dataset(
     overlong: str = "drop",
     packing: bool = False,
 ) -> PreparedData:
-    """Load, clean, split and tokenize data files in one call (the usual path).
+    """Load, clean, tokenize and split data files in one call (the usual path).
 
-    Only the train split is packed (``packing=True``); evaluation splits stay one
-    example per sequence so per-example metrics remain meaningful. Raises
-    :class:`DataError` when no training example is left (listing why each record
-    was dropped), instead of a trainer with nothing to train on.
+    Records the chat template refuses are dropped before the split, like
+    malformed ones (``strict=True``: both raise :class:`DataError`, listed
+    together). Only the train split is packed (``packing=True``); evaluation
+    splits stay one example per sequence so per-example metrics remain
+    meaningful. Raises :class:`DataError` when no training example is left
+    (listing why each record was dropped), instead of a trainer with nothing to
+    train on.
     """
-    data = clean_records(load_records(paths, strict=strict))
-    train, val, test = split_records(data, val_fraction, test_fraction, seed)
+    _check_length_options(max_length, overlong)
+    loaded = load_records(paths)
+    data = clean_records(loaded)
+    kept, tokenized, refused = _tokenize_each(tokenizer, data)
+    if strict and (loaded.issues or refused):
+        files = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+        raise DataError(sorted(loaded.issues + refused, key=lambda i: (files.index(i.file), i.line)))
+    data = LoadResult([data.chats[i] for i in kept], [data.sources[i] for i in kept], data.issues + refused)
+    ids = _split_ids(data, val_fraction, test_fraction, seed)
     issues = list(data.issues)
-    splits = {}
-    for name, part in (("train", train), ("validation", val), ("test", test)):
-        examples, bad = tokenize_records(tokenizer, part, max_length, overlong)
+    splits, raw = {}, {}
+    for name, part in zip(("train", "validation", "test"), ids):
+        raw[name] = LoadResult([data.chats[i] for i in part], [data.sources[i] for i in part], [])
+        splits[name], bad = _fit_length([tokenized[i] for i in part], raw[name].sources, max_length, overlong)
         issues += bad
-        splits[name] = examples
     if not splits["train"]:
         raise DataError(issues) if issues else DataError(
             f"no training records in {paths if isinstance(paths, (str, os.PathLike)) else ', '.join(map(str, paths))}")
     if packing:
         splits["train"] = pack_examples(splits["train"], max_length)
-    return PreparedData(splits["train"], splits["validation"], splits["test"],
-                        {"train": train, "validation": val, "test": test}, issues)
+    return PreparedData(splits["train"], splits["validation"], splits["test"], raw, issues)

@@ -349,6 +349,11 @@ def run(args: argparse.Namespace) -> dict:
     print(data.report())
     if split_test:
         test_chats, test_examples = data.raw["test"].chats, data.test
+        if not test_chats:
+            n = sum(len(part) for part in data.raw.values())
+            raise DataError(f"--test-data split: --test-fraction {args.test_fraction} of {n} usable record(s) "
+                            f"leaves no test record (sizes round half up: at least {0.5 / n:.3g} for one); "
+                            "raise --test-fraction or pass a held-out file as --test-data")
     else:
         test_chats, test_examples = load_eval_set(tokenizer, args.test_data, args.max_length, "--test-data",
                                                   "held-out test set", strict=args.strict)
