@@ -94,15 +94,23 @@ def _call_backward(op: str, device_type: str, args: tuple):
     autograd cannot record, so a second derivative through them failed inside torch
     (``mm(): functions with out=... arguments don't support automatic differentiation``)
     or would miss terms. The reference formulas are plain torch ops, differentiable
-    again. (Through the custom ops, as under torch.compile, double backward is an error
-    naming ``lorakern::*_bwd``: those ops have no autograd formula.)
+    again. The saved ``xa = drop(x) A^T`` came from a backend outside autograd, so it is
+    recomputed here on the graph: ``dB = s dy^T xa`` depends on x and lora_A, and with the
+    saved tensor the second derivatives through it (d/dA of dL/dB: MAML-style meta-gradients,
+    gradient penalties on the adapter) were silently missing. (Through the custom ops, as
+    under torch.compile, double backward is an error naming ``lorakern::*_bwd``: those ops
+    have no autograd formula.)
+
+    ``args`` is laid out as ``(dy, x, xa, weight | q, lora_A, lora_B, scaling, dropout_p, seed, ...)``.
     """
     if not torch.is_grad_enabled():  # grad mode is on in backward only with create_graph=True
         return _call(op, device_type, args)
     from .. import reference
 
+    dy, x, _, base, lora_A, lora_B, scaling, dropout_p, seed, *flags = args
     with _no_autocast(device_type):
-        return getattr(reference, op)(*args)
+        xa = reference.apply_dropout(x, seed, dropout_p) @ lora_A.t()
+        return getattr(reference, op)(dy, x, xa, base, lora_A, lora_B, scaling, dropout_p, seed, *flags)
 
 
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
