@@ -348,3 +348,56 @@ def test_a_split_test_set_with_no_record_is_an_error(tiny_model_dir, tmp_path, c
     assert ("--test-data split: --test-fraction 0.1 of 4 usable record(s) leaves no test record (sizes round half "
             "up: at least 0.125 for one); raise --test-fraction or pass a held-out file as --test-data"
             ) in capsys.readouterr().err
+
+
+def test_packed_positions_restart_for_each_example_and_the_padding():
+    import torch
+
+    packed = pack_examples([Example([5] * 3, [5] * 3), Example([6] * 2, [6] * 2), Example([7] * 4, [7] * 4)], 6)
+    assert [p.input_ids for p in packed] == [[7, 7, 7, 7, 6, 6], [5, 5, 5]]
+    assert [p.position_ids for p in packed] == [[0, 1, 2, 3, 0, 1], [0, 1, 2]]
+    batch = Collator(0)(packed)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]  # padding: a segment of its own
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert batch["position_ids"].dtype == torch.long
+    assert "position_ids" not in Collator(0)([Example([5], [5])])  # unpacked batches as before
+    repacked = pack_examples(packed + [Example([8], [8])], 7)  # packing packed sequences keeps their boundaries
+    assert repacked[0].position_ids == [0, 1, 2, 3, 0, 1, 0]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "lorakern"])
+def test_a_packed_example_scores_as_it_does_alone(tok, implementation):
+    import torch
+    import torch.nn.functional as F
+
+    from lorakern.train.attention import use_fast_attention
+    from lorakern.train.tiny import tiny_llama
+
+    examples = [tokenize_chat(tok, [{"role": "user", "content": f"question {i} " * (1 + i % 3)},
+                                    {"role": "assistant", "content": "AB" * (1 + i)}]) for i in range(5)]
+    model = tiny_llama(hidden_size=64, seed=1).eval()
+    if implementation == "lorakern":
+        assert use_fast_attention(model)
+    else:
+        model.set_attn_implementation(implementation)
+
+    def token_losses(batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "position_ids" in inputs:  # transformers builds the block-diagonal mask from the positions
+            inputs["attention_mask"] = None
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+
+    packed = pack_examples(examples, max_length=3 * max(map(len, examples)))
+    assert [p.position_ids.count(0) for p in packed] == [3, 2]  # 5 examples in 2 rows
+    losses = token_losses(Collator(0)(packed))
+    by_content = {}
+    for row, p in enumerate(packed):  # each example's predictions sit between its start and the next one's
+        starts = [i for i, pos in enumerate(p.position_ids) if pos == 0] + [len(p)]
+        for a, b in zip(starts, starts[1:]):
+            by_content[tuple(p.input_ids[a:b])] = losses[row, a:b - 1]
+    assert len(by_content) == len(examples)
+    for ex in examples:
+        alone = token_losses(Collator(0)([ex]))[0]
+        torch.testing.assert_close(by_content[tuple(ex.input_ids)], alone, rtol=1e-5, atol=1e-5)

@@ -116,10 +116,15 @@ class LoadResult:
 
 @dataclass
 class Example:
-    """One tokenized training example. ``labels[i]`` is ``input_ids[i]`` or ``IGNORE_INDEX``."""
+    """One tokenized training example. ``labels[i]`` is ``input_ids[i]`` or ``IGNORE_INDEX``.
+
+    ``position_ids`` is None for one example (positions ``0 .. len - 1``); a
+    packed sequence (:func:`pack_examples`) restarts it at 0 at each example it holds.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -511,9 +516,11 @@ def tokenize_records(
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
     """Pack whole examples into sequences of at most ``max_length`` tokens (first-fit decreasing).
 
-    No example is split. Packed examples attend to each other inside a sequence
-    (plain causal attention over the concatenation); in exchange batches carry
-    no padding, which for short instruction data is most of the compute.
+    No example is split, and none sees another: each keeps its positions
+    (``position_ids`` restart at 0 where it starts), from which the
+    :class:`Collator` and the model make attention block-diagonal (see there).
+    In exchange batches carry no padding, which for short instruction data is
+    most of the compute.
     """
     bins: list[list[Example]] = []
     room: list[int] = []
@@ -528,14 +535,26 @@ def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]
         else:
             bins.append([ex])
             room.append(max_length - len(ex))
-    return [Example([t for e in b for t in e.input_ids], [t for e in b for t in e.labels]) for b in bins]
+    return [Example([t for e in b for t in e.input_ids], [t for e in b for t in e.labels],
+                    [t for e in b for t in _positions(e)]) for b in bins]
+
+
+def _positions(ex: Example) -> list[int] | range:
+    return range(len(ex)) if ex.position_ids is None else ex.position_ids
 
 
 class Collator:
     """Pad a list of :class:`Example` to a batch (right padding to the longest, or to a multiple).
 
     Returns ``input_ids`` int64 [B, T], ``attention_mask`` int64 [B, T] (1 on
-    tokens), ``labels`` int64 [B, T] (``IGNORE_INDEX`` on padding and prompts).
+    tokens), ``labels`` int64 [B, T] (``IGNORE_INDEX`` on padding and prompts)
+    and, when an example of the batch is packed, ``position_ids`` int64 [B, T]:
+    0 at the start of every packed example and of the padding. Given those
+    position ids, no attention mask and no cache (``use_cache=False``), a
+    transformers model masks attention block-diagonally (each packed example
+    sees only itself, padding only itself), the same mask for "sdpa", "eager"
+    and :mod:`lorakern.train.attention`; flash attention takes the same
+    boundaries from them. An example's loss then equals its loss alone.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
@@ -555,7 +574,12 @@ class Collator:
             ids[i, :n] = torch.tensor(e.input_ids)
             labels[i, :n] = torch.tensor(e.labels)
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if any(e.position_ids is not None for e in examples):
+            # Padding restarts at 0 too: a segment of its own, which no token of an example attends to.
+            batch["position_ids"] = torch.tensor(
+                [[*_positions(e), *range(length - len(e))] for e in examples], dtype=torch.long)
+        return batch
 
 
 @dataclass
