@@ -263,7 +263,8 @@ def test_prepare_dataset_end_to_end(tok, tmp_path):
 def test_mixture_weights_must_be_finite_and_non_negative(bad):
     from lorakern.train.sampler import MixtureSampler
 
-    with pytest.raises(ValueError, match=r"weights must be 2 finite non-negative numbers .* got \[1\.0, (nan|inf|-1\.0)\]"):
+    with pytest.raises(ValueError,
+                       match=r"weights must be 2 finite non-negative numbers .* got \[1\.0, (nan|inf|-1\.0)\]"):
         MixtureSampler([3, 3], [1.0, bad])
 
 
@@ -283,7 +284,7 @@ def test_a_generation_header_that_a_reply_does_not_start_with():
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == f"4{eos}\n6{eos}\n"
     # a template that renders the earlier messages differently once a reply follows cannot be split: refused
     tok = tiny_tokenizer(THINK_TEMPLATE.replace("{% endif %}", "{% else %}{{ '(your turn)' }}{% endif %}"))
-    with pytest.raises(ValueError, match="renders the messages before assistant turn 3 differently"):
+    with pytest.raises(ValueError, match="^the chat template renders the messages before assistant turn 3 differently"):
         tokenize_chat(tok, chat[:3])
 
 

@@ -406,6 +406,14 @@ def _template_errors() -> tuple[type[Exception], ...]:
     return (ValueError, TemplateError)
 
 
+def _render(tokenizer, chat: list[dict], add_generation_prompt: bool = False) -> str:
+    """:func:`format_chat`, raising ValueError for a chat the template refuses."""
+    try:
+        return format_chat(tokenizer, chat, add_generation_prompt)
+    except _template_errors() as e:
+        raise ValueError(f"the chat template refused this record: {e}") from e
+
+
 def _common_prefix_length(a: str, b: str) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
@@ -426,24 +434,22 @@ def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
     Raises ValueError for a record the template refuses, or whose reply cannot
     be told apart from its prompt; no text but a reply is ever labelled.
     """
-    try:
-        cuts: list[tuple[str, bool]] = []  # (text up to here, is the piece ending here a reply?)
-        for i, m in enumerate(chat):
-            if m["role"] != "assistant":
-                continue
-            prompt = format_chat(tokenizer, chat[:i], add_generation_prompt=True)
-            full = format_chat(tokenizer, chat[: i + 1])
-            if not full.startswith(prompt):
-                # Everything before this turn must render the same in both; the reply's
-                # header is what the generation header and the reply share.
-                before = format_chat(tokenizer, chat[:i])
-                if not full.startswith(before):
-                    raise ValueError(f"the chat template renders the messages before assistant turn {i + 1} "
-                                     "differently once the reply follows; cannot tell the reply from the prompt")
-                prompt = full[:max(len(before), _common_prefix_length(prompt, full))]
-            cuts += [(prompt, False), (full, True)]
-    except _template_errors() as e:
-        raise ValueError(f"the chat template refused this record: {e}") from e
+    cuts: list[tuple[str, bool]] = []  # (text up to here, is the piece ending here a reply?)
+    for i, m in enumerate(chat):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, chat[:i], add_generation_prompt=True)
+        full = _render(tokenizer, chat[: i + 1])
+        if not full.startswith(prompt):
+            # Everything before this turn must render the same in both; the reply's header is
+            # what the generation header and the rendered reply share. (A reply that starts
+            # with the header's extra text, "<th" of "<think>", loses those characters' labels.)
+            before = _render(tokenizer, chat[:i])
+            if not full.startswith(before):
+                raise ValueError(f"the chat template renders the messages before assistant turn {i + 1} "
+                                 "differently once the reply follows; cannot tell the reply from the prompt")
+            prompt = full[:max(len(before), _common_prefix_length(prompt, full))]
+        cuts += [(prompt, False), (full, True)]
     if not all(b.startswith(a) for (a, _), (b, _) in zip(cuts, cuts[1:])):
         cuts = cuts[-2:]  # the last prompt is a prefix of the last full rendering (checked above)
     input_ids: list[int] = []
