@@ -6,7 +6,7 @@ import pytest
 
 from lorakern.train.data import (IGNORE_INDEX, Collator, DataError, Example, clean_records, format_chat,
                                  load_records, pack_examples, prepare_dataset, split_records, tokenize_chat,
-                                 tokenize_records)
+                                 tokenize_each, tokenize_records)
 from lorakern.train.tiny import tiny_tokenizer
 
 
@@ -317,6 +317,8 @@ def test_records_the_chat_template_refuses_are_reported_and_skipped(tmp_path):
     assert "System role not supported" in data.report()
     examples, issues = tokenize_records(tok, load_records(path), max_length=64)
     assert len(examples) == 4 and [i.line for i in issues] == [5]
+    kept, examples, refused = tokenize_each(tok, load_records(path))  # what generation can be asked
+    assert [s[1] for s in kept.sources] == [1, 2, 3, 4] and len(examples) == 4 and kept.issues == refused == issues
     with pytest.raises(DataError, match=r"(?s)2 bad record.*d.jsonl:5: the chat template refused.*d.jsonl:6: invalid"):
         prepare_dataset(tok, write_jsonl(tmp_path / "d.jsonl", [
             *[{"instruction": f"q{i}", "response": f"a{i}"} for i in range(4)],

@@ -58,6 +58,7 @@ __all__ = [
     "split_records",
     "format_chat",
     "tokenize_chat",
+    "tokenize_each",
     "tokenize_records",
     "pack_examples",
     "Collator",
@@ -463,16 +464,24 @@ def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
     return Example(input_ids, labels)
 
 
-def _tokenize_each(tokenizer, data: LoadResult) -> tuple[list[int], list[Example], list[DataIssue]]:
-    """Tokenize every chat: (indices of the chats tokenized, their examples, one issue per refused chat)."""
-    kept, examples, refused = [], [], []
-    for i, (chat, (path, lineno)) in enumerate(zip(data.chats, data.sources)):
+def tokenize_each(tokenizer, data: LoadResult) -> tuple[LoadResult, list[Example], list[DataIssue]]:
+    """Tokenize every chat of ``data`` whole (no length limit).
+
+    Returns the chats the template renders (a :class:`LoadResult` with their
+    sources and ``data.issues`` plus one issue per refused chat), their
+    examples in the same order, and the refused chats' issues alone. Only the
+    returned chats can be fed to :func:`~lorakern.train.evaluate.generate`.
+    """
+    kept, examples, refused = LoadResult(issues=list(data.issues)), [], []
+    for chat, source in zip(data.chats, data.sources):
         try:
             examples.append(tokenize_chat(tokenizer, chat))
         except ValueError as e:
-            refused.append(DataIssue(path, lineno, str(e)))
+            refused.append(DataIssue(*source, str(e)))
             continue
-        kept.append(i)
+        kept.chats.append(chat)
+        kept.sources.append(source)
+    kept.issues += refused
     return kept, examples, refused
 
 
@@ -514,8 +523,8 @@ def tokenize_records(
     is reported and skipped.
     """
     _check_length_options(max_length, overlong)
-    kept, examples, refused = _tokenize_each(tokenizer, data)
-    examples, issues = _fit_length(examples, [data.sources[i] for i in kept], max_length, overlong)
+    kept, examples, refused = tokenize_each(tokenizer, data)
+    examples, issues = _fit_length(examples, kept.sources, max_length, overlong)
     return examples, refused + issues
 
 
@@ -630,11 +639,10 @@ def prepare_dataset(
     _check_length_options(max_length, overlong)
     loaded = load_records(paths)
     data = clean_records(loaded)
-    kept, tokenized, refused = _tokenize_each(tokenizer, data)
+    data, tokenized, refused = tokenize_each(tokenizer, data)
     if strict and (loaded.issues or refused):
         files = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
         raise DataError(sorted(loaded.issues + refused, key=lambda i: (files.index(i.file), i.line)))
-    data = LoadResult([data.chats[i] for i in kept], [data.sources[i] for i in kept], data.issues + refused)
     ids = _split_ids(data, val_fraction, test_fraction, seed)
     issues = list(data.issues)
     splits, raw = {}, {}
