@@ -468,3 +468,24 @@ def test_resume_without_a_checkpoint_starts_over_and_drops_stale_metrics(example
     trainer.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] and records[0]["loss"] != 9.0
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_packed_training_step_equals_the_unpacked_one(examples, fused_head, monkeypatch):
+    """--packing changes the batch layout, not the loss: each packed example sees only itself
+    (position_ids restart per example; the model builds a block-diagonal mask from them)."""
+    from lorakern.train import loss as loss_mod
+    from lorakern.train.data import pack_examples
+
+    if not fused_head:  # the full-logits path, taken by models whose logits are not head(hidden)
+        monkeypatch.setattr(loss_mod, "split_causal_lm", lambda model: (None, None))
+    subset = examples[:6]
+    packed = pack_examples(subset, max_length=3 * max(map(len, subset)))
+    assert len(packed) < len(subset)
+    losses = {}
+    for name, data in (("unpacked", subset), ("packed", packed)):
+        model = tiny_llama(seed=0)
+        prepare_model(model, "lora", r=4, alpha=8)
+        trainer = Trainer(model, data, TrainConfig(steps=1, batch_size=len(data), lr=1e-3, progress=False))
+        losses[name] = trainer.train_step()["loss"]
+    assert losses["packed"] == pytest.approx(losses["unpacked"], rel=1e-5, abs=0)

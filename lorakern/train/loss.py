@@ -337,9 +337,22 @@ def check_loss_split(model: nn.Module, input_ids: Tensor) -> bool:
     return body is not None and _split_matches_forward(model, body, head, input_ids)
 
 
+def _mask_inputs(attention_mask: Tensor | None, position_ids: Tensor | None, **inputs) -> dict:
+    """``inputs`` plus the model inputs that say what each token sees.
+
+    Packed examples (``position_ids`` restarting at 0 for each): no attention
+    mask and no cache, so transformers' masking builds the block-diagonal causal
+    mask from the positions; given a 2-D mask (or a cache) it ignores them and
+    packed examples see each other.
+    """
+    if position_ids is not None:
+        return {**inputs, "position_ids": position_ids, "use_cache": False}
+    return inputs if attention_mask is None else {**inputs, "attention_mask": attention_mask}
+
+
 def _full_logits_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, keep: Tensor,
-                      attention_mask: Tensor | None) -> Tensor:
-    out = model(input_ids) if attention_mask is None else model(input_ids, attention_mask=attention_mask)
+                      attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+    out = model(input_ids, **_mask_inputs(attention_mask, position_ids))
     return F.cross_entropy(_logits(out)[:, :-1][keep].float(), targets[keep], reduction="sum")
 
 
@@ -349,6 +362,7 @@ def causal_lm_loss(
     labels: Tensor,
     attention_mask: Tensor | None = None,
     chunk_size: int = 1024,
+    position_ids: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy over labelled positions and their count.
 
@@ -358,6 +372,9 @@ def causal_lm_loss(
             made at ``t - 1`` (Hugging Face convention); ``-100`` is ignored.
         attention_mask: ``[B, T]`` (1 = token) or None.
         chunk_size: rows of labelled hidden states projected at once.
+        position_ids: int64 ``[B, T]`` of packed batches (:class:`~lorakern.train.data.Collator`),
+            or None; when given, ``attention_mask`` is not passed to the model, which then
+            keeps each packed example from seeing the others.
 
     Returns:
         (loss_sum fp32 scalar, number of labelled positions). ``loss_sum / n``
@@ -374,14 +391,14 @@ def causal_lm_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if isinstance(model, DistributedDataParallel) and isinstance(model.module, CausalLMLoss):
-        return model(input_ids, labels, attention_mask, chunk_size)  # through DDP's forward: gradients sync
+        return model(input_ids, labels, attention_mask, chunk_size, position_ids)  # through DDP: gradients sync
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     body, head = split_causal_lm(model)
     if body is None or not _split_matches_forward(model, body, head, input_ids):
-        return _full_logits_loss(model, input_ids, targets, keep, attention_mask), n
-    hidden = _hidden(body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+        return _full_logits_loss(model, input_ids, targets, keep, attention_mask, position_ids), n
+    hidden = _hidden(body(input_ids=input_ids, **_mask_inputs(attention_mask, position_ids, use_cache=False)))
     selected = hidden[:, :-1][keep]  # [n, H]: the only rows that ever meet the head
     targets = targets[keep]
     scale, softcap = logit_transform(model)
@@ -417,5 +434,5 @@ class CausalLMLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
-                chunk_size: int = 1024) -> tuple[Tensor, int]:
-        return causal_lm_loss(self.model, input_ids, labels, attention_mask, chunk_size)
+                chunk_size: int = 1024, position_ids: Tensor | None = None) -> tuple[Tensor, int]:
+        return causal_lm_loss(self.model, input_ids, labels, attention_mask, chunk_size, position_ids)

@@ -340,7 +340,7 @@ class Trainer:
             with no_sync(self.model, i < len(batches) - 1):
                 with self.autocast():
                     loss, _ = causal_lm_loss(self.model, b["input_ids"], b["labels"], b["attention_mask"],
-                                             chunk_size=cfg.loss_chunk_size)
+                                             chunk_size=cfg.loss_chunk_size, position_ids=b.get("position_ids"))
                 if loss.requires_grad:  # a micro-batch without labels contributes nothing
                     scaled = loss / max(n_labels, 1.0)
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
