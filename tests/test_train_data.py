@@ -325,6 +325,21 @@ def test_records_the_chat_template_refuses_are_reported_and_skipped(tmp_path):
             {"system": "be brief", "instruction": "q", "response": "a"}, "{broken"]), strict=True)
 
 
+def test_an_eval_set_leaves_out_records_the_template_refuses(tmp_path, capsys):
+    # Generation renders each held-out chat again: a refused one used to end the run with a
+    # jinja2 traceback after training.
+    from lorakern.train.pipeline import load_eval_set
+    from lorakern.train.tiny import CHATML_TEMPLATE
+
+    tok = tiny_tokenizer("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + CHATML_TEMPLATE)
+    path = write_jsonl(tmp_path / "test.jsonl", [{"instruction": "q1", "response": "a1"},
+                                                 {"system": "be brief", "instruction": "q", "response": "a"}])
+    chats, examples = load_eval_set(tok, path, 64, "--test-data", "test set")
+    assert len(chats) == len(examples) == 1 and chats[0][0]["content"] == "q1"
+    assert f"{path}:2: the chat template refused this record: System role not supported" in capsys.readouterr().out
+
+
 def test_split_sizes_round_half_up_and_must_leave_training_records(tok, tmp_path):
     def sizes(n, val, test):
         rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(n)]

@@ -50,7 +50,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=256, help="max tokens per example (longer ones are reported)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out for validation loss")
     g.add_argument("--test-fraction", type=float, default=0.1, help="share of --data held out with --test-data split")
-    g.add_argument("--packing", action="store_true", help="pack several examples per sequence")
+    g.add_argument("--packing", action="store_true", help="pack several examples per sequence (no padding; each example attends only to itself, "
+                   "positions restart per example)")
     g.add_argument("--strict", action="store_true",
                    help="stop with an error listing every malformed record of the data files instead of skipping "
                         "and reporting them (empty, duplicate and overlong records are still skipped and reported)")
@@ -297,9 +298,10 @@ def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str
     :class:`~lorakern.train.data.DataError` naming ``option`` when no record of
     ``path`` is usable.
     """
-    from .data import DataError, clean_records, format_issues, load_records, tokenize_records
+    from .data import DataError, clean_records, format_issues, load_records, tokenize_each, tokenize_records
 
-    raw = clean_records(load_records(path, strict=strict))
+    # Only chats the template renders: generation renders each one again.
+    raw, _, _ = tokenize_each(tokenizer, clean_records(load_records(path, strict=strict)))
     examples, dropped = tokenize_records(tokenizer, raw, max_length)
     issues = raw.issues + dropped
     if not raw.chats:
