@@ -84,6 +84,39 @@ def test_expert_matmul_matches_reference_with_gradients(quantize, transposed, dt
         assert grads[1][other].abs().max() == 0 and grads[2][other].abs().max() == 0
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "composite"])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disabled_experts_give_the_base_output_whatever_the_adapter_holds(quantize, dtype, backend_name, backend):
+    """Inside disable_adapters an expert with inf / NaN in its adapter computes its base alone, bit for bit
+    (before, scaling 0 went to the fused op and 0 * inf made every output NaN); so does a 2-D (router) weight."""
+    stacked = _experts(False, quantize, dtype)
+    transposed = _experts(True, quantize, dtype)
+    router = LoRAExperts(nn.Parameter(_stack(dtype=dtype)[0], requires_grad=False), r=4)
+    for i, module in enumerate((stacked, transposed, router)):
+        with torch.no_grad():
+            module.lora_B.fill_(float("inf") if i % 2 else float("nan"))
+    backend(backend_name)
+    x = torch.randn(21, K, dtype=dtype, requires_grad=True)
+    bias = torch.randn(N, dtype=dtype)
+    with lorakern.disable_adapters(nn.ModuleList([stacked, transposed, router])):
+        outputs = [(nn.functional.linear(x, stacked[e], bias), x @ transposed[e]) for e in range(E)]
+        outputs.append((nn.functional.linear(x, router), None))
+        sum(y.float().sum() for pair in outputs for y in pair if y is not None).backward()
+    def base(module, e, bias=None):
+        if quantize is None:
+            return nn.functional.linear(x.detach(), module.weight[e], bias)
+        return lorakern.ops.nf4_matmul(x.detach(), module.quantized_weight(e), bias)
+
+    for e, (y, yt) in enumerate(outputs[:E]):
+        assert y.dtype == yt.dtype == dtype
+        assert torch.equal(y.detach(), base(stacked, e, bias)), e
+        assert torch.equal(yt.detach(), base(transposed, e)), e
+    assert torch.equal(outputs[E][0].detach(), nn.functional.linear(x.detach(), router.weight[0]))
+    assert torch.isfinite(x.grad).all()
+    assert all(not m.lora_A.grad.any() and not m.lora_B.grad.any() for m in (stacked, transposed, router))
+
+
 def test_the_fast_path_forms_no_dense_weight(monkeypatch):
     """F.linear(x, W[e]) must reach the fused op, not the dense fallback."""
     module = _experts()

@@ -672,3 +672,81 @@ def test_adapters_created_in_inference_mode_still_run():
     assert y.shape == (2, 8)
     with torch.no_grad():
         assert m(torch.randn(2, 16, dtype=torch.bfloat16)).shape == (2, 8)
+
+
+def _cpu_backends():
+    """The backends a test can force on CPU tensors (Triton under the interpreter, see conftest.py)."""
+    from lorakern.ops import _registry
+
+    return ["reference", "cpu", "composite"] + (["triton"] if _registry.load("triton")[0] is not None else [])
+
+
+@pytest.mark.parametrize("backend_name", _cpu_backends())
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_a_disabled_adapter_gives_the_base_output_whatever_it_holds(cls, dtype, poison, backend_name, backend):
+    """Inside disable_adapters a diverged adapter (inf / NaN in lora_B) changes nothing: the output is the
+    base layer's, bit for bit, and backward reaches x without reading the adapter (its gradients: zero). Before, the layers
+    passed scaling 0 to the fused op, and 0 * inf = NaN reached every output element."""
+    import lorakern
+
+    lin = make_linear(65, 33, dtype=dtype)
+    layer = cls.from_linear(lin, r=4, alpha=8, dropout=0.1)
+    with torch.no_grad():
+        layer.lora_B.fill_(poison)
+    backend(backend_name)
+    x = torch.randn(3, 7, 65, dtype=dtype, requires_grad=True)  # M = 21: the GEMM paths, not the GEMVs
+    model = nn.Sequential(layer).train()
+    with lorakern.disable_adapters(model):
+        y = model(x)
+        y.float().square().sum().backward()
+    if cls is LoRALinear:
+        base = nn.functional.linear(x.detach(), lin.weight, lin.bias)
+        dense = lin.weight
+    else:
+        base = ops.nf4_matmul(x.detach(), layer.quantized_weight(), layer.bias)
+        dense = layer.dequantized_weight(torch.float32)  # exact: NF4 values are float32 numbers
+    assert y.dtype == dtype
+    assert torch.equal(y.detach(), base)
+    d = torch.float64
+    assert_close_rel(y, x.detach().to(d) @ dense.to(d).t() + lin.bias.detach().to(d), RTOL[dtype], "disabled output")
+    assert torch.isfinite(x.grad).all()
+    assert not layer.lora_A.grad.any() and not layer.lora_B.grad.any()  # zero (DDP waits for every gradient)
+    with torch.no_grad():  # enabled again: the poisoned adapter is used
+        assert not torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_backward_inside_disable_adapters_gives_the_adapter_zero_gradients(cls):
+    """A frozen base with an input that needs no grad: backward still runs inside disable_adapters (the
+    adapter is on the graph, not read) and leaves zero adapter gradients, an accumulated one untouched."""
+    import lorakern
+
+    layer = cls.from_linear(make_linear(64, 16), r=4)
+    with torch.no_grad():
+        layer.lora_B.fill_(float("nan"))
+    layer.lora_A.grad = torch.ones_like(layer.lora_A)
+    x = torch.randn(5, 64)
+    with lorakern.disable_adapters(nn.Sequential(layer)):
+        layer(x).sum().backward()
+        with torch.no_grad():
+            assert layer(x).grad_fn is None
+    assert torch.equal(layer.lora_A.grad, torch.ones_like(layer.lora_A)) and not layer.lora_B.grad.any()
+
+
+@pytest.mark.parametrize("compute_dtype, autocast", [(torch.bfloat16, False), (torch.float32, True)])
+def test_a_disabled_adapter_keeps_the_qlora_wide_output(compute_dtype, autocast):
+    """A disabled QLoRA layer returns what it returns enabled: a float32 output from bf16 GEMMs, the bias
+    (in the GEMM dtype) added in float32 (wide_output)."""
+    import lorakern
+
+    layer = QLoRALinear.from_linear(make_linear(64, 16), r=4, compute_dtype=compute_dtype)
+    with torch.no_grad():
+        layer.lora_B.fill_(float("inf"))
+    x = torch.randn(20, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), lorakern.disable_adapters(nn.Sequential(layer)):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    bias = layer.bias.bfloat16().float()
+    assert torch.equal(y, ops.nf4_matmul(x.bfloat16(), layer.quantized_weight(), None).float() + bias)

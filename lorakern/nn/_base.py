@@ -78,6 +78,19 @@ def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
     return last.out
 
 
+class _ZeroGrads(torch.autograd.Function):
+    """``x`` unchanged, on the autograd graph of ``params`` with zero gradients for them."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.likes = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dx):
+        return (dx, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.likes))
+
+
 def as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``t.to(dtype)`` (None stays None), skipping the call when ``t`` already has ``dtype``.
 
@@ -228,13 +241,28 @@ class LoRABase(nn.Module):
         a, b = self.lora_A, self.lora_B
         return as_dtype(a, dtype), as_dtype(b, dtype)
 
-    # False inside lorakern.disable_adapters(model): forward computes the base layer alone
+    # False inside lorakern.disable_adapters(model): forward computes the base layer alone, without
+    # reading lora_A / lora_B. Passing scaling 0 to the fused op instead let a diverged adapter
+    # through: 0 * inf = NaN, so an inf in lora_B made every output NaN (bf16 on the cpu backend,
+    # every dtype on the reference and Triton ones), where PEFT's disable_adapter gives the base output.
     adapter_enabled: bool = True
 
+    def _base_input(self, x: Tensor) -> Tensor:
+        """The input of a disabled adapter's base computation: ``x``, on the adapter's autograd graph.
+
+        The adapter is not read, yet ``loss.backward()`` inside ``disable_adapters``
+        gives it zero gradients, as the fused op at scaling 0 did: without them a
+        frozen base model has nothing that requires grad (backward raises), and DDP
+        waits for a gradient of every trainable parameter. Nothing is recorded
+        under ``no_grad`` (a reference model's pass).
+        """
+        a, b = self.lora_A, self.lora_B
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return _ZeroGrads.apply(x, a, b)
+        return x
+
     def _adapter_args(self, x: Tensor) -> tuple[float, float, Optional[Tensor]]:
-        """(scaling, dropout_p, seed) for this call: the adapter's, or a zero term (no RNG drawn) while disabled."""
-        if not self.adapter_enabled:
-            return 0.0, 0.0, None
+        """(scaling, dropout_p, seed) of an enabled adapter's call (a fresh dropout seed when training)."""
         return (self.scaling, *self._dropout_args(x))
 
     def _dropout_args(self, x: Tensor) -> tuple[float, Optional[Tensor]]:

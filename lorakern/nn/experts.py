@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..formats.nf4 import NF4Weight
+from ..ops import _checks as check_ops
 from ._base import LoRABase, adapter_dtype, as_dtype, cast_input, check_input, frozen
-from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS, apply_keeping_quant_state, nf4_dtypes
+from .qlora import _COMPUTE_DTYPES, _QUANT_BUFFERS, apply_keeping_quant_state, nf4_base, nf4_dtypes
 
 __all__ = ["LoRAExperts", "ExpertWeight"]
 
@@ -189,21 +190,34 @@ class LoRAExperts(LoRABase):
             return torch.stack(ws)
 
     def linear(self, x: Tensor, expert: int, bias: Optional[Tensor] = None) -> Tensor:
-        """``F.linear(x, W_e, bias)`` with expert ``expert``'s adapter: one fused op."""
+        """``F.linear(x, W_e, bias)`` with expert ``expert``'s adapter: one fused op.
+
+        Inside :func:`lorakern.disable_adapters` the base alone, the adapter not read.
+        """
         check_input(x)
         autocast = self._autocast_dtype(x)
-        lora_A, lora_B = self.lora_A[expert], self.lora_B[expert]
-        scaling, dropout_p, seed = self._adapter_args(x)
         if self.quantize is None:
             weight = self.weight[expert]
             dtype = autocast or weight.dtype
-            return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), as_dtype(bias, dtype),
-                                   as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), scaling, dropout_p, seed)
+            x, weight, bias = cast_input(x, dtype), as_dtype(weight, dtype), as_dtype(bias, dtype)
+            if not self.adapter_enabled:
+                check_ops.dense_weight(weight, x)  # the op's errors naming the argument, not torch's
+                check_ops.bias(bias, weight.shape[0], x)
+                return _LINEAR(self._base_input(x), weight, bias)
+            lora_A, lora_B = self._expert_adapter(expert, dtype)
+            return ops.lora_linear(x, weight, bias, lora_A, lora_B, *self._adapter_args(x))
         dtype, out_dtype, cast_to = nf4_dtypes(x, autocast, self.compute_dtype, self.wide_output)
-        y = ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(expert), as_dtype(bias, dtype),
-                             as_dtype(lora_A, dtype), as_dtype(lora_B, dtype), scaling, dropout_p, seed,
-                             out_dtype=out_dtype)
+        x, q, bias = cast_input(x, dtype), self.quantized_weight(expert), as_dtype(bias, dtype)
+        if not self.adapter_enabled:
+            y = nf4_base(self._base_input(x), q, bias, out_dtype)
+        else:
+            lora_A, lora_B = self._expert_adapter(expert, dtype)
+            y = ops.qlora_linear(x, q, bias, lora_A, lora_B, *self._adapter_args(x), out_dtype=out_dtype)
         return y if cast_to is None else y.to(cast_to)
+
+    def _expert_adapter(self, expert: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Expert ``expert``'s lora_A ``[r, in]`` and lora_B ``[out, r]`` in ``dtype``."""
+        return as_dtype(self.lora_A[expert], dtype), as_dtype(self.lora_B[expert], dtype)
 
     def delta(self, expert: Optional[int] = None) -> Tensor:
         """``scaling * B_e @ A_e`` (``[out, in]``, or ``[E, out, in]`` for all), differentiable in A and B."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks as check_ops
 from ._base import (INITS, LoRABase, adapter_dtype, as_dtype, cast_input, check_bias, check_input, dense_weight_of,
                     frozen)
 
@@ -73,6 +74,10 @@ class LoRALinear(LoRABase):
                 raise RuntimeError("LoRALinear is merged: a training forward would give the adapter no gradient; "
                                    "call unmerge() before training")
             return nn.functional.linear(x.to(dtype), weight.to(dtype), bias)
+        if not self.adapter_enabled:  # the base layer alone (see LoRABase.adapter_enabled)
+            x, weight = cast_input(x, dtype), as_dtype(weight, dtype)
+            check_ops.dense_weight(weight, x)  # the op's error naming x, not torch's "mat1 and mat2 shapes"
+            return nn.functional.linear(self._base_input(x), weight, bias)
         scaling, dropout_p, seed = self._adapter_args(x)
         lora_A, lora_B = self._adapter_in(dtype)
         return ops.lora_linear(cast_input(x, dtype), as_dtype(weight, dtype), bias, lora_A, lora_B, scaling, dropout_p,

@@ -77,6 +77,16 @@ def nf4_dtypes(x: Tensor, autocast: Optional[torch.dtype], compute_dtype: torch.
     return dtype, None, None if autocast is not None else want
 
 
+def nf4_base(x: Tensor, q: NF4Weight, bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
+    """``x dequant(q)^T + bias``: an NF4 layer's output with its adapter disabled, in the dtypes
+    :func:`lorakern.ops.qlora_linear` gives (with ``out_dtype`` the GEMM result is rounded to x's
+    dtype once and the bias added in ``out_dtype``)."""
+    if out_dtype is None:
+        return ops.nf4_matmul(x, q, bias)
+    y = ops.nf4_matmul(x, q, None).to(out_dtype)
+    return y if bias is None else y + bias.to(out_dtype)
+
+
 def is_bnb_linear4bit(module: nn.Module) -> bool:
     """A bitsandbytes ``Linear4bit`` (or ``LinearNF4`` / ``LinearFP4``), recognised without importing bitsandbytes."""
     return type(module).__module__.startswith("bitsandbytes") and any(
@@ -255,10 +265,13 @@ class QLoRALinear(LoRABase):
         check_input(x)
         dtype, out_dtype, cast_to = nf4_dtypes(x, self._autocast_dtype(x), self.compute_dtype, self.wide_output)
         bias = as_dtype(self.bias, dtype)
-        scaling, dropout_p, seed = self._adapter_args(x)
-        lora_A, lora_B = self._adapter_in(dtype)
-        y = ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, lora_A, lora_B, scaling, dropout_p,
-                             seed, out_dtype=out_dtype)
+        if not self.adapter_enabled:  # the base layer alone (see LoRABase.adapter_enabled)
+            y = nf4_base(self._base_input(cast_input(x, dtype)), self.quantized_weight(), bias, out_dtype)
+        else:
+            scaling, dropout_p, seed = self._adapter_args(x)
+            lora_A, lora_B = self._adapter_in(dtype)
+            y = ops.qlora_linear(cast_input(x, dtype), self.quantized_weight(), bias, lora_A, lora_B, scaling,
+                                 dropout_p, seed, out_dtype=out_dtype)
         return y if cast_to is None else y.to(cast_to)
 
     # --------------------------------------------------------------------------- merging
