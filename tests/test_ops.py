@@ -453,3 +453,42 @@ def test_torch_func_grad_of_a_layer_through_functional_call():
     m(x).square().sum().backward()
     for name, g in grads.items():
         torch.testing.assert_close(g, getattr(m, name).grad)
+
+
+def _triton_on_cpu() -> list[str]:
+    return ["triton"] if _registry.load("triton")[0] is not None else []
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS + _triton_on_cpu())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [5, 21])  # the NF4 GEMVs (M <= 16) and the GEMMs
+@pytest.mark.parametrize("quantized", [False, True])
+def test_scaling_zero_is_no_lora_term_on_every_backend(quantized, m, dtype, backend_name, backend):
+    """At scaling 0 the ops add no LoRA term, whatever the adapter holds: y and dx are the base layer's,
+    dA and dB zero, on every backend (before, 0 * inf = NaN came out of some backends and not others)."""
+    x, w, b, a, bb = _lora_args(dtype, m=m)
+    q = nf4.quantize(w)
+    a = a.clone().fill_(float("nan"))
+    bb = bb.clone().fill_(float("inf"))
+    x.requires_grad_()
+    a.requires_grad_()
+    bb.requires_grad_()
+    backend(backend_name)
+    for dropout_p in (0.0, 0.25):
+        if quantized:
+            y = ops.qlora_linear(x, q, b, a, bb, 0.0, dropout_p)
+            base = ops.nf4_matmul(x.detach(), q, b)
+        else:
+            y = ops.lora_linear(x, w, b, a, bb, 0.0, dropout_p)
+            base = x.detach() @ w.t() + b
+        dy = torch.randn_like(y)
+        dx, da, db = torch.autograd.grad(y, (x, a, bb), dy)
+        dense = nf4.dequantize(q, torch.float64) if quantized else w.double()
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+        want = x.detach().double() @ dense.t() + b.double()
+        torch.testing.assert_close(y.detach().double(), want, rtol=tol, atol=tol * want.abs().max().item())
+        if quantized:
+            assert torch.equal(y.detach(), base)  # the same backend's base GEMM, nothing added
+        want_dx = dy.double() @ dense
+        torch.testing.assert_close(dx.double(), want_dx, rtol=tol, atol=tol * want_dx.abs().max().item())
+        assert not da.any() and not db.any()

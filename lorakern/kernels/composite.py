@@ -116,8 +116,11 @@ def _xa(x, lora_A, dropout_p: float, seed) -> torch.Tensor:
     return torch.mm(_dropout.apply_dropout(x, seed, dropout_p), lora_A.t())
 
 
-def _lora_grads(dy, x, xa, lora_B, scaling: float, dropout_p: float, seed):
-    """(g = dy B, dA = s g^T drop(x), dB = s dy^T xa)."""
+def _lora_grads(dy, x, xa, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    """(g = dy B, dA = s g^T drop(x), dB = s dy^T xa); at scaling 0 (no LoRA term, see
+    :mod:`lorakern.reference`) g is None and dA, dB are zero."""
+    if scaling == 0.0:
+        return None, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     g = torch.mm(dy, lora_B)
     d_lora_B = _scaled_mm(dy.t(), xa, scaling)
     if dropout_p == 0.0:
@@ -132,7 +135,9 @@ def _lora_grads(dy, x, xa, lora_B, scaling: float, dropout_p: float, seed):
 
 
 def _add_lora_dx_(dx, g, lora_A, scaling: float, dropout_p: float, seed) -> torch.Tensor:
-    """dx += drop'(s * g A) in place; without dropout one addmm_ into dx."""
+    """dx += drop'(s * g A) in place; without dropout one addmm_ into dx. g None: no LoRA term."""
+    if g is None:
+        return dx
     if dropout_p == 0.0:
         return dx.addmm_(g, lora_A, alpha=scaling)
     ga = torch.mm(g, lora_A)
@@ -166,7 +171,7 @@ def nf4_matmul_t(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
 
 
 def _add_lora_(y, x, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-    """(y += s * xa B^T in place, xa)."""
+    """(y += s * xa B^T in place, xa); nothing added at scaling 0 (see :mod:`lorakern.reference`)."""
     xa = _xa(x, lora_A, dropout_p, seed)
     if scaling != 0.0:
         y.addmm_(xa, lora_B.t(), alpha=scaling)
@@ -186,7 +191,7 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
 def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool,
                     need_dweight: bool):
     """(dx | None, dW | None, dA, dB); see :mod:`lorakern.reference` for the math."""
-    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_B, scaling, dropout_p, seed)
+    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed)
     dx = _add_lora_dx_(torch.mm(dy, weight), g, lora_A, scaling, dropout_p, seed) if need_dx else None
     dweight = torch.mm(dy.t(), x) if need_dweight else None
     return dx, dweight, d_lora_A, d_lora_B
@@ -194,7 +199,7 @@ def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p
 
 def qlora_linear_bwd(dy, x, xa, q: NF4Weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool):
     """(dx | None, dA, dB), W dequantized again for dx = dy W (not saved from the forward)."""
-    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_B, scaling, dropout_p, seed)
+    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed)
     dx = None
     if need_dx:
         dx = _add_lora_dx_(torch.mm(dy, _dequantize(q, dy.dtype)), g, lora_A, scaling, dropout_p, seed)

@@ -360,8 +360,13 @@ def _lora_in(x: torch.Tensor, lora_A: torch.Tensor, dropout, n: int) -> tuple[to
     return torch.mm(xd, lora_A.t()), None
 
 
-def _lora_param_grads(dy, x, xa, lora_B, scaling, dropout):
-    """g = dy B, dA = scaling g^T drop(x), dB = scaling dy^T xa (g float32 at decode sizes, see SMALL_M_FP32_LORA)."""
+def _lora_param_grads(dy, x, xa, lora_A, lora_B, scaling, dropout):
+    """g = dy B, dA = scaling g^T drop(x), dB = scaling dy^T xa (g float32 at decode sizes, see SMALL_M_FP32_LORA).
+
+    At scaling 0 there is no LoRA term (see :mod:`lorakern.reference`): g is None, dA and dB zero.
+    """
+    if scaling == 0.0:
+        return None, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     if _fp32_lora(dy, x.shape[1], dy.shape[1]):
         dyf = dy.float()
         g = torch.mm(dyf, lora_B.float())
@@ -383,11 +388,26 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     else:
         torch.addmm(bias, x, weight.t(), out=y)
     xa, xa32 = _lora_in(x, lora_A, _dropout_params(seed, dropout_p), weight.shape[0])
+    if scaling == 0.0:  # no LoRA term (see lorakern.reference): addmm_'s 0 * inf would be NaN
+        return y, xa
     if xa32 is not None:
         y.add_(torch.mm(xa32, lora_B.float().t()).mul_(scaling).to(y.dtype))
     else:
         y.addmm_(xa, lora_B.t(), alpha=scaling)
     return y, xa
+
+
+def _add_lora_dx_(dx, g, lora_A, scaling: float, dropout) -> None:
+    """dx += drop'(scaling * g A) in place."""
+    if dropout is None and g.dtype == dx.dtype:
+        dx.addmm_(g, lora_A, alpha=scaling)
+    elif dropout is None:  # g in fp32 (see SMALL_M_FP32_LORA)
+        dx.add_(torch.mm(g, lora_A.to(g.dtype)).mul_(scaling).to(dx.dtype))
+    else:
+        m, k = dx.shape
+        t = torch.mm(g, lora_A.to(g.dtype))
+        _C.dropout_add(_C.DropoutArgs(m, k, k, k, k, 0, dropout[0], dropout[1], scaling * dropout[2]), t.data_ptr(),
+                       _DTYPE_CODE[t.dtype], dx.data_ptr(), _DTYPE_CODE[dx.dtype], isa())
 
 
 def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool,
@@ -396,19 +416,12 @@ def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p
     x = _check_x(x, weight.shape[1])
     dy = _check_x(dy, weight.shape[0], "dy")
     dropout = _dropout_params(seed, dropout_p)
-    g, d_lora_A, d_lora_B = _lora_param_grads(dy, x, xa, lora_B, scaling, dropout)
+    g, d_lora_A, d_lora_B = _lora_param_grads(dy, x, xa, lora_A, lora_B, scaling, dropout)
     dx = None
     if need_dx:
         dx = torch.mm(dy, weight, out=_empty(x.shape, x.dtype))
-        if dropout is None and g.dtype == dx.dtype:
-            dx.addmm_(g, lora_A, alpha=scaling)
-        elif dropout is None:  # g in fp32 (see SMALL_M_FP32_LORA)
-            dx.add_(torch.mm(g, lora_A.to(g.dtype)).mul_(scaling).to(dx.dtype))
-        else:
-            m, k = dx.shape
-            t = torch.mm(g, lora_A.to(g.dtype))
-            _C.dropout_add(_C.DropoutArgs(m, k, k, k, k, 0, dropout[0], dropout[1], scaling * dropout[2]), t.data_ptr(),
-                           _DTYPE_CODE[t.dtype], dx.data_ptr(), _DTYPE_CODE[dx.dtype], isa())
+        if g is not None:
+            _add_lora_dx_(dx, g, lora_A, scaling, dropout)
     dweight = torch.mm(dy.t(), x) if need_dweight else None
     return dx, dweight, d_lora_A, d_lora_B
 
@@ -418,7 +431,7 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
     view = _view(q)
     x = _check_x(x, q.shape[1])
     xa, _ = _lora_in(x, lora_A, _dropout_params(seed, dropout_p), q.shape[0])
-    # scaling 0: the caller adds the LoRA term itself (ops.qlora_linear with out_dtype)
+    # scaling 0: no LoRA term (see lorakern.reference; ops.qlora_linear with out_dtype adds it itself)
     term = (xa, lora_B, scaling) if scaling != 0.0 else ()
     if x.shape[0] <= _gemv_max_m(x.dtype, q):
         return _gemv(x, q, view, bias, *term), xa
@@ -431,6 +444,7 @@ def qlora_linear_bwd(dy, x, xa, q: NF4Weight, lora_A, lora_B, scaling: float, dr
     x = _check_x(x, q.shape[1])
     dy = _check_x(dy, q.shape[0], "dy")
     dropout = _dropout_params(seed, dropout_p)
-    g, d_lora_A, d_lora_B = _lora_param_grads(dy, x, xa, lora_B, scaling, dropout)
-    dx = _panel_backward(dy, q, view, g.to(dy.dtype), lora_A, scaling, dropout) if need_dx else None
+    g, d_lora_A, d_lora_B = _lora_param_grads(dy, x, xa, lora_A, lora_B, scaling, dropout)
+    g = None if g is None else g.to(dy.dtype)
+    dx = _panel_backward(dy, q, view, g, lora_A, scaling, dropout) if need_dx else None
     return dx, d_lora_A, d_lora_B

@@ -23,6 +23,10 @@ Backward, with g = dy B ([M, r]) and drop'(.) the same mask and 1/(1-p) scale::
     db = sum_rows(dy)            (computed by the op layer)
 
 Math runs in the dtype of the inputs, as a plain PyTorch layer would.
+
+``scaling == 0.0`` means no LoRA term at all, on every backend: y is the base
+output, dx the base input gradient, dA and dB zero, whatever lora_A / lora_B
+hold (not ``0 * term``, which an inf or NaN in the adapter would make NaN).
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ def nf4_matmul_t(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
 
 def _lora_fwd(base: torch.Tensor, x, lora_A, lora_B, scaling, dropout_p, seed):
     xa = apply_dropout(x, seed, dropout_p) @ lora_A.t()
+    if scaling == 0.0:  # no LoRA term (see the module docstring)
+        return base, xa
     return base + scaling * (xa @ lora_B.t()), xa
 
 
@@ -92,6 +98,8 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
 
 
 def _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+    if scaling == 0.0:  # no LoRA term (see the module docstring)
+        return None, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     g = dy @ lora_B  # [M, r]
     d_lora_A = scaling * (g.t() @ apply_dropout(x, seed, dropout_p))
     d_lora_B = scaling * (dy.t() @ xa)
@@ -101,15 +109,19 @@ def _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
 
 def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool, need_dweight: bool):
     dx_lora, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed, need_dx)
-    dx = dy @ weight + dx_lora if need_dx else None
+    dx = _plus(dy @ weight, dx_lora) if need_dx else None
     dweight = dy.t() @ x if need_dweight else None
     return dx, dweight, d_lora_A, d_lora_B
 
 
 def qlora_linear_bwd(dy, x, xa, q: NF4Weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool):
     dx_lora, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed, need_dx)
-    dx = nf4_matmul_t(dy, q) + dx_lora if need_dx else None
+    dx = _plus(nf4_matmul_t(dy, q), dx_lora) if need_dx else None
     return dx, d_lora_A, d_lora_B
+
+
+def _plus(t: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+    return t if term is None else t + term
 
 
 # ---------------------------------------------------------------- differentiable compositions
@@ -126,7 +138,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float = 1.0, dropout_p
     if seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     y = torch.nn.functional.linear(x2, weight, bias)
-    y = y + scaling * (apply_dropout(x2, seed, dropout_p) @ lora_A.t() @ lora_B.t())
+    if scaling != 0.0:  # no LoRA term at scaling 0 (see the module docstring)
+        y = y + scaling * (apply_dropout(x2, seed, dropout_p) @ lora_A.t() @ lora_B.t())
     return y.reshape(*shape[:-1], weight.shape[0])
 
 

@@ -115,21 +115,29 @@ def _xa(x, lora_A, dropout_p, seed):
     return skinny_matmul(x, lora_A.t(), dropout_p, seed)  # drop(x) [M, K] @ A^T [K, r]
 
 
+def _term(xa, lora_B, scaling: float):
+    """The (xa, lora_B) the GEMMs add, or (None, None) at scaling 0: no LoRA term (see :mod:`lorakern.reference`)."""
+    return (None, None) if scaling == 0.0 else (xa, lora_B)
+
+
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
     """(y [M, N], xa [M, r]): y = x W^T + bias + s * xa B^T with xa = drop(x) A^T."""
     xa = _xa(x, lora_A, dropout_p, seed)
-    return lora_matmul(x, weight, None, bias, xa, lora_B, scaling), xa
+    return lora_matmul(x, weight, None, bias, *_term(xa, lora_B, scaling), scaling), xa
 
 
 def qlora_linear_fwd(x, q, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
     """:func:`lora_linear_fwd` with an NF4 base; M <= 16 takes the GEMV kernel."""
     xa = _xa(x, lora_A, dropout_p, seed)
     if x.shape[0] <= GEMV_MAX_M:
-        return nf4_gemv(x, q, bias, xa, lora_B, scaling), xa
-    return lora_matmul(x, None, q, bias, xa, lora_B, scaling), xa
+        return nf4_gemv(x, q, bias, *_term(xa, lora_B, scaling), scaling), xa
+    return lora_matmul(x, None, q, bias, *_term(xa, lora_B, scaling), scaling), xa
 
 
-def _lora_grads(dy, x, xa, lora_B, scaling, dropout_p, seed):
+def _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed):
+    """(g, dA, dB); at scaling 0 (no LoRA term) g is None and dA, dB are zero."""
+    if scaling == 0.0:
+        return None, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     g = skinny_matmul(dy, lora_B)  # dy [M, N] @ B [N, r]
     d_lora_A = tn_matmul(g, x, scaling, dropout_p, seed)  # s * g^T drop(x)    [r, K]
     d_lora_B = tn_matmul(dy, xa, scaling)  # s * dy^T xa                       [N, r]
@@ -139,7 +147,7 @@ def _lora_grads(dy, x, xa, lora_B, scaling, dropout_p, seed):
 def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool,
                     need_dweight: bool):
     """(dx | None, dW | None, dA, dB); see :mod:`lorakern.reference` for the math."""
-    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_B, scaling, dropout_p, seed)
+    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed)
     dx = lora_matmul_t(dy, weight, None, g, lora_A, scaling, dropout_p, seed) if need_dx else None
     dweight = tn_matmul(dy, x) if need_dweight else None
     return dx, dweight, d_lora_A, d_lora_B
@@ -147,6 +155,6 @@ def lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p
 
 def qlora_linear_bwd(dy, x, xa, q, lora_A, lora_B, scaling: float, dropout_p: float, seed, need_dx: bool):
     """(dx | None, dA, dB) with the NF4 base decoded inside the dx GEMM."""
-    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_B, scaling, dropout_p, seed)
+    g, d_lora_A, d_lora_B = _lora_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed)
     dx = lora_matmul_t(dy, None, q, g, lora_A, scaling, dropout_p, seed) if need_dx else None
     return dx, d_lora_A, d_lora_B
