@@ -40,10 +40,20 @@ def test_task_metrics_exact_match_and_fields():
              "  plain answer "]
     m = task_metrics(preds, refs)
     assert m["n"] == 5 and m["exact_match"] == pytest.approx(2 / 5)
-    assert m["valid_json"] == pytest.approx(3 / 5)
+    assert m["json_references"] == 4 and m["valid_json"] == pytest.approx(3 / 4)  # the text reference expects no JSON
     assert m["field_accuracy"] == {"category": pytest.approx(2 / 4), "priority": pytest.approx(1 / 4)}
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         task_metrics(["a", "b"], ["a"])
+
+
+def test_valid_json_counts_only_json_references():
+    # two perfect answers, one JSON and one text: every JSON answer expected is valid
+    m = task_metrics(['{"a": 1}', "hello"], ['{"a": 1}', "hello"])
+    assert m["exact_match"] == 1.0 and m["json_references"] == 1 and m["valid_json"] == 1.0
+    assert "valid JSON 100.0% (of 1 JSON references)" in format_report({"task": m})
+    m = task_metrics(["hello", "{}"], ["hello", "bye"])  # no JSON reference: no JSON metrics
+    assert m == {"n": 2, "exact_match": 0.5}
+    assert "valid JSON" not in format_report({"task": m})
 
 
 def test_a_truncated_object_is_not_valid_json_through_a_nested_one():

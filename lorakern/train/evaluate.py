@@ -157,17 +157,23 @@ def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
     reference's fields counts as correct when the prediction has the same value
     (a missing field is wrong, even where the reference's value is ``null``). Non-JSON references are
     compared as stripped text.
+
+    Returns ``{"n", "exact_match"}`` over all references and, when some reference
+    is a JSON object, ``"json_references"`` (their count), ``"valid_json"`` (the
+    share of those whose prediction holds a JSON object; text references expect
+    none and are left out) and ``"field_accuracy"`` (per reference field).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     n = len(references)
-    exact, valid = 0, 0
+    exact, valid, n_json = 0, 0, 0
     fields: dict[str, list[int]] = {}
     for pred, ref in zip(predictions, references):
         ref_obj = parse_json_object(ref) if ref.lstrip().startswith("{") else None
         if ref_obj is None:
             exact += int(pred.strip() == ref.strip())
             continue
+        n_json += 1
         pred_obj = parse_json_object(pred)
         valid += pred_obj is not None
         exact += int(pred_obj is not None and _json_equal(pred_obj, ref_obj))
@@ -175,8 +181,9 @@ def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
             hit = int(pred_obj is not None and key in pred_obj and _json_equal(pred_obj[key], value))
             fields.setdefault(key, []).append(hit)
     out = {"n": n, "exact_match": exact / n if n else float("nan")}
-    if fields:
-        out["valid_json"] = valid / n
+    if n_json:  # a text reference expects no JSON: it counts for neither side of the rate
+        out["json_references"] = n_json
+        out["valid_json"] = valid / n_json
         out["field_accuracy"] = {k: sum(v) / len(v) for k, v in fields.items()}
     return out
 
@@ -225,7 +232,8 @@ def _metric_lines(report: dict) -> list[str]:
         t = report["task"]
         lines.append(f"  exact match {t['exact_match']:.1%} ({t['n']} examples)")
         if "valid_json" in t:
-            lines.append(f"  valid JSON {t['valid_json']:.1%}")
+            of = f" (of {t['json_references']} JSON references)" if "json_references" in t else ""
+            lines.append(f"  valid JSON {t['valid_json']:.1%}{of}")
             lines += [f"  field {k}: {v:.1%}" for k, v in t["field_accuracy"].items()]
     if "general" in report:
         lines.append(f"  general-text loss {report['general']['loss']:.4f}")
