@@ -361,6 +361,27 @@ def test_lora_linear_rejects(over, exc, match):
         _lora(**over)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "composite"])
+@pytest.mark.parametrize("scaling", [1e39, -1e39, 3.5e38])
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_scaling_beyond_float32_is_refused_by_name(dtype, quantized, scaling, backend_name, backend):
+    """A finite |scaling| above float32's 3.4e38: before, it passed the check and the cpu and composite
+    backends failed inside torch ("value cannot be converted to type float without overflow")."""
+    backend(backend_name)
+    x, a, b = _randn(7, K).to(dtype), _randn(R, K, seed=2).to(dtype), _randn(N, R, seed=3).to(dtype)
+    w = _randn(N, K, seed=1).to(dtype)
+    with pytest.raises(ValueError, match=r"scaling must be a finite number within float32's range "
+                                         r"\(\|scaling\| <= 3\.40282e\+38\), got "):
+        if quantized:
+            ops.qlora_linear(x, ops.nf4_quantize(w), None, a, b, scaling, 0.0)
+        else:
+            ops.lora_linear(x, w, None, a, b, scaling, 0.0)
+    top = float(torch.finfo(torch.float32).max)  # the largest accepted: runs (its output overflows, as torch's)
+    y = ops.lora_linear(x, w, None, a, b, top, 0.0)
+    assert y.shape == (7, N)
+
+
 def test_numpy_scalars_are_accepted_as_scaling_and_dropout():
     y = _lora(scaling=np.float32(0.5), dropout_p=np.float64(0.25), seed=torch.tensor([2]))
     torch.testing.assert_close(y, _lora(scaling=0.5, dropout_p=0.25, seed=torch.tensor([2])), rtol=0, atol=0)
