@@ -15,6 +15,11 @@ from lorakern.ops import _registry
 CPU_BACKENDS = [name for name in ("reference", "cpu", "composite") if _registry.load(name)[0] is not None]
 
 
+def _triton_on_cpu() -> list[str]:
+    """["triton"] where its kernels run on CPU tensors (the interpreter, see conftest.py), else []."""
+    return ["triton"] if _registry.load("triton")[0] is not None else []
+
+
 def _lora_args(dtype=torch.float32, m=7, k=65, n=40, r=8, seed=0):
     g = torch.Generator().manual_seed(seed)
 
@@ -154,6 +159,46 @@ def test_forced_backend_missing_op_raises(monkeypatch):
         ops.lora_linear(x, w, b, a, bb)
     monkeypatch.setenv("LORAKERN_BACKEND", "auto")  # auto falls back to the next backend
     torch.testing.assert_close(ops.lora_linear(x, w, b, a, bb), ref.lora_linear(x, w, b, a, bb))
+
+
+def test_a_forced_backend_without_nf4_quantize_hands_it_on(monkeypatch):
+    """nf4_quantize (a storage conversion, bit-identical everywhere) is the one op a forced backend that lacks
+    it leaves to the automatic choice; the compute ops stay refused."""
+    class Partial:
+        @staticmethod
+        def availability():
+            return True, "test"
+
+    monkeypatch.setitem(_registry._loaded, "composite", (Partial, "test"))
+    monkeypatch.setenv("LORAKERN_BACKEND", "composite")
+    w = torch.randn(40, 65)
+    q = ops.nf4_quantize(w)
+    assert all(torch.equal(got, want) for got, want in zip(q.tensors(), nf4.quantize(w).tensors()))
+    with pytest.raises(ops.BackendUnavailable, match="does not implement nf4_dequantize"):
+        ops.nf4_dequantize(q)
+
+
+@pytest.mark.skipif(not _triton_on_cpu(), reason="the Triton backend is not available (no CUDA and no interpreter)")
+def test_forced_triton_builds_a_qlora_layer_and_runs_it(monkeypatch):
+    """LORAKERN_BACKEND=triton: QLoRALinear.from_linear quantizes (on the automatic choice: Triton has no
+    quantizer) and the forward runs the Triton kernels. Before, the quantization raised BackendUnavailable."""
+    from lorakern.kernels import triton as tk
+    from lorakern.nn import QLoRALinear
+
+    monkeypatch.setenv("LORAKERN_BACKEND", "triton")
+    lin = torch.nn.Linear(64, 32).half()
+    layer = QLoRALinear.from_linear(lin, r=4)
+    assert all(torch.equal(got, want) for got, want in zip(layer.quantized_weight().tensors(),
+                                                           nf4.quantize(lin.weight.detach()).tensors()))
+    calls = []
+    real = tk.qlora_linear_fwd
+    monkeypatch.setattr(tk, "qlora_linear_fwd", lambda *args: calls.append(1) or real(*args))
+    x = torch.randn(3, 64, dtype=torch.float16)
+    y = layer(x)
+    assert calls == [1]
+    want = ref.qlora_linear(x.double(), layer.quantized_weight(), lin.bias.detach().double(),
+                            layer.lora_A.detach().double(), layer.lora_B.detach().double(), layer.scaling)
+    torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
 
 
 def test_auto_skips_backend_that_rejects_arguments(monkeypatch):
@@ -453,10 +498,6 @@ def test_torch_func_grad_of_a_layer_through_functional_call():
     m(x).square().sum().backward()
     for name, g in grads.items():
         torch.testing.assert_close(g, getattr(m, name).grad)
-
-
-def _triton_on_cpu() -> list[str]:
-    return ["triton"] if _registry.load("triton")[0] is not None else []
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS + _triton_on_cpu())

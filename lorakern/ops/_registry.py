@@ -13,9 +13,13 @@ a forced backend ignores. ``lorakern.kernels.composite`` explains the CUDA order
 
 ``LORAKERN_BACKEND=<name>`` forces one backend for every op; if it is not
 available, lacks the op or rejects the arguments, the call raises
-:class:`BackendUnavailable` instead of falling back. The Triton backend runs on
-CPU tensors only when asked for explicitly (it then needs ``TRITON_INTERPRET=1``,
-set before triton is imported).
+:class:`BackendUnavailable` instead of falling back. The one exception is
+``nf4_quantize`` (:data:`STORAGE_OPS`): a storage conversion, not a compute kernel
+under test, bit-identical on every backend that has it (tests check each against
+``lorakern.formats.nf4``). A forced backend without it (Triton) hands it to the
+automatic choice, so ``LORAKERN_BACKEND=triton`` can build the QLoRA model its
+kernels then run. The Triton backend runs on CPU tensors only when asked for
+explicitly (it then needs ``TRITON_INTERPRET=1``, set before triton is imported).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ PREFERENCE = {
     "cpu": ("cpu", "reference"),
 }
 ENV_VAR = "LORAKERN_BACKEND"
+# Ops a forced backend that cannot run them leaves to the automatic choice (see the module docstring).
+STORAGE_OPS = frozenset({"nf4_quantize"})
 
 
 class BackendUnavailable(RuntimeError):
@@ -69,9 +75,10 @@ def pick(op: str, device_type: str, args: tuple) -> ModuleType:
         if forced == "cuda" and device_type != "cuda":
             raise BackendUnavailable(f"{ENV_VAR}=cuda cannot run {op} on {device_type} tensors")
         why = _supports(mod, op, args)
-        if why is not None:
+        if why is None:
+            return mod
+        if op not in STORAGE_OPS:
             raise BackendUnavailable(f"{ENV_VAR}={forced}: {op} not supported here: {why}")
-        return mod
     for name in PREFERENCE.get(device_type, ("reference",)):
         mod, _ = load(name)
         if mod is not None and _supports(mod, op, args) is None and _declines(mod, op, args) is None:

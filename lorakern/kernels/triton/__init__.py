@@ -1,7 +1,8 @@
 """Triton backend: GPU kernels (also runnable on CPU tensors under TRITON_INTERPRET=1).
 
 Implements the interface of :mod:`lorakern.reference` (same names, signatures,
-shapes) except ``nf4_quantize``, which falls back to the next backend:
+shapes) except ``nf4_quantize``, which the registry gives to the next backend,
+even under ``LORAKERN_BACKEND=triton`` (see :mod:`lorakern.ops._registry`):
 
     nf4_dequantize     one launch, double quant decoded in the kernel          (nf4.py)
     nf4_matmul         GEMM with NF4 tiles decoded in registers; GEMV at M<=16 (matmul.py, gemv.py)
