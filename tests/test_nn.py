@@ -218,6 +218,29 @@ def test_merge_unmerge_lora():
         m.unmerge()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("delta_scale", [1e-3, 1e-1, 1.0])
+def test_merge_unmerge_error_is_within_the_documented_bound(dtype, delta_scale):
+    """unmerge's docstring: each element within eps * max(|W|, |W + dW|) of the original, and no tighter
+    bound relative to W alone (elements near 0 come back far off relative to themselves)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 256).to(dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.5)  # normal numbers in every dtype (the bound is stated for those)
+    m = LoRALinear.from_linear(lin, r=8, alpha=16)
+    with torch.no_grad():
+        m.lora_B.normal_(0, delta_scale)
+    w0 = m.weight.detach().float().clone()
+    dw = m.delta_weight(torch.float32)
+    m.merge()
+    m.unmerge()
+    err = (m.weight.float() - w0).abs()
+    bound = torch.finfo(dtype).eps * torch.maximum(w0.abs(), (w0 + dw).abs())
+    assert (err <= bound).all(), f"{int((err > bound).sum())} elements beyond the bound, worst {(err / bound).max():.3g}x"
+    if dtype != torch.float32:  # an element near 0 under a large update: far off relative to itself
+        assert (err / w0.abs().clamp(min=torch.finfo(dtype).tiny)).max() > torch.finfo(dtype).eps
+
+
 def test_merged_linear_is_a_fresh_plain_linear():
     m = LoRALinear.from_linear(make_linear(), r=4)
     randomize_b(m)
