@@ -456,6 +456,28 @@ def test_resume_refuses_other_data_or_adapter_before_loading_weights(examples, t
     prepare_model(other, "lora", r=8, alpha=8)
     with pytest.raises(ValueError, match=r"has shape \(4, 32\), model has \(8, 32\): resume with the method"):
         Trainer(other, examples, config).resume()
+    # Same parameter names and shapes, another function trained: alpha, dropout, NF4 base
+    # (the checkpoint's layers: LoRALinear, dense base, scaling 8 / 4 = 2, dropout 0.1)
+    for method, alpha, dropout, message in [
+            ("lora", 32, 0.1, r"as LoRALinear on a dense base, scaling 2, dropout 0.1; this run has LoRALinear on a "
+                              r"dense base, scaling 8, dropout 0.1: resume with the LoRA alpha and rank"),
+            ("lora", 8, 0.0, r"this run has LoRALinear on a dense base, scaling 2, dropout 0: resume with the LoRA "
+                             r"dropout it was trained with"),
+            ("qlora", 8, 0.1, r"this run has QLoRALinear on a nf4 base, scaling 2, dropout 0.1: resume with the "
+                              r"method \(lora / qlora\) it was trained with")]:
+        other = tiny_llama(seed=0)
+        prepare_model(other, method, r=4, alpha=alpha, dropout=dropout)
+        with pytest.raises(ValueError, match=message):
+            Trainer(other, examples, config).resume()
+    # a checkpoint written before the settings were stored still resumes
+    same = tiny_llama(seed=0)
+    prepare_model(same, "qlora", r=4, alpha=8, dropout=0.1)
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert [g["layer"] for g in state["adapters"]] == ["LoRALinear"]
+    del state["adapters"]
+    state_file.write_text(json.dumps(state))
+    assert Trainer(same, examples, config).check_checkpoint(str(tmp_path / "checkpoint-2"))["step"] == 2
 
 
 def test_resume_without_a_checkpoint_starts_over_and_drops_stale_metrics(examples, tmp_path):

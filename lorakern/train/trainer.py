@@ -380,7 +380,8 @@ class Trainer:
         """JSON-able trainer state stored in checkpoints (besides weights, optimizer, RNG)."""
         state = {"sampler": self.sampler.state_dict(), "config": _jsonable(asdict(self.config)),
                  "datasets": {k: len(v) for k, v in self.datasets.items()},
-                 "data_fingerprints": self.data_fingerprints(), "world_size": self.world.world_size}
+                 "data_fingerprints": self.data_fingerprints(), "world_size": self.world.world_size,
+                 "adapters": adapter_settings(unwrap_model(self.model))}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()  # floats and ints: JSON
         return state
@@ -404,9 +405,10 @@ class Trainer:
         Reads only the checkpoint's JSON and tensor headers, so a mismatch shows
         before any weight loads: the global batch (batch_size x grad_accum x
         processes), the training datasets (sizes, and token ids and labels by
-        :meth:`data_fingerprints`) and the trainable parameters' names and shapes
-        must be those of the run that wrote it. Raises
-        ``ValueError`` saying what differs.
+        :meth:`data_fingerprints`), the trainable parameters' names and shapes and
+        what each LoRA layer computes (:func:`adapter_settings`: layer kind, NF4
+        or dense base, scaling, dropout) must be those of the run that wrote it.
+        Raises ``ValueError`` saying what differs.
         """
         state = read_trainer_state(path)
         check_resume(state, self.config.batch_size, self.config.grad_accum, self.world.world_size, path)
@@ -427,6 +429,9 @@ class Trainer:
                                     if p.requires_grad})
         except ValueError as e:
             raise ValueError(f"{e}: resume with the method, LoRA rank and targets it was trained with") from None
+        saved = state.get("adapters")  # absent from checkpoints written before it was stored
+        if saved is not None:
+            _check_adapter_settings(saved, adapter_settings(unwrap_model(self.model)), path)
         return state
 
     def data_fingerprints(self) -> dict[str, str]:
@@ -602,6 +607,55 @@ def _stop_after_step_on_sigint(note: str | None):
         yield lambda: bool(requested)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def adapter_settings(model: nn.Module) -> list[dict]:
+    """What defines the function each LoRA layer of ``model`` trains, beyond its parameters' shapes.
+
+    One entry per distinct setting, with the names of the layers that have it:
+    ``{"layer": class name, "base": "nf4" | "dense", "scaling": alpha / r (or
+    alpha / sqrt(r)), "dropout": p, "modules": [names]}``. A checkpoint's
+    lora_A / lora_B of the same shapes trained under another scaling, dropout
+    or base (QLoRA's NF4 weights vs LoRA's dense ones) would continue as a
+    different function. Empty without LoRA layers (full fine-tuning).
+    """
+    from ..patch import lora_modules
+
+    groups: dict[tuple, list[str]] = {}
+    for name, m in lora_modules(model).items():
+        quantized = type(m).__name__ == "QLoRALinear" or getattr(m, "quantize", None) is not None
+        key = (type(m).__name__, "nf4" if quantized else "dense", float(m.scaling), float(m.dropout))
+        groups.setdefault(key, []).append(name)
+    return [{"layer": layer, "base": base, "scaling": scaling, "dropout": dropout, "modules": names}
+            for (layer, base, scaling, dropout), names in groups.items()]
+
+
+# what to resume with when a layer setting differs (the flags of lorakern.train.pipeline)
+_SETTING_HINTS = {"layer": "method (lora / qlora)", "base": "method (lora / qlora)",
+                  "scaling": "LoRA alpha and rank (scaling = alpha / r)", "dropout": "LoRA dropout"}
+
+
+def _describe(settings: dict) -> str:
+    return f"{settings['layer']} on a {settings['base']} base, scaling {settings['scaling']:g}, " \
+           f"dropout {settings['dropout']:g}"
+
+
+def _check_adapter_settings(saved: list[dict], mine: list[dict], path: str) -> None:
+    """Refuse when a LoRA layer of the checkpoint was trained with another kind, base, scaling or dropout."""
+    def by_module(groups):
+        return {name: g for g in groups for name in g["modules"]}
+
+    saved_of = by_module(saved)
+    for name, here in by_module(mine).items():
+        there = saved_of.get(name)
+        if there is None:  # the parameter names matched, so the layer sets cannot differ: a damaged state
+            raise ValueError(f"checkpoint {path} holds no LoRA settings for {name}")
+        differ = [key for key in _SETTING_HINTS if there[key] != here[key]]
+        if differ:
+            hints = list(dict.fromkeys(_SETTING_HINTS[key] for key in differ))
+            raise ValueError(f"checkpoint {path} trained {name} (and {len(there['modules']) - 1} more layer(s)) "
+                             f"as {_describe(there)}; this run has {_describe(here)}: resume with the "
+                             f"{' and '.join(hints)} it was trained with")
 
 
 def _fingerprint(rows: Sequence[Example]) -> str:
