@@ -76,6 +76,12 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
     (["--test-data", "/nonexistent/test.jsonl"], "--test-data: no such file"),
     (["--adapter", "/nonexistent/adapter"], "--adapter: no such directory"),
     (["--method", "full", "--adapter", "."], "--adapter continues LoRA training"),
+    (["--adapter", ".", "--r", "4"],
+     "--r does not apply with --adapter: the adapter's own r (from its adapter_config.json) is used; drop --r 4"),
+    (["--adapter", ".", "--alpha", "1"], "--alpha does not apply with --adapter: the adapter's own lora_alpha"),
+    (["--adapter", ".", "--dropout", "0.5"], "--dropout does not apply with --adapter"),
+    (["--adapter", ".", "--target-modules", "q_proj"], "--target-modules does not apply with --adapter"),
+    (["--adapter", ".", "--target-parameters", "none"], "--target-parameters does not apply with --adapter"),
     (["--target-modules", "q_proj|("], "--target-modules 'q_proj|(' is neither a list of names nor a valid regular"),
     (["--target-parameters", " , "], "--target-parameters must be auto, all-experts, none or a comma-separated"),
     (["--config", "/nonexistent/run.yaml"], "--config: .*No such file"),
@@ -138,6 +144,14 @@ def test_bad_values_in_a_config_file_are_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--config", str(config)])
     assert e.value.code == 2
+
+
+def test_adapter_refuses_lora_options_from_a_config_file(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"adapter: {tmp_path}\ndropout: 0.5\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(config)])
+    assert e.value.code == 2 and "--dropout does not apply with --adapter" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -287,7 +287,26 @@ def check_args(args: argparse.Namespace, default_output_dir: str = DEFAULT_OUTPU
         raise ValueError(f"--adapter: no such directory: {args.adapter}")
     if args.adapter and args.method == "full":
         raise ValueError("--adapter continues LoRA training; it does not apply to --method full")
+    if args.adapter:
+        _check_adapter_owns_lora_options(args)
     _check_output_dir(args, default_output_dir)
+
+
+# LoRA options an --adapter brings in its adapter_config.json (option dest -> its key there)
+_ADAPTER_OPTIONS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+                    "target_parameters": "target_parameters"}
+
+
+def _check_adapter_owns_lora_options(args: argparse.Namespace) -> None:
+    # A value that is not the default was asked for (a flag or a --config entry), and --adapter
+    # would silently train with the adapter's own value instead.
+    parser = build_parser()
+    for dest, key in _ADAPTER_OPTIONS.items():
+        if getattr(args, dest) != parser.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} does not apply with --adapter: the adapter's own {key} (from its "
+                             f"adapter_config.json) is used; drop {flag} {getattr(args, dest)} (or its --config entry), "
+                             "or train a new adapter without --adapter")
 
 
 def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str, strict: bool = False):
