@@ -755,7 +755,10 @@ def test_backward_inside_disable_adapters_gives_the_adapter_zero_gradients(cls):
         layer(x).sum().backward()
         with torch.no_grad():
             assert layer(x).grad_fn is None
+        params = {"lora_A": layer.lora_A.detach(), "lora_B": layer.lora_B.detach()}
+        grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(params)
     assert torch.equal(layer.lora_A.grad, torch.ones_like(layer.lora_A)) and not layer.lora_B.grad.any()
+    assert not grads["lora_A"].any() and not grads["lora_B"].any()
 
 
 @pytest.mark.parametrize("compute_dtype, autocast", [(torch.bfloat16, False), (torch.float32, True)])

@@ -79,12 +79,20 @@ def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _ZeroGrads(torch.autograd.Function):
-    """``x`` unchanged, on the autograd graph of ``params`` with zero gradients for them."""
+    """``x`` unchanged, on the autograd graph of ``params`` with zero gradients for them.
+
+    (``setup_context`` kept apart from ``forward``: the form torch.func's transforms take.)
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, *params):
-        ctx.likes = [(p.shape, p.dtype, p.device) for p in params]
+    def forward(x, *params):
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.likes = [(p.shape, p.dtype, p.device) for p in inputs[1:]]
 
     @staticmethod
     def backward(ctx, dx):
