@@ -220,6 +220,91 @@ def test_load_into_an_already_patched_model(tmp_path):
         lorakern.load_adapter(fewer, tmp_path)
 
 
+def _model_state(model):
+    """Every module and parameter object of ``model`` with its requires_grad flag and value, and its patch record."""
+    return ([(n, id(m)) for n, m in model.named_modules()],
+            [(n, id(p), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()],
+            hasattr(model, "_lorakern_lora"))
+
+
+def _assert_unchanged(model, before):
+    after = _model_state(model)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert [a[:3] for a in after[1]] == [b[:3] for b in before[1]]
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(after[1], before[1]))
+
+
+def _llama_adapter(directory, targets, r=2, **config_kwargs):
+    """A PEFT adapter (nonzero B) for ``helpers_models.llama`` or another base given as ``base=``."""
+    base = config_kwargs.pop("base", None) or FAMILIES["llama"][0]()
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, **config_kwargs))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(std=0.2)
+    theirs.save_pretrained(directory)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("case", ["embedding", "shape", "rank", "partial_module_to_save"])
+def test_refused_adapter_leaves_the_model_as_it_was(case, quantize, tmp_path):
+    """Every key and shape is checked before the model is patched: a refused adapter leaves an unpatched model
+    exactly as it was (not patched, not quantized, same requires_grad), so a right adapter loads after it."""
+    import transformers
+
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    if case == "embedding":  # PEFT's LoRA on nn.Embedding: lora_embedding_A / _B
+        _llama_adapter(bad, ["embed_tokens", "q_proj"])
+        match = "nn.Embedding is not supported"
+    elif case == "shape":  # an adapter for a model with another intermediate size
+        config = FAMILIES["llama"][0]().config
+        config.intermediate_size = 256
+        _llama_adapter(bad, ["up_proj", "q_proj"], base=transformers.LlamaForCausalLM(config))
+        match = r"up_proj.lora_B.weight has shape \(256, 2\), the model expects \(128, 2\)"
+    elif case == "rank":  # the config says r=8, the tensors have r=2
+        _llama_adapter(bad, ["q_proj"])
+        _edit_config(bad, r=8)
+        match = r"q_proj.lora_A.weight has shape \(2, 64\), the model expects \(8, 64\)"
+    else:  # a modules_to_save module with one of its weights missing from the file
+        _llama_adapter(bad, ["q_proj"], modules_to_save=["mlp"])
+        path = bad / "adapter_model.safetensors"
+        tensors = load_file(path)
+        del tensors["base_model.model.model.layers.1.mlp.down_proj.weight"]
+        save_file(tensors, path)
+        match = r"part of the modules_to_save module 'model.layers.1.mlp': .*down_proj.weight"
+    theirs = _llama_adapter(good, ["v_proj"], r=8)
+    model = FAMILIES["llama"][0]()
+    before = _model_state(model)
+    with pytest.raises(AdapterError, match=match):
+        lorakern.load_adapter(model, bad, quantize=quantize)
+    _assert_unchanged(model, before)
+    lorakern.load_adapter(model, good)
+    ids = example_input()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_a_failure_after_patching_puts_the_model_back(monkeypatch, tmp_path):
+    """A load that fails after patching (here: the copy of the tensors) undoes the patch on a dense model; a
+    model quantized in place cannot be put back, and the error says to reload it."""
+    from lorakern.patch import adapter
+
+    _llama_adapter(tmp_path, ["q_proj", "v_proj"])
+
+    def fail(*args):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(adapter, "_copy_in", fail)
+    model = FAMILIES["llama"][0]()
+    before = _model_state(model)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        lorakern.load_adapter(model, tmp_path)
+    _assert_unchanged(model, before)
+    with pytest.raises(RuntimeError, match="cannot be put back as it was; reload it"):
+        lorakern.load_adapter(FAMILIES["llama"][0](), tmp_path, quantize="nf4")
+
+
 def test_save_through_compile_wrapper_uses_the_model_paths(tmp_path):
     model = FAMILIES["llama"][0]()
     lorakern.apply_lora(model, ["q_proj"], r=2)
@@ -354,8 +439,11 @@ def test_peft_adapter_on_lm_head_with_its_base_weight(tie, tmp_path):
     assert torch.equal(ours.model.embed_tokens.weight, tensors[key] if tie else base.model.embed_tokens.weight)
     with torch.no_grad():
         torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
+    refused = copy.deepcopy(base)
+    before = _model_state(refused)
     with pytest.raises(AdapterError, match="lm_head.base_layer.weight is a base weight that differs.*NF4"):
-        lorakern.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4")
+        lorakern.load_adapter(refused, tmp_path, quantize="nf4")
+    _assert_unchanged(refused, before)  # refused before any layer was quantized (in place: no way back)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -28,21 +28,24 @@ import json
 import math
 import os
 import re
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..nn import LoRAExperts, LoRALinear, QLoRALinear
-from .apply import apply_lora, lora_modules, lora_state, pattern_value, unwrap
-from .targets import (TASK_HEADS, expert_stacks, leaf_names_or_paths, name_matches, resolve_parameters, select,
-                      task_heads)
+from ..nn.qlora import is_bnb_linear4bit
+from .apply import lora_modules, lora_state, patch_reversibly, pattern_value, unwrap
+from .targets import (TASK_HEADS, expert_stacks, is_conv1d, kept_in_full_precision, leaf_names_or_paths,
+                      name_matches, resolve_parameters, select, task_heads, unsupported_reason)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# PEFT's LoRA on nn.Embedding (ParameterDict entries, no ".weight")
+_EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 
 # Class-name suffix -> PEFT task_type (PeftModel.from_pretrained picks the wrapper class by it).
 _TASK_TYPES = (
@@ -288,91 +291,243 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     already have exactly the adapter's layers, ranks and scaling. As in PEFT,
     each modules_to_save module gets its own copy of a weight it shares with
     another module (a head tied to the input embeddings loads apart from them).
-    Then every tensor is copied in; a key that belongs to no layer, a layer
-    without weights, or a shape mismatch is an :class:`AdapterError` naming it.
     An adapted layer's ``base_layer.weight`` (PEFT writes it for an adapted
     ``lm_head``) is checked against the layer's weight (see :func:`_base_value`).
-    Refused: adapters whose initialisation rewrote the base weights (PiSSA, OLoRA,
-    CorDA, LoRA-GA, LoftQ: ``init_lora_weights``), and LoRA weights for a layer inside
-    a modules_to_save module (PEFT would ignore them).
+
+    All or nothing: the file's keys and shapes are checked against the model's
+    layers (and, for an unpatched model, against the layers it is about to patch)
+    before anything changes; a key that belongs to no layer, a layer without
+    weights, or a shape mismatch is an :class:`AdapterError` naming it, and the
+    model is left as it was. Refused: adapters whose initialisation rewrote the
+    base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ: ``init_lora_weights``), LoRA
+    weights for a layer inside a modules_to_save module (PEFT would ignore them),
+    and LoRA on ``nn.Embedding`` layers (``lora_embedding_A`` / ``lora_embedding_B``).
     """
     model = unwrap(model)
     config = read_adapter_config(directory)
     weights = _read_weights(directory)
-    # PEFT adds both "classifier" and "score" for SEQ_CLS adapters; keep the ones this model has.
+    embedding = sorted(k for k in weights if k.endswith(_EMBEDDING_SUFFIXES))
+    if embedding:
+        raise AdapterError(f"{directory}: the adapter has LoRA weights for nn.Embedding layers ({embedding[:4]}); "
+                           "LoRA on nn.Embedding is not supported here (only nn.Linear / Conv1D layers and expert "
+                           "weights)")
     names = [n for n, _ in model.named_modules() if n]
-    modules_to_save = [e for e in config.get("modules_to_save") or [] if any(name_matches(n, e) for n in names)] or None
-
+    revert = None
     if not lora_modules(model):
-        # The layers that have weights in the file are the adapter, exactly: PEFT's matching
-        # (target_modules, exclude_modules, layers_to_transform) already chose them when it saved.
-        targets = _adapted_paths(weights)
-        if not targets:
-            raise AdapterError(f"{directory}: {WEIGHTS_NAME} holds no '*.lora_A.weight' / '*.lora_B.weight' tensors")
-        params = []
-        if config.get("target_parameters"):
-            try:
-                params = resolve_parameters(model, config["target_parameters"])
-            except (TypeError, ValueError) as e:
-                raise AdapterError(f"{directory}: {e}") from None
-            expert_paths = set(_expert_paths(params).values())
-            targets = [t for t in targets if t not in expert_paths]
-        absent = [t for t in targets if t not in names]
-        if absent:
-            raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: "
-                               f"{absent[:5]}{_per_expert_hint(model, absent)}")
-        kept = select(names, modules_to_save, "modules_to_save") if modules_to_save else []
-        inside = [t for t in targets if _kept_root(t, kept) is not None]
-        if inside:
-            raise AdapterError(f"{directory}: the adapter has LoRA weights for {inside[:5]}, inside its "
-                               f"modules_to_save {modules_to_save}, which are trained and saved whole: PEFT ignores "
-                               "LoRA weights there, so the adapter does not hold one model")
-        apply_lora(model, targets or None, r=config["r"], alpha=config["lora_alpha"],
-                   dropout=config.get("lora_dropout", 0.0), quantize=quantize, modules_to_save=modules_to_save,
-                   use_rslora=bool(config.get("use_rslora", False)), compute_dtype=compute_dtype, device=device,
-                   target_parameters=params or None, rank_pattern=config.get("rank_pattern") or None,
-                   alpha_pattern=config.get("alpha_pattern") or None)
+        # PEFT adds both "classifier" and "score" for SEQ_CLS adapters; keep the ones this model has.
+        entries = [e for e in config.get("modules_to_save") or [] if any(name_matches(n, e) for n in names)]
+        keep = select(names, entries, "modules_to_save") if entries else []
+        keep = [k for k in keep if not any(k.startswith(other + ".") for other in keep)]
+        options = _patch_options(model, config, weights, names, keep, directory)
+        layers = _planned_layers(model, options)
+        _check_tensors(model, weights, layers, keep, directory)
+        if quantize == "nf4":
+            _check_nf4_base_weights(model, weights, layers, directory)
+        _, revert = patch_reversibly(model, quantize=quantize, compute_dtype=compute_dtype, device=device,
+                                     **options)
     elif quantize is not None or compute_dtype is not None or device is not None:
         raise ValueError("quantize / compute_dtype / device apply only when load_adapter patches an unpatched model")
-    modules = lora_modules(model)
-    state = lora_state(model)
-    keep = list(state.modules_to_save) if state is not None else []
-    _check_layers(modules, config, directory)
-    _untie_modules_to_save(model, keep)
+    try:
+        modules = lora_modules(model)
+        state = lora_state(model)
+        keep = list(state.modules_to_save) if state is not None else []
+        if revert is None:
+            _check_layers(modules, config, directory)
+            _check_tensors(model, weights, _patched_layers(modules), keep, directory)
+        _copy_in(model, modules, keep, weights, directory)
+    except BaseException as e:
+        if revert is not None:
+            revert(e)
+        raise
+    return list(modules)
 
-    paths = {n: n for n in modules if not isinstance(modules[n], LoRAExperts)}
-    paths.update(_expert_paths([n for n in modules if isinstance(modules[n], LoRAExperts)]))
-    lora_keys = {f"{PREFIX}{path}{s}": (n, s) for n, path in paths.items() for s in _LORA_SUFFIXES}
-    keep_keys = {f"{PREFIX}{n}.{k}": (n, k) for n in keep for k in model.get_submodule(n).state_dict()}
-    base_keys = {f"{PREFIX}{n}.base_layer.{attr}": (n, attr) for n, m in modules.items()
-                 if not isinstance(m, LoRAExperts) for attr in ("weight", "bias")}
-    unexpected = sorted(k for k in weights if k not in lora_keys and k not in keep_keys and k not in base_keys)
+
+class _Layer(NamedTuple):
+    """An adapted layer (``experts == 0``) or expert weight, as the adapter file holds its tensors."""
+
+    name: str  # qualified layer name, or ``<experts module>.<parameter>``
+    path: str  # where PEFT keeps its lora_A / lora_B (an expert weight: see _expert_paths)
+    out_features: int
+    in_features: int
+    r: int
+    experts: int
+    bias: bool  # (layers) the base layer has a bias
+    conv1d: bool  # (layers) a transformers Conv1D, whose base weight PEFT writes as [in, out]
+
+
+def _patch_options(model: nn.Module, config: dict, weights: dict, names: list[str], keep: list[str],
+                   directory: str) -> dict:
+    """apply_lora's arguments that give an unpatched ``model`` exactly the adapter's layers."""
+    # The layers that have weights in the file are the adapter, exactly: PEFT's matching
+    # (target_modules, exclude_modules, layers_to_transform) already chose them when it saved.
+    targets = _adapted_paths(weights)
+    if not targets:
+        raise AdapterError(f"{directory}: {WEIGHTS_NAME} holds no '*.lora_A.weight' / '*.lora_B.weight' tensors")
+    params = []
+    if config.get("target_parameters"):
+        try:
+            params = resolve_parameters(model, config["target_parameters"])
+        except (TypeError, ValueError) as e:
+            raise AdapterError(f"{directory}: {e}") from None
+        expert_paths = set(_expert_paths(params).values())
+        targets = [t for t in targets if t not in expert_paths]
+    absent = [t for t in targets if t not in names]
+    if absent:
+        raise AdapterError(f"{directory}: the adapter has weights for layers this model does not have: "
+                           f"{absent[:5]}{_per_expert_hint(model, absent)}")
+    within = [t for t in targets if _kept_root(t, keep) is not None]
+    if within:
+        raise AdapterError(f"{directory}: the adapter has LoRA weights for {within[:5]}, inside its "
+                           f"modules_to_save {keep}, which are trained and saved whole: PEFT ignores "
+                           "LoRA weights there, so the adapter does not hold one model")
+    modules = dict(model.named_modules())
+    bad = [r for t in targets if (r := unsupported_reason(t, modules[t], modules[t.rpartition(".")[0]])) is not None]
+    if bad:
+        raise AdapterError(f"{directory}: the adapter has LoRA weights for layers that cannot take one here: "
+                           + "; ".join(bad[:3]))
+    return dict(target_modules=targets or None, r=config["r"], alpha=config["lora_alpha"],
+                dropout=config.get("lora_dropout", 0.0), modules_to_save=keep or None,
+                use_rslora=bool(config.get("use_rslora", False)), target_parameters=params or None,
+                rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None)
+
+
+def _planned_layers(model: nn.Module, options: dict) -> list[_Layer]:
+    """The :class:`_Layer` of each layer and expert weight ``apply_lora(model, **options)`` will adapt."""
+    layers = []
+    for name in options["target_modules"] or []:
+        module = model.get_submodule(name)
+        conv1d = is_conv1d(module)
+        out_features, in_features = (module.nf, module.weight.shape[0]) if conv1d else \
+            (module.out_features, module.in_features)
+        layers.append(_Layer(name, name, out_features, in_features,
+                             pattern_value(options["rank_pattern"] or {}, name, options["r"]), 0,
+                             getattr(module, "bias", None) is not None, conv1d))
+    params = options["target_parameters"] or []
+    for name, path in _expert_paths(params).items():
+        owner_name, _, pname = name.rpartition(".")
+        weight = model.get_parameter(name)
+        if weight.dim() == 3:
+            e, a, b = weight.shape
+            n, k = (b, a) if getattr(model.get_submodule(owner_name), "is_transposed", False) else (a, b)
+        else:
+            (n, k), e = weight.shape, 1
+        layers.append(_Layer(name, path, n, k, pattern_value(options["rank_pattern"] or {}, name, options["r"]), e,
+                             False, False))
+    return layers
+
+
+def _patched_layers(modules: dict) -> list[_Layer]:
+    """The :class:`_Layer` of each LoRA module of a patched model."""
+    paths = _expert_paths([n for n, m in modules.items() if isinstance(m, LoRAExperts)])
+    return [_Layer(n, paths.get(n, n), m.out_features, m.in_features, m.r,
+                   m.num_experts if isinstance(m, LoRAExperts) else 0,
+                   not isinstance(m, LoRAExperts) and m.bias is not None,
+                   not isinstance(m, LoRAExperts) and m.fan_in_fan_out)
+            for n, m in modules.items()]
+
+
+def _expected_shapes(model: nn.Module, layers: list[_Layer], keep: list[str]) -> tuple[dict, dict]:
+    """(adapter key -> the shape the model takes, for LoRA and base-layer keys) and (the same for the
+    modules_to_save keys, with the module each belongs to)."""
+    lora, kept = {}, {}
+    for layer in layers:
+        rank = layer.r * max(layer.experts, 1)  # PEFT's target_parameters layout: [r * E, in] / [out, r * E]
+        lora[f"{PREFIX}{layer.path}.lora_A.weight"] = (rank, layer.in_features)
+        lora[f"{PREFIX}{layer.path}.lora_B.weight"] = (layer.out_features, rank)
+        if not layer.experts:
+            lora[f"{PREFIX}{layer.name}.base_layer.weight"] = (layer.in_features, layer.out_features) \
+                if layer.conv1d else (layer.out_features, layer.in_features)
+            if layer.bias:
+                lora[f"{PREFIX}{layer.name}.base_layer.bias"] = (layer.out_features,)
+    for name in keep:
+        for key, value in model.get_submodule(name).state_dict().items():
+            kept[f"{PREFIX}{name}.{key}"] = (tuple(value.shape), name)
+    return lora, kept
+
+
+def _check_tensors(model: nn.Module, weights: dict, layers: list[_Layer], keep: list[str], directory: str) -> None:
+    """Every key of the file belongs to a layer or modules_to_save module with the shape the model takes, and
+    every layer has its lora_A and lora_B."""
+    lora, kept = _expected_shapes(model, layers, keep)
+    unexpected = sorted(k for k in weights if k not in lora and k not in kept)
     if unexpected:
         raise AdapterError(f"{directory}: {len(unexpected)} key(s) match no LoRA layer or modules_to_save module of "
                            f"the model: {unexpected[:5]}")
-    missing = sorted(k for k in lora_keys if k not in weights)
+    missing = sorted(k for k in lora if k.endswith(_LORA_SUFFIXES) and k not in weights)
     if missing:
         raise AdapterError(f"{directory}: the model has LoRA layers the adapter has no weights for: {missing[:5]}")
+    experts = {f"{PREFIX}{layer.path}{s}": layer for layer in layers if layer.experts for s in _LORA_SUFFIXES}
+    for key, value in weights.items():
+        shape = lora[key] if key in lora else kept[key][0]
+        if tuple(value.shape) != shape:
+            layer = experts.get(key)
+            extra = f" ({layer.experts} experts, r={layer.r})" if layer is not None else ""
+            raise AdapterError(f"{directory}: {key} has shape {tuple(value.shape)}, the model expects {shape}{extra}")
+        if key in lora and not value.is_floating_point():
+            raise AdapterError(f"{directory}: {key} has dtype {value.dtype}, expected a floating dtype")
+    for name in keep:
+        keys = [k for k, (_, owner) in kept.items() if owner == name]
+        absent = [k for k in keys if k not in weights]
+        if absent and len(absent) < len(keys):
+            raise AdapterError(f"{directory}: the adapter holds part of the modules_to_save module {name!r}: "
+                               f"{absent[:5]} are missing")
+
+
+def _check_nf4_base_weights(model: nn.Module, weights: dict, layers: list[_Layer], directory: str) -> None:
+    """A base weight in the file (PEFT's ``<lm_head>.base_layer.weight``) for a layer about to be quantized in
+    place must quantize to what the layer's own weight does: the check after patching would come too late to
+    put the layer back."""
+    dense = kept_in_full_precision(model)
+    for layer in layers:
+        key = f"{PREFIX}{layer.name}.base_layer.weight"
+        module = model.get_submodule(layer.name) if key in weights else None
+        if module is None or layer.name in dense or is_bnb_linear4bit(module):
+            continue
+        current, value = module.weight.detach(), weights[key].to(module.weight.device, module.weight.dtype)
+        if layer.conv1d:
+            current, value = current.t(), value.t()
+        if torch.equal(value, current):
+            continue
+        mine, theirs = ops.nf4_quantize(current.contiguous()), ops.nf4_quantize(value.contiguous())
+        if not all(torch.equal(a, b) for a, b in zip(mine[:5], theirs[:5])):
+            raise AdapterError(_nf4_base_message(directory, key))
+
+
+def _nf4_base_message(directory: str, key: str) -> str:
+    return (f"{directory}: {key} is a base weight that differs from this model's, and the layer is NF4: it cannot "
+            "take a new base weight without re-quantizing it. Load the adapter into a dense model (quantize=None), "
+            "merge, then quantize")
+
+
+def _copy_in(model: nn.Module, modules: dict, keep: list[str], weights: dict, directory: str) -> None:
+    """Copy the checked tensors of an adapter file into a patched ``model``."""
+    paths = {n: n for n in modules if not isinstance(modules[n], LoRAExperts)}
+    paths.update(_expert_paths([n for n in modules if isinstance(modules[n], LoRAExperts)]))
+    lora_keys = {f"{PREFIX}{path}{s}": (n, s) for n, path in paths.items() for s in _LORA_SUFFIXES}
+    base_keys = {f"{PREFIX}{n}.base_layer.{attr}": (n, attr) for n, m in modules.items()
+                 if not isinstance(m, LoRAExperts) for attr in ("weight", "bias")}
+    # every value is formed (and _base_value's checks run) before the first copy
     new_base = [(getattr(modules[name], attr), _base_value(modules[name], attr, weights[key], key, directory))
                 for key, (name, attr) in base_keys.items() if key in weights]
-
+    new_lora = []
+    for key, (name, suffix) in lora_keys.items():
+        module, is_a = modules[name], suffix == _LORA_SUFFIXES[0]
+        value = weights[key]
+        if isinstance(module, LoRAExperts):
+            value = _expert_layout(value, module, is_a, key, directory)
+        new_lora.append((module.lora_A if is_a else module.lora_B, value))
+    _untie_modules_to_save(model, keep)
     with torch.no_grad():
         for param, value in new_base:
             if value is not None:
                 param.copy_(value)
-        for key, (name, suffix) in lora_keys.items():
-            module, is_a = modules[name], suffix == _LORA_SUFFIXES[0]
-            param = module.lora_A if is_a else module.lora_B
-            value = weights[key]
-            if isinstance(module, LoRAExperts):
-                value = _expert_layout(value, module, is_a, key, directory)
-            _copy(param, value, key, directory)
+        for param, value in new_lora:
+            param.copy_(value)
         for name in keep:
             sub = {k: weights[f"{PREFIX}{name}.{k}"] for k in model.get_submodule(name).state_dict()
                    if f"{PREFIX}{name}.{k}" in weights}
             if sub:
                 model.get_submodule(name).load_state_dict(sub, strict=True)
-    return list(modules)
 
 
 def _per_expert_hint(model: nn.Module, absent: list[str]) -> str:
@@ -536,9 +691,7 @@ def _base_value(module: nn.Module, attr: str, value: torch.Tensor, key: str, dir
                                    module.double_quant), module.quantized_weight()
         if all(torch.equal(a, b) for a, b in zip(q[:5], mine[:5])):
             return None
-        raise AdapterError(f"{directory}: {key} is a base weight that differs from this model's, and the layer is "
-                           "NF4: it cannot take a new base weight without re-quantizing it. Load the adapter into a "
-                           "dense model (quantize=None), merge, then quantize")
+        raise AdapterError(_nf4_base_message(directory, key))
     value = value.to(current.device, current.dtype)
     if torch.equal(value, current):
         return None
@@ -546,14 +699,6 @@ def _base_value(module: nn.Module, attr: str, value: torch.Tensor, key: str, dir
         raise AdapterError(f"{directory}: {key} is a new base weight but the layer is merged (its weight holds the "
                            "adapter); unmerge it first")
     return value
-
-
-def _copy(param: nn.Parameter, value: torch.Tensor, key: str, directory: str) -> None:
-    if tuple(value.shape) != tuple(param.shape):
-        raise AdapterError(f"{directory}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
-    if not value.is_floating_point():
-        raise AdapterError(f"{directory}: {key} has dtype {value.dtype}, expected a floating dtype")
-    param.copy_(value)
 
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]

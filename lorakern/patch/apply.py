@@ -8,7 +8,7 @@ import functools
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -135,7 +135,30 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     the names returned are the wrapped model's. Each ``modules_to_save`` module's
     weights are copied once (frozen, beside the model, as PEFT's
     ``original_module``) so that :func:`disable_adapters` gives the base model.
+
     """
+    names, _ = _patch(model, target_modules, r, alpha, dropout, quantize, exclude, modules_to_save, use_rslora, init,
+                      compute_dtype, device, target_parameters, rank_pattern, alpha_pattern, reversible=False)
+    return names
+
+
+def patch_reversibly(model: nn.Module, **options) -> tuple[list[str], Callable[[BaseException], None]]:
+    """:func:`apply_lora` with ``options``; also return ``revert(cause)``, which puts the model back as it was
+    (layers, expert weights, ``requires_grad`` flags, the patch record) for a caller whose own later step failed.
+
+    Layers quantized in place cannot be put back: then ``revert`` raises a RuntimeError
+    saying the model must be reloaded (chained to ``cause``). Until ``revert`` is dropped
+    it holds the replaced layers, which share their weights with the new dense ones.
+    """
+    return _patch(unwrap(model), reversible=True, **options)
+
+
+def _patch(model: nn.Module, target_modules: Selector = "all-linear", r: int = 16, alpha: float = 32,
+           dropout: float = 0.0, quantize: Optional[str] = None, exclude: Optional[Selector] = None,
+           modules_to_save: Optional[Selector] = None, use_rslora: bool = False, init: str = "kaiming",
+           compute_dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
+           target_parameters: Optional[Selector] = None, rank_pattern: Optional[dict] = None,
+           alpha_pattern: Optional[dict] = None, *, reversible: bool):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
@@ -222,15 +245,13 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     def in_place(name: str) -> bool:  # quantized on the weight's own device: keeping the original costs memory
         return device is None and nf4(name) and not is_bnb_linear4bit(model.get_submodule(name))
 
-    # by name, not the tensors: a list of them would keep every replaced full-precision weight alive
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-    undo: list = []  # one callable per change made so far, run in reverse if a later step fails (None: cannot)
+    undo = _Undo(model)
     try:
         for name in targets:
-            undo.append(_swap_layer(model, name, build, keep_original=not in_place(name)))
+            undo.steps.append(_swap_layer(model, name, build, keep_original=not in_place(name)))
         for key in parameters:  # (the stack is not held in a local: it would outlive its swap)
             in_place_stack = device is None and nf4_stack(key, model.get_parameter(key))
-            undo.append(_swap_parameter(model, key, build_experts, keep_original=not in_place_stack))
+            undo.steps.append(_swap_parameter(model, key, build_experts, keep_original=not in_place_stack))
         for p in model.parameters():
             p.requires_grad_(False)
         for module in lora_modules(model).values():
@@ -241,24 +262,39 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
                 p.requires_grad_(True)
         base_copies = {f"{name}.{key}": t.detach().clone() for name in keep
                        for key, t in _tensors(model.get_submodule(name))}
+        setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init,
+                                             quantize, keep, base_copies))
     except BaseException as e:
-        lost = [step for step in undo if step is None]
-        if lost:
-            raise RuntimeError(f"apply_lora failed after quantizing {len(lost)} layer(s) in place, whose "
-                               "full-precision weights are freed: the model cannot be put back as it was; reload "
-                               f"it ({type(e).__name__}: {e})") from e
-        for step in reversed(undo):
-            step()
-        for n, p in model.named_parameters(remove_duplicate=False):
-            if n in requires_grad:
-                p.requires_grad_(requires_grad[n])
+        undo.revert(e, "apply_lora")
         raise
-    # the last references to the replaced layers kept for undo (those quantized in place are already freed)
-    del undo, requires_grad
+    if not reversible:  # (the replaced layers are freed with ``undo`` on return)
+        return targets + parameters, None
+    return targets + parameters, functools.partial(undo.revert, what="load_adapter")
 
-    setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init, quantize,
-                                         keep, base_copies))
-    return targets + parameters
+
+class _Undo:
+    """The changes :func:`apply_lora` made to a model, to put back if a later step fails."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        # by name, not the tensors: a list of them would keep every replaced full-precision weight alive
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+        self.steps: list = []  # one callable per swap, run in reverse (None: a layer quantized in place)
+
+    def revert(self, cause: BaseException, what: str) -> None:
+        lost = sum(step is None for step in self.steps)
+        if lost:
+            raise RuntimeError(f"{what} failed after quantizing {lost} layer(s) in place, whose full-precision "
+                               "weights are freed: the model cannot be put back as it was; reload it "
+                               f"({type(cause).__name__}: {cause})") from cause
+        for step in reversed(self.steps):
+            step()
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            if n in self.requires_grad:
+                p.requires_grad_(self.requires_grad[n])
+        if hasattr(self.model, STATE_ATTR):
+            delattr(self.model, STATE_ATTR)
+        self.steps.clear()
 
 
 def _check_quantizable(name: str, weight: torch.Tensor) -> None:
