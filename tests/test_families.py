@@ -379,4 +379,3 @@ def test_trained_tied_head_travels_both_ways(family, tmp_path):
     reloaded = _auto_class(family).from_pretrained(tmp_path / "merged").eval()
     assert reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight
     _assert_reloaded_close(_logits(reloaded, family), _logits(loaded, family))
-

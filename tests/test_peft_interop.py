@@ -377,6 +377,56 @@ def _check_both_load(base, model, directory):
         assert torch.equal(_task_outputs(again, ids), want)
 
 
+def _distilbert():
+    import transformers
+
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=64, hidden_dim=128, n_layers=2, n_heads=4,
+                                           num_labels=3, pad_token_id=0, dropout=0.0, attention_dropout=0.0,
+                                           seq_classif_dropout=0.0)
+    torch.manual_seed(0)
+    return transformers.DistilBertForSequenceClassification(config).eval()
+
+
+def _perturb(model, names, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            for p in model.get_submodule(name).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_distilbert_classifier_head_includes_pre_classifier_both_ways(tmp_path):
+    """PEFT matches modules_to_save entries by plain name suffix: its SEQ_CLS wrapper trains DistilBERT's
+    pre_classifier whole along with classifier. A PEFT adapter with both loads here with PEFT's logits;
+    "all-linear" here leaves pre_classifier out and trains and saves it whole, and PEFT loads that adapter."""
+    base = _distilbert()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                       target_modules=["q_lin", "v_lin"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    lorakern.load_adapter(ours, tmp_path / "peft")
+    ids = example_input()
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, theirs(ids).logits, atol=1e-3)
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=ATOL, rtol=RTOL)
+
+    model = copy.deepcopy(base)
+    names = lorakern.apply_lora(model, "all-linear", r=4, alpha=8)
+    assert "pre_classifier" not in names and "classifier" not in names and "distilbert.transformer.layer.0.ffn.lin1" \
+        in names
+    randomize_adapters(model)
+    _perturb(model, ["pre_classifier", "classifier"])
+    lorakern.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["pre_classifier", "classifier"]
+    _check_both_load(base, model, tmp_path / "ours")
+
+
 @pytest.mark.parametrize("kind, targets, head_layer", [
     ("bert-seq-cls", ["query", "classifier"], "classifier"),
     ("roberta-seq-cls", ["query", "out_proj"], "classifier.out_proj"),

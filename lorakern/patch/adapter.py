@@ -38,7 +38,7 @@ from ..nn import LoRAExperts, LoRALinear, QLoRALinear
 from ..nn.qlora import is_bnb_linear4bit
 from .apply import lora_modules, lora_state, patch_reversibly, pattern_value, unwrap
 from .targets import (TASK_HEADS, expert_stacks, is_conv1d, kept_in_full_precision, leaf_names_or_paths,
-                      name_matches, resolve_parameters, select, task_heads, unsupported_reason)
+                      name_matches, peft_modules_to_save, resolve_parameters, task_heads, unsupported_reason)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -285,7 +285,9 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     An unpatched model is first patched on exactly the layers that have
     ``lora_A`` / ``lora_B`` tensors in the file (the layers PEFT's target_modules,
     exclude_modules and layers_to_transform selected when it saved), with the
-    config's r, lora_alpha, lora_dropout, use_rslora and modules_to_save;
+    config's r, lora_alpha, lora_dropout, use_rslora and modules_to_save (matched as
+    PEFT matches them: every module whose qualified name ends with an entry, so
+    ``"classifier"`` takes DistilBERT's ``pre_classifier`` too);
     ``quantize="nf4"`` puts the adapter on an NF4 base (``device``: built there layer
     by layer, see :func:`lorakern.apply_lora`). A patched model must
     already have exactly the adapter's layers, ranks and scaling. As in PEFT,
@@ -315,9 +317,7 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     revert = None
     if not lora_modules(model):
         # PEFT adds both "classifier" and "score" for SEQ_CLS adapters; keep the ones this model has.
-        entries = [e for e in config.get("modules_to_save") or [] if any(name_matches(n, e) for n in names)]
-        keep = select(names, entries, "modules_to_save") if entries else []
-        keep = [k for k in keep if not any(k.startswith(other + ".") for other in keep)]
+        keep = peft_modules_to_save(names, config.get("modules_to_save") or [])
         options = _patch_options(model, config, weights, names, keep, directory)
         layers = _planned_layers(model, options)
         _check_tensors(model, weights, layers, keep, directory)

@@ -4,10 +4,10 @@ Forms accepted for ``target_modules`` / ``exclude`` / ``modules_to_save``:
 
 * ``"all-linear"`` (targets only): every ``nn.Linear`` and transformers ``Conv1D``
   except the output head (``model.get_output_embeddings()``) and, on transformers
-  task models, the task head PEFT trains whole as modules_to_save, with every layer
-  inside it (``classifier`` / ``score`` of ``*ForSequenceClassification`` and
-  ``*ForTokenClassification``, ``qa_outputs`` of ``*ForQuestionAnswering``: see
-  :data:`TASK_HEADS`). Also left out: layers whose
+  task models, the task heads PEFT trains whole as modules_to_save, with every layer
+  inside them (``classifier`` / ``score`` of ``*ForSequenceClassification`` and
+  ``*ForTokenClassification``, DistilBERT's ``pre_classifier`` too, ``qa_outputs`` of
+  ``*ForQuestionAnswering``: see :func:`task_heads`). Also left out: layers whose
   parent reads their weight instead of calling them (``nn.MultiheadAttention``'s
   ``out_proj``, the projections a Mamba mixer hands to its fused kernel:
   ``WEIGHTS_READ_BY_MIXER``), and ``nn.Linear`` subclasses that a
@@ -30,10 +30,10 @@ from torch import nn
 
 ALL_LINEAR = "all-linear"
 
-# transformers task models: class-name suffix -> (PEFT task_type, the top-level heads PEFT adds to
-# modules_to_save for that task type). PEFT's task wrappers train and save these heads whole and
-# skip any LoRA target inside them, so "all-linear" leaves them out (a RoBERTa classifier is a
-# module with two Linear children, dense and out_proj: both are left out).
+# transformers task models: class-name suffix -> (PEFT task_type, the modules_to_save entries PEFT
+# adds for that task type). PEFT's task wrappers train and save the modules these entries match
+# whole (see task_heads), so "all-linear" leaves them out (a RoBERTa classifier is a module with
+# two Linear children, dense and out_proj: both are left out).
 TASK_HEADS = (
     ("ForSequenceClassification", "SEQ_CLS", ("classifier", "score")),
     ("ForTokenClassification", "TOKEN_CLS", ("classifier", "score")),
@@ -200,13 +200,32 @@ def _examples(names: list[str], limit: int = 6) -> str:
     return shown + (", ..." if len(leaves) > limit else "") if shown else "none"
 
 
+def inside(name: str, roots: Iterable[str]) -> bool:
+    """``name`` is one of ``roots`` or a module inside one."""
+    return any(name == k or name.startswith(k + ".") for k in roots)
+
+
+def outermost(names: Sequence[str]) -> list[str]:
+    """``names`` without those inside another of them, in order."""
+    return [n for n in names if not any(n.startswith(other + ".") for other in names)]
+
+
+def peft_modules_to_save(names: Iterable[str], entries: Sequence[str]) -> list[str]:
+    """The modules PEFT wraps for the ``modules_to_save`` ``entries``: those whose qualified name ends with an
+    entry, as a plain string (no ``.`` boundary: ``"classifier"`` matches DistilBERT's ``pre_classifier``),
+    outermost only."""
+    return outermost([n for n in names if n and any(n.endswith(e) for e in entries)])
+
+
 def task_heads(model: nn.Module) -> list[str]:
-    """The top-level heads PEFT adds to modules_to_save for ``model``'s task type (see :data:`TASK_HEADS`),
-    among the modules ``model`` has: ``["classifier"]`` for ``BertForSequenceClassification``."""
+    """The modules PEFT's task wrapper for ``model`` trains and saves whole, in model order:
+    ``["classifier"]`` for ``BertForSequenceClassification``, ``["pre_classifier", "classifier"]``
+    for DistilBERT's (PEFT matches its entries, :data:`TASK_HEADS`, by plain name suffix:
+    :func:`peft_modules_to_save`); empty for other models."""
     kind = type(model).__name__
-    for suffix, _, heads in TASK_HEADS:
+    for suffix, _, entries in TASK_HEADS:
         if kind.endswith(suffix):
-            return [h for h in heads if isinstance(model._modules.get(h), nn.Module)]
+            return peft_modules_to_save((n for n, _ in model.named_modules()), entries)
     return []
 
 
@@ -233,7 +252,7 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
     parents = {n: modules[n.rpartition(".")[0]] for n in names}
 
     def inside_kept(n: str) -> bool:
-        return any(n == k or n.startswith(k + ".") for k in keep)
+        return inside(n, keep)
 
     excluded = set(select(names, exclude, "exclude")) if exclude is not None else set()
     if target_modules == ALL_LINEAR:
@@ -241,8 +260,7 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
         candidates = [n for n in names if isinstance(modules[n], nn.Linear) or is_conv1d(modules[n])]
         chosen = []
         for n in candidates:
-            in_head = any(n == h or n.startswith(h + ".") for h in heads)
-            if in_head or inside_kept(n) or n in excluded or skipped_by_all_linear(n, modules[n], parents[n]):
+            if inside(n, heads) or inside_kept(n) or n in excluded or skipped_by_all_linear(n, modules[n], parents[n]):
                 continue
             reason = unsupported_reason(n, modules[n], parents[n])
             if reason is not None:
