@@ -32,7 +32,9 @@ def test_all_linear_patches_every_linear_but_the_head(family):
         assert not isinstance(model.get_submodule(head), (LoRALinear, QLoRALinear))
     assert set(lora_modules(model)) == set(names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
+    # a classification model's head (new, random) trains whole, as under PEFT's SEQ_CLS wrapper
+    head_params = {f"{head}.weight", f"{head}.bias"} if family == "bert" else set()
+    assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"} | head_params
     ids = example_input()
     with torch.no_grad():  # B = 0: the patched model computes exactly what the base did
         assert torch.equal(logits(model, ids), logits(base, ids))

@@ -70,7 +70,9 @@ def _pair(family, quantize):
             parent, _, leaf = name.rpartition(".")
             setattr(theirs.get_submodule(parent) if parent else theirs, leaf, _bnb_from(ours.get_submodule(name)))
     fan_in_fan_out = family == "gpt2" and quantize is None
-    theirs = _peft_model(theirs, names, fan_in_fan_out=fan_in_fan_out)
+    # a classification model: both train its head whole (apply_lora's default, PEFT's SEQ_CLS wrapper)
+    task = {"task_type": "SEQ_CLS"} if family == "bert" else {}
+    theirs = _peft_model(theirs, names, fan_in_fan_out=fan_in_fan_out, **task)
     _copy_adapters_to_peft(ours, theirs)
     return ours.train(), theirs.train(), names
 
@@ -84,7 +86,8 @@ def test_outputs_and_training_match_peft(family, quantize):
 
     params_ours = [p for p in ours.parameters() if p.requires_grad]
     params_theirs = [p for p in theirs.parameters() if p.requires_grad]
-    assert len(params_ours) == len(params_theirs) == 2 * len(names)
+    head = 2 if family == "bert" else 0  # classifier.weight and .bias
+    assert len(params_ours) == len(params_theirs) == 2 * len(names) + head
     opt_ours = torch.optim.AdamW(params_ours, lr=1e-2)
     opt_theirs = torch.optim.AdamW(params_theirs, lr=1e-2)
     losses = []
@@ -365,6 +368,48 @@ def test_all_linear_on_task_models_leaves_the_head_to_modules_to_save(kind, head
     _check_both_load(base, model, tmp_path)
 
 
+@pytest.mark.parametrize("kind, head", [("bert-seq-cls", "classifier"), ("roberta-seq-cls", "classifier"),
+                                        ("bert-qa", "qa_outputs")])
+def test_task_head_trains_whole_by_default(kind, head, tmp_path):
+    """As under PEFT's task wrappers, the task head that "all-linear" leaves out (new, randomly initialised)
+    trains whole: it gets gradients, an optimizer step changes it, the adapter carries it to PEFT and back, and
+    disable_adapters runs the head it started from."""
+    base = _task_model(kind)
+    model = copy.deepcopy(base)
+    names = lorakern.apply_lora(model, "all-linear", r=4, alpha=8)
+    head_params = dict(model.get_submodule(head).named_parameters())
+    assert head_params and all(p.requires_grad for p in head_params.values())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.lora_{ab}" for n in names for ab in "AB"} | {f"{head}.{n}" for n in head_params}
+    before = {n: p.detach().clone() for n, p in head_params.items()}
+    ids = example_input()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    _task_outputs(model, ids).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head_params.values())
+    optimizer.step()
+    model.eval()
+    assert all(not torch.equal(p, before[n]) for n, p in head_params.items())
+    with torch.no_grad(), lorakern.disable_adapters(model):
+        assert torch.equal(_task_outputs(model, ids), _task_outputs(base, ids))
+    lorakern.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == [head] and config["task_type"] is not None
+    _check_both_load(base, model, tmp_path)
+
+
+def test_explicit_modules_to_save_replace_the_default_heads():
+    model = _task_model("bert-seq-cls")
+    lorakern.apply_lora(model, "all-linear", modules_to_save=["pooler"])
+    assert model.bert.pooler.dense.weight.requires_grad and not model.classifier.weight.requires_grad
+    model = _task_model("bert-seq-cls")
+    lorakern.apply_lora(model, "all-linear", modules_to_save=[])
+    assert not model.classifier.weight.requires_grad
+    model = _task_model("bert-seq-cls")  # a LoRA inside the head: PEFT's generic model, no head trained whole
+    lorakern.apply_lora(model, ["query", "classifier"])
+    assert not model.classifier.weight.requires_grad
+
+
 def _check_both_load(base, model, directory):
     """PEFT and load_adapter, each on a fresh copy of ``base``, give ``model``'s task outputs."""
     ids = example_input()
@@ -419,6 +464,8 @@ def test_distilbert_classifier_head_includes_pre_classifier_both_ways(tmp_path):
     names = lorakern.apply_lora(model, "all-linear", r=4, alpha=8)
     assert "pre_classifier" not in names and "classifier" not in names and "distilbert.transformer.layer.0.ffn.lin1" \
         in names
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"} <= trainable
     randomize_adapters(model)
     _perturb(model, ["pre_classifier", "classifier"])
     lorakern.save_adapter(model, tmp_path / "ours")

@@ -386,7 +386,7 @@ def _patch_options(model: nn.Module, config: dict, weights: dict, names: list[st
         raise AdapterError(f"{directory}: the adapter has LoRA weights for layers that cannot take one here: "
                            + "; ".join(bad[:3]))
     return dict(target_modules=targets or None, r=config["r"], alpha=config["lora_alpha"],
-                dropout=config.get("lora_dropout", 0.0), modules_to_save=keep or None,
+                dropout=config.get("lora_dropout", 0.0), modules_to_save=keep,
                 use_rslora=bool(config.get("use_rslora", False)), target_parameters=params or None,
                 rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None)
 
