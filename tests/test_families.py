@@ -14,6 +14,7 @@ vocab 128, dropout off), once per module and deep-copied by each test.
 """
 
 import copy
+import json
 import os
 
 import pytest
@@ -379,3 +380,58 @@ def test_trained_tied_head_travels_both_ways(family, tmp_path):
     reloaded = _auto_class(family).from_pretrained(tmp_path / "merged").eval()
     assert reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight
     _assert_reloaded_close(_logits(reloaded, family), _logits(loaded, family))
+
+
+def _whisper():
+    config = transformers.WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                        decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=8,
+                                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        decoder_start_token_id=1)
+    torch.manual_seed(0)
+    features = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1))
+    return (transformers.WhisperForConditionalGeneration(config).eval(),
+            dict(input_features=features, decoder_input_ids=torch.tensor([[1, 5, 6]])), dict(input_features=features))
+
+
+def _vision_language(kind):
+    """A decoder-only model with a vision encoder in front; inputs: text with 4 image tokens and one image."""
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    if kind == "gemma3":
+        config = transformers.Gemma3Config(text_config=dict(text, head_dim=16), vision_config=vision,
+                                           mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+                                           eoi_token_index=298)
+        cls = transformers.Gemma3ForConditionalGeneration
+    else:
+        config = transformers.LlavaConfig(text_config=dict(text, model_type="llama"),
+                                          vision_config=dict(vision, model_type="clip_vision_model", projection_dim=32),
+                                          image_token_index=299, vision_feature_layer=-1)
+        cls = transformers.LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=torch.tensor([[5, 299, 299, 299, 299, 6, 7]]), pixel_values=pixels)
+    return cls(config).eval(), inputs, inputs
+
+
+@pytest.mark.parametrize("kind, task_type", [("whisper", None), ("gemma3", "CAUSAL_LM"), ("llava", "CAUSAL_LM")])
+def test_multimodal_generation_models_get_a_task_type_peft_runs(kind, task_type, tmp_path):
+    """*ForConditionalGeneration is not always a text encoder-decoder: PEFT's SEQ_2_SEQ_LM wrapper feeds
+    input_ids to Whisper's encoder (a TypeError); decoder-only models with a vision encoder run under CAUSAL_LM.
+    PEFT's forward and generate on the saved adapter give this model's logits and tokens."""
+    build = _whisper if kind == "whisper" else lambda: _vision_language(kind)
+    model, inputs, prompt = build()
+    lorakern.apply_lora(model, "all-linear", r=4, alpha=8)
+    randomize_adapters(model)
+    lorakern.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == task_type
+    theirs = peft.PeftModel.from_pretrained(build()[0], tmp_path).eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        assert not torch.allclose(build()[0](**inputs).logits, expected, atol=1e-3)
+        torch.testing.assert_close(theirs(**inputs).logits, expected, atol=ATOL, rtol=RTOL)
+        generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        assert torch.equal(theirs.generate(**prompt, max_new_tokens=4, do_sample=False), generated)
+

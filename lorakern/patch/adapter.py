@@ -47,11 +47,11 @@ _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # PEFT's LoRA on nn.Embedding (ParameterDict entries, no ".weight")
 _EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 
-# Class-name suffix -> PEFT task_type (PeftModel.from_pretrained picks the wrapper class by it).
+# Class-name suffix -> PEFT task_type (PeftModel.from_pretrained picks the wrapper class by it);
+# *ForConditionalGeneration models: see _task_type.
 _TASK_TYPES = (
     ("ForCausalLM", "CAUSAL_LM"),
     *((suffix, task) for suffix, task, _ in TASK_HEADS),
-    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
 )
 
 # Config fields whose non-default value means an adapter this loader cannot reproduce exactly:
@@ -80,7 +80,20 @@ class AdapterError(ValueError):
 
 
 def _task_type(model: nn.Module) -> Optional[str]:
+    """The PEFT task_type whose wrapper runs ``model`` as transformers does, or None (PEFT's generic PeftModel).
+
+    ``*ForConditionalGeneration`` covers three kinds of model. Text encoder-decoders
+    (T5, BART) are SEQ_2_SEQ_LM. PEFT's seq2seq wrapper passes ``input_ids`` to the
+    encoder, which breaks one that reads ``input_features`` (Whisper) or pixels: None.
+    Decoder-only models with an image or audio encoder in front (Llava, Gemma 3) run
+    and generate under PEFT's CAUSAL_LM wrapper, which passes ``pixel_values`` through.
+    """
     name = type(model).__name__
+    if name.endswith("ForConditionalGeneration"):
+        if getattr(model, "main_input_name", "input_ids") != "input_ids":
+            return None
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
     return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
 
 
