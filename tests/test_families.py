@@ -435,3 +435,32 @@ def test_multimodal_generation_models_get_a_task_type_peft_runs(kind, task_type,
         generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
         assert torch.equal(theirs.generate(**prompt, max_new_tokens=4, do_sample=False), generated)
 
+
+def test_reentrant_checkpointing_enabled_before_patching_trains_every_layer():
+    """Checkpointing (use_reentrant=True) switched on before apply_lora: a checkpointed block whose input does
+    not require grad gets no gradient, and ViT's first block takes the patch embeddings' output. apply_lora marks
+    the input embeddings' output as requiring grad, as PEFT's get_peft_model does: the gradients are the ones
+    without checkpointing."""
+    config = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, image_size=32, patch_size=8, num_labels=3,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    base = transformers.ViTForImageClassification(config)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def grads(checkpointing):
+        model = copy.deepcopy(base)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        torch.manual_seed(1)  # the same lora_A
+        lorakern.apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+        randomize_adapters(model)
+        model.train()
+        model(pixel_values=pixels, labels=torch.tensor([0, 1])).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -141,6 +141,11 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
     weights are copied once (frozen, beside the model, as PEFT's
     ``original_module``) so that :func:`disable_adapters` gives the base model.
 
+    A transformers model with gradient checkpointing already on gets its input
+    embeddings' outputs marked as requiring grad (``enable_input_require_grads``, as
+    PEFT's ``get_peft_model`` does): with ``use_reentrant=True`` a checkpointed block
+    whose inputs do not require grad gives its LoRA layers no gradient, and a model
+    whose first block is checkpointed (ViT, Whisper) fails in backward.
     """
     names, _ = _patch(model, target_modules, r, alpha, dropout, quantize, exclude, modules_to_save, use_rslora, init,
                       compute_dtype, device, target_parameters, rank_pattern, alpha_pattern, reversible=False)
@@ -278,6 +283,7 @@ def _patch(model: nn.Module, target_modules: Selector = "all-linear", r: int = 1
                        for key, t in _tensors(model.get_submodule(name))}
         setattr(model, STATE_ATTR, LoRAState(targets, r, float(alpha), float(dropout), bool(use_rslora), init,
                                              quantize, keep, base_copies))
+        undo.enabled_input_grads = _checkpointed_inputs_require_grad(model)
     except BaseException as e:
         undo.revert(e, "apply_lora")
         raise
@@ -294,6 +300,7 @@ class _Undo:
         # by name, not the tensors: a list of them would keep every replaced full-precision weight alive
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self.steps: list = []  # one callable per swap, run in reverse (None: a layer quantized in place)
+        self.enabled_input_grads = False
 
     def revert(self, cause: BaseException, what: str) -> None:
         lost = sum(step is None for step in self.steps)
@@ -306,9 +313,24 @@ class _Undo:
         for n, p in self.model.named_parameters(remove_duplicate=False):
             if n in self.requires_grad:
                 p.requires_grad_(self.requires_grad[n])
+        if self.enabled_input_grads:
+            self.model.disable_input_require_grads()
         if hasattr(self.model, STATE_ATTR):
             delattr(self.model, STATE_ATTR)
         self.steps.clear()
+
+
+def _checkpointed_inputs_require_grad(model: nn.Module) -> bool:
+    """Call ``enable_input_require_grads`` on a transformers model with gradient checkpointing on, unless its
+    hooks are already there; return whether it was called."""
+    # (transformers' is_activation_checkpointing, read directly: its older name warns)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    enable = getattr(model, "enable_input_require_grads", None)
+    if not checkpointing or not callable(enable) or getattr(model, "_require_grads_hooks", None) \
+            or getattr(model, "_require_grads_hook", None) is not None:
+        return False
+    enable()
+    return True
 
 
 def _check_quantizable(name: str, weight: torch.Tensor) -> None:
