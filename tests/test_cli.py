@@ -447,3 +447,36 @@ def test_skipped_evaluation_records_are_reported(small_run, tiny_model_dir, tmp_
     argv[argv.index("--general-data") + 1] = str(none)
     assert main(argv + ["--overwrite"]) == 1
     assert f"error: --general-data {none}: no usable record" in capsys.readouterr().err
+
+
+def test_overlong_held_out_records_are_generated_for_and_left_out_of_the_loss(small_run, tiny_model_dir, tmp_path,
+                                                                                capsys):
+    import re
+
+    # the tiny tokenizer has one token per character: over --max-length 400, within the model's 512 positions
+    long = [json.dumps({"prompt": "long " * 80 + str(i), "response": '{"a": 2}'}) + "\n" for i in range(4)]
+    test = tmp_path / "held_out.jsonl"
+    test.write_text(json.dumps({"prompt": "short", "response": '{"a": 1}'}) + "\n" + long[0])
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", tiny_model_dir, "--data", str(test), "--max-length", "400", "--max-new-tokens",
+                 "2", "--num-samples", "0", "--output", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert f"evaluation set: 2 records from {test} (1 of them in the loss)" in out
+    assert re.search(rf"{re.escape(str(test))}:2: 4\d\d tokens > max_length 400; left out of the held-out loss, "
+                     "still generated for and scored", out), out
+    result = json.load(open(report))
+    assert result["task"]["n"] == 2 and result["test"]["tokens"] < 400
+
+    # --test-data split: the test split's over-long records too; the training split's are dropped
+    data = tmp_path / "train.jsonl"
+    data.write_text(data.read_text() + "".join(long))
+    argv = small_run + ["--steps", "1", "--test-fraction", "0.5", "--eval-limit", "0", "--max-length", "400"]
+    argv[argv.index("--test-data") + 1] = "split"
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    n_test = int(re.search(r"data: train \d+, validation 0, test (\d+) examples", out).group(1))
+    kept = out.count("tokens > max_length 400; left out of the held-out loss, still generated for and scored\n")
+    dropped = out.count("tokens > max_length 400; drop\n")
+    assert kept > 0 and dropped > 0 and kept + dropped == 4, out
+    after = json.load(open(tmp_path / "run" / "report.json"))["after"]
+    assert after["task"]["n"] == n_test + kept

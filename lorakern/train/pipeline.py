@@ -309,11 +309,14 @@ def _check_adapter_owns_lora_options(args: argparse.Namespace) -> None:
                              "or train a new adapter without --adapter")
 
 
-def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str, strict: bool = False):
+def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str, strict: bool = False,
+                  generation: bool = True):
     """Chats and tokenized examples of an evaluation file; prints ``title``, its size and its skipped records.
 
     Returns ``(chats, examples)``: every usable record as a chat (generation
-    metrics), and those within ``max_length`` tokens as examples (loss). Raises
+    metrics), and those within ``max_length`` tokens as examples (loss). A
+    longer record is reported as left out of the loss and still generated for
+    (``generation=False``, for a set used for its loss alone: as dropped). Raises
     :class:`~lorakern.train.data.DataError` naming ``option`` when no record of
     ``path`` is usable.
     """
@@ -321,17 +324,38 @@ def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str
 
     # Only chats the template renders: generation renders each one again.
     raw, _, _ = tokenize_each(tokenizer, clean_records(load_records(path, strict=strict)))
-    examples, dropped = tokenize_records(tokenizer, raw, max_length)
-    issues = raw.issues + dropped
+    examples, loss_only = tokenize_records(tokenizer, raw, max_length)
+    issues = raw.issues + (eval_issues(loss_only) if generation else loss_only)
     if not raw.chats:
         why = f"{len(issues)} record(s) skipped:\n" + "\n".join(format_issues(issues, indent="  ")) if issues \
             else "the file holds no record"
         raise DataError(f"{option} {path}: no usable record; {why}")
-    print(f"{title}: {len(raw.chats)} records from {path}")
+    if not generation:
+        print(f"{title}: {len(examples)} records from {path}")
+    elif len(examples) < len(raw.chats):
+        print(f"{title}: {len(raw.chats)} records from {path} ({len(examples)} of them in the loss)")
+    else:
+        print(f"{title}: {len(raw.chats)} records from {path}")
     if issues:
         print(f"  {len(issues)} record(s) skipped or changed:")
         print("\n".join(format_issues(issues)))
     return raw.chats, examples
+
+
+def eval_issues(issues: list) -> list:
+    """The length issues of a held-out set's records, worded for what happens to them there.
+
+    :func:`~lorakern.train.data.tokenize_records` reports a record over
+    ``max_length`` (or left without a labelled token) as dropped: from the
+    loss, yes, but its chat still gets a generated answer and counts in the
+    task metrics.
+    """
+    from .data import DataIssue
+
+    return [DataIssue(i.file, i.line, i.reason.rsplit("; ", 1)[0] + "; " + _LOSS_ONLY) for i in issues]
+
+
+_LOSS_ONLY = "left out of the held-out loss, still generated for and scored"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -367,6 +391,9 @@ def run(args: argparse.Namespace) -> dict:
     data = prepare_dataset(tokenizer, args.data, max_length=args.max_length, val_fraction=args.val_fraction,
                            test_fraction=args.test_fraction if split_test else 0.0, seed=args.seed,
                            strict=args.strict, packing=args.packing)
+    if split_test:  # the test split's over-long records are generated for (see load_eval_set)
+        test_sources = set(data.raw["test"].sources)
+        data.issues = [eval_issues([i])[0] if (i.file, i.line) in test_sources else i for i in data.issues]
     print(data.report())
     if split_test:
         test_chats, test_examples = data.raw["test"].chats, data.test
@@ -381,7 +408,7 @@ def run(args: argparse.Namespace) -> dict:
     general = []
     if args.general_data and args.general_data.lower() != "none":
         _, general = load_eval_set(tokenizer, args.general_data, args.max_length, "--general-data",
-                                   "general chat set (forgetting check)", strict=args.strict)
+                                   "general chat set (forgetting check)", strict=args.strict, generation=False)
         if not general:
             raise DataError(f"--general-data {args.general_data}: no record fits --max-length {args.max_length}; "
                             "the forgetting check needs one (--general-data none skips it)")
