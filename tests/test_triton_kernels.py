@@ -329,6 +329,55 @@ def test_qlora_linear_fwd_bwd(m, k, n, r, dtype, p, with_bias, double_quant):
         _check(name, g, w, t, dtype)
 
 
+@pytest.mark.parametrize("m", [8, 33])  # the NF4 GEMV (2 <= M <= 16) and the GEMMs
+@pytest.mark.parametrize("base", ["dense", "nf4", "nf4_unaligned"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fp16_lora_terms_stay_finite_where_scaling_times_xa_or_g_overflows(m, base, p):
+    """fp16, s = 64, xa ~ 2000 and g = dy B ~ 4000: s * xa and s * g are beyond fp16's 65504 while the LoRA
+    terms s * xa B^T and s * g A are a few hundred. The kernels scale the weight-side operand (s * B,
+    s * A), so y and dx match the float64 reference; before, s * xa and s * g were rounded to fp16
+    ahead of the dot and came out inf."""
+    k = 96 if base == "nf4_unaligned" else 64
+    n, r, s, dtype = 40, 4, 64.0, torch.float16
+    gen = torch.Generator().manual_seed(m + k)
+
+    def rand(*shape, lo=0.0, width=1.0, normal=False):
+        t = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen) * width + lo
+        return t.to(dtype).to(DEVICE)
+
+    x = rand(m, k, lo=20.0, width=20.0)
+    weight = rand(n, k, normal=True) * k**-0.5
+    q = None if base == "dense" else nf4.quantize(weight, 64, True)
+    seed = _seed(5 + m)
+    a_fwd, b_fwd = rand(r, k, lo=0.5), rand(n, r, normal=True) * 1e-3  # xa = x A^T ~ 30 * k
+    if q is None:
+        y, xa = tk.lora_linear_fwd(x, weight, None, a_fwd, b_fwd, s, p, seed)
+        y64, _ = ref.lora_linear_fwd(*_up(x, weight), None, *_up(a_fwd, b_fwd), s, p, seed)
+        yt, _ = ref.lora_linear_fwd(x, weight, None, a_fwd, b_fwd, s, p, seed)
+    else:
+        y, xa = tk.qlora_linear_fwd(x, q, None, a_fwd, b_fwd, s, p, seed)
+        y64, _ = ref.qlora_linear_fwd(x.double(), q, None, *_up(a_fwd, b_fwd), s, p, seed)
+        yt, _ = ref.qlora_linear_fwd(x, q, None, a_fwd, b_fwd, s, p, seed)
+    assert (s * xa.float()).abs().max() > torch.finfo(dtype).max  # the case this test is about
+    assert torch.isfinite(yt).all()  # torch in fp16 is finite here (it sets _check's bound)
+    _check("y", y, y64, yt, dtype)
+
+    dy = rand(m, n, lo=50.0, width=100.0)
+    a_bwd, b_bwd = rand(r, k, normal=True) * 1e-3, rand(n, r, lo=0.5)  # g = dy B ~ 100 * n
+    assert (s * (dy.float() @ b_bwd.float())).abs().max() > torch.finfo(dtype).max
+    # dA and dB (s * g^T x ~ 1e8) overflow fp16 on every backend: only dx is compared
+    if q is None:
+        dx = tk.lora_linear_bwd(dy, x, xa, weight, a_bwd, b_bwd, s, p, seed, True, False)[0]
+        dx64 = ref.lora_linear_bwd(*_up(dy, x, xa, weight, a_bwd, b_bwd), s, p, seed, True, False)[0]
+        dxt = ref.lora_linear_bwd(dy, x, xa, weight, a_bwd, b_bwd, s, p, seed, True, False)[0]
+    else:
+        dx = tk.qlora_linear_bwd(dy, x, xa, q, a_bwd, b_bwd, s, p, seed, True)[0]
+        dx64 = ref.qlora_linear_bwd(*_up(dy, x, xa), q, *_up(a_bwd, b_bwd), s, p, seed, True)[0]
+        dxt = ref.qlora_linear_bwd(dy, x, xa, q, a_bwd, b_bwd, s, p, seed, True)[0]
+    assert torch.isfinite(dxt).all()
+    _check("dx", dx, dx64, dxt, dtype)
+
+
 @pytest.mark.parametrize("m,k,n,dtype", [(1, 96, 40, torch.float32), (33, 64, 72, torch.float16),
                                          (7, 128, 40, torch.bfloat16), (33, 136, 40, torch.bfloat16)])
 def test_nf4_matmul_and_transpose(m, k, n, dtype):

@@ -7,8 +7,8 @@ even under ``LORAKERN_BACKEND=triton`` (see :mod:`lorakern.ops._registry`):
     nf4_dequantize     one launch, double quant decoded in the kernel          (nf4.py)
     nf4_matmul         GEMM with NF4 tiles decoded in registers; GEMV at M<=16 (matmul.py, gemv.py)
     nf4_matmul_t       dx = dy @ W with the same in-register decode            (matmul.py)
-    lora_linear_fwd    xa = drop(x) A^T, then y = [x | s*xa] @ [W | B]^T + bias
-    lora_linear_bwd    g = dy B, dx = [dy | s*g] @ [W ; A] (dropout mask regenerated
+    lora_linear_fwd    xa = drop(x) A^T, then y = [x | xa] @ [W | s*B]^T + bias
+    lora_linear_bwd    g = dy B, dx = [dy | g] @ [W ; s*A] (dropout mask regenerated
                        for the LoRA part), dA, dB (and dW) from reduction-over-M GEMMs
     qlora_linear_fwd / qlora_linear_bwd   the same with an NF4 base
 

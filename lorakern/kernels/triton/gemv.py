@@ -66,8 +66,8 @@ def _nf4_gemv_kernel(
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             if BLOCK_M == 1:
                 acc += (tl.sum(b.to(tl.float32) * xa.to(tl.float32), axis=1) * scaling)[None, :]
-            else:
-                acc = dot(cast(xa.to(tl.float32) * scaling, dtype), tl.trans(b), acc, UPCAST_DOT, DOT_PRECISION)
+            else:  # s on B, not on xa: s * xa rounded to fp16 can overflow (see _lora_fwd_kernel)
+                acc = dot(xa, tl.trans(cast(b.to(tl.float32) * scaling, dtype)), acc, UPCAST_DOT, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, cast(acc, dtype),

@@ -3,7 +3,7 @@
 Forward, one GEMM whose reduction runs over the K base columns and then the r
 LoRA columns (``xa = drop(x) A^T`` computed first by :func:`skinny_matmul`)::
 
-    y = [x | s*xa] @ [W | B]^T + bias                                  (_lora_fwd_kernel)
+    y = [x | xa] @ [W | s*B]^T + bias                                  (_lora_fwd_kernel)
 
 Input gradient, one GEMM over the r columns of g = dy B and then the N columns of dy::
 
@@ -92,15 +92,18 @@ def _lora_fwd_kernel(
             w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
         acc = dot(a, w, acc, UPCAST_DOT, DOT_PRECISION)
     if HAS_LORA:
-        # The r LoRA columns of the same reduction: [s * xa] @ B^T.
+        # The r LoRA columns of the same reduction: xa @ [s * B]^T. The scaling goes on the
+        # weight side: s * B is O(1e-2) for real adapters, while s * xa, rounded to fp16 before
+        # the dot, overflowed (s = 64, xa = 2000: 128000 > 65504, an inf output where the
+        # term is 51.2). Scaling the fp32 product instead would need a second accumulator.
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             mask_r = rr < R
             xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rr[None, :] * stride_xar,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            xa = cast(xa.to(tl.float32) * scaling, dtype)
             bt = tl.load(b_ptr + cols[None, :] * stride_bn + rr[:, None] * stride_br,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            bt = cast(bt.to(tl.float32) * scaling, dtype)
             acc = dot(xa, bt, acc, UPCAST_DOT, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -132,6 +135,9 @@ def _lora_dx_kernel(
         # The LoRA term goes first: with dropout it is masked on its own, and done before the
         # main loop it needs no second accumulator there (two 128x128 fp32 tiles took all 255
         # registers of a 4-warp program and spilled 472 bytes, in the main loop too).
+        # Without dropout the scaling goes on the weight side, g @ [s * A], as in the forward:
+        # s * g rounded to fp16 overflowed (s = 64, g = 3200: 204800 > 65504) where s * A is
+        # O(1e-2); with dropout it multiplies the fp32 sum below.
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             mask_r = rr < R
@@ -140,7 +146,7 @@ def _lora_dx_kernel(
             a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             if not HAS_DROPOUT:
-                g = cast(g.to(tl.float32) * scaling, dtype)
+                a = cast(a.to(tl.float32) * scaling, dtype)
             acc = dot(g, a, acc, UPCAST_DOT, DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(dropout_key(seed_ptr), rows[:, None], cols[None, :], K, threshold)
