@@ -517,6 +517,8 @@ def test_compile_fullgraph_with_dynamic_shapes_and_a_symbolic_scaling(cls):
         torch.testing.assert_close(fn(x, scaling), ops.lora_linear(x, w, None, a, b, scaling))
     with pytest.raises(Exception, match="scaling must be a finite number"):
         fn(x, float("nan"))
+    with pytest.raises(Exception, match="scaling must be a finite number within float32's range"):
+        fn(x, 1e39)
     torch._dynamo.reset()
 
 

@@ -43,22 +43,24 @@ def input_x(x, name: str = "x") -> None:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); the last dim K must be >= 1")
 
 
-# The largest |scaling| the ops take: the backends scale in float32 (torch's addmm alpha, the
-# kernels' fp32 accumulators), and 1e39 failed inside torch ("value cannot be converted to
-# type float without overflow") on the cpu and composite backends, not naming the argument.
-MAX_SCALING = torch.finfo(torch.float32).max
+# The largest |scaling| the ops take, float32's largest value: the backends scale in float32
+# (torch's addmm alpha, the kernels' fp32 accumulators), and 1e39 failed inside torch ("value
+# cannot be converted to type float without overflow") on the cpu and composite backends.
+# The comparisons below spell it as a literal: torch.compile(dynamic=True) traces a module-level
+# float as a symbol, and a NaN scaling compared with a symbol fails while tracing, unnamed.
+MAX_SCALING = torch.finfo(torch.float32).max  # == 3.4028234663852886e38
 
 
 def scalars(scaling: float, dropout_p: float) -> None:
     # comparisons, not math.isfinite: torch.compile(dynamic=True) traces the floats as symbols
-    if (type(scaling) is float and type(dropout_p) is float and -MAX_SCALING <= scaling <= MAX_SCALING
-            and 0.0 <= dropout_p < 1.0):
+    if (type(scaling) is float and type(dropout_p) is float
+            and -3.4028234663852886e38 <= scaling <= 3.4028234663852886e38 and 0.0 <= dropout_p < 1.0):
         return
     # numbers.Real admits NumPy scalars (hyperparameters read from arrays or configs); a
     # tensor is refused: it would need a device sync here, and the op schema takes a float.
     if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a real number (float), got {type(scaling).__name__}")
-    if not -MAX_SCALING <= scaling <= MAX_SCALING:
+    if not -3.4028234663852886e38 <= scaling <= 3.4028234663852886e38:
         raise ValueError(f"scaling must be a finite number within float32's range (|scaling| <= {MAX_SCALING:.6g}), "
                          f"got {scaling!r}")
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
