@@ -428,6 +428,22 @@ def test_gpu_gemv_matches_reference(dtype, m, n, k, r, bias, p):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gpu_gemv_scaling_zero_adds_no_lora_term(p):
+    # scaling 0 means no LoRA term on every backend (lorakern.reference): the kernel's
+    # 0 * (xa B^T) would be NaN with a non-finite adapter.
+    backend = _cuda_backend()
+    q, x, b, lora_a, lora_b = _gemv_inputs(3, 72, 136, 8, torch.bfloat16, True, device="cuda")
+    lora_b = torch.full_like(lora_b, float("inf"))
+    seed = torch.tensor([5], dtype=torch.int64, device="cuda")
+    y, xa = backend.qlora_linear_fwd(x, q, b, lora_a, lora_b, 0.0, p, seed)
+    assert torch.equal(y, backend.nf4_matmul(x, q, b))
+    _, _, xa_want, xa_mag = _expected(q, x, b, lora_a, lora_b, 0.0, p, 5)  # xa still feeds backward
+    _assert_close(xa, xa_want, xa_mag, torch.bfloat16, "xa")
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_gpu_registry_picks_cuda_for_small_m_only():
     from lorakern.ops import _registry
 

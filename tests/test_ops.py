@@ -533,3 +533,21 @@ def test_scaling_zero_is_no_lora_term_on_every_backend(quantized, m, dtype, back
         want_dx = dy.double() @ dense
         torch.testing.assert_close(dx.double(), want_dx, rtol=tol, atol=tol * want_dx.abs().max().item())
         assert not da.any() and not db.any()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_scaling_zero_with_a_wide_qlora_output(compiled):
+    """The wide-output path (bf16 x, float32 out: QLoRALinear under autocast) adds the LoRA term
+    itself, eagerly and in the traceable composition torch.compile takes: at scaling 0 nothing
+    is added either (before, the compiled path gave 0 * inf = NaN everywhere)."""
+    x, w, b, a, bb = _lora_args(torch.bfloat16, m=5)
+    q = nf4.quantize(w)
+    bb = bb.clone().fill_(float("inf"))
+
+    def call(x, a, bb):
+        return ops.qlora_linear(x, q, b, a, bb, 0.0, 0.0, out_dtype=torch.float32)
+
+    fn = torch.compile(call, fullgraph=True) if compiled else call
+    y = fn(x, a, bb)
+    want = ops.nf4_matmul(x, q, None).float() + b.float()
+    assert y.dtype == torch.float32 and torch.equal(y, want)

@@ -24,6 +24,7 @@ import torch
 
 from ..formats import nf4 as _nf4
 from ..formats.nf4 import NF4Weight
+from ..reference.dropout import apply_dropout
 
 try:
     from lorakern import _cuda
@@ -204,6 +205,10 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
 
     x [M, K], lora_A [r, K] (r <= 256), lora_B [N, r], bias [N] or None, all one
     dtype; seed: int64 tensor with one element (the dropout mask of
-    ``lorakern.reference.dropout``, generated in the kernel).
+    ``lorakern.reference.dropout``, generated in the kernel). ``scaling == 0``: no
+    LoRA term (see :mod:`lorakern.reference`; the kernel's ``0 * xa B^T`` would be NaN
+    where B is not finite), the base GEMV alone and xa from torch.
     """
+    if scaling == 0.0:
+        return _gemv(x, q, bias, None, None, 0.0, 0.0, None)[0], apply_dropout(x, seed, dropout_p) @ lora_A.t()
     return _gemv(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)

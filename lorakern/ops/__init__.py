@@ -565,7 +565,9 @@ def _qlora_forward(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, out_dty
     y, xa = _call("qlora_linear_fwd", _device_type(x), args)
     if wide:
         with _no_autocast(x.device.type):
-            y = y.to(out_dtype).addmm_(xa.to(out_dtype), lora_B.to(out_dtype).t(), alpha=scaling)
+            y = y.to(out_dtype)
+            if scaling != 0.0:  # 0: no LoRA term (lorakern.reference), not 0 * B, NaN where B is not finite
+                y.addmm_(xa.to(out_dtype), lora_B.to(out_dtype).t(), alpha=scaling)
             if bias is not None:
                 y += bias.to(out_dtype)
     return y, xa
@@ -578,7 +580,8 @@ def _qlora_wide_composite(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed, 
     with torch.autocast(x.device.type, enabled=False):  # the dtypes below are the point
         y = nf4_matmul(x, q, None).to(out_dtype)
         xa = apply_dropout(x, seed, dropout_p) @ lora_A.t()
-        y = y + scaling * (xa.to(out_dtype) @ lora_B.to(out_dtype).t())
+        if scaling != 0.0:  # 0: no LoRA term (see _qlora_forward)
+            y = y + scaling * (xa.to(out_dtype) @ lora_B.to(out_dtype).t())
         return y if bias is None else y + bias.to(out_dtype)
 
 
