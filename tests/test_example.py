@@ -186,3 +186,15 @@ def test_distributed_example_default_command_runs_again(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as e:
         load_distributed_example().main([*argv, "--output-dir", os.path.join("runs", moved[0])])
     assert e.value.code == 2 and "holds a previous run" in capsys.readouterr().err
+
+
+def test_readme_ops_snippet_gives_the_gradients_it_names():
+    # the README's block, at 256 instead of 4096 features
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = next(b.split("```")[0] for b in readme.split("```python\n") if "from lorakern import ops" in b)
+    ns: dict = {}
+    exec(block.replace("4096", "256"), ns)
+    x, A, B = ns["x"], ns["A"], ns["B"]
+    assert x.grad is not None and x.grad.shape == x.shape and bool(x.grad.abs().sum() > 0)
+    assert B.grad is not None and bool(B.grad.abs().sum() > 0)
+    assert A.grad is not None and bool((A.grad == 0).all())  # B starts at zero, as the comment says
