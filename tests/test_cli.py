@@ -407,7 +407,10 @@ def test_resume_continues_from_the_base_models_report_and_refuses_other_runs(sma
     for flags, message in ((["--batch-size", "4"], ": global batch is 2 samples per step"),
                            (["--r", "8"], "lora_A has shape (16, 32), model has (8, 32): resume with the method"),
                            (["--data", str(tmp_path / "test.jsonl")],
-                            "was trained on 24 examples in 'train' but this run has 3 examples in 'train'")):
+                            "was trained on 24 examples in 'train' but this run has 3 examples in 'train'"),
+                           (["--alpha", "8"], "this run has LoRALinear on a dense base, scaling 0.5, dropout 0.05: "
+                                              "resume with the LoRA alpha and rank (scaling = alpha / r)"),
+                           (["--method", "qlora"], "this run has QLoRALinear on a nf4 base, scaling 2, dropout 0.05")):
         code, out = resume(*flags)
         assert code == 1 and f"error: --resume: checkpoint {run / 'checkpoint-4'}" in out.err and message in out.err
         assert "before-training evaluation" not in out.out
