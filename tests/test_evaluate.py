@@ -156,6 +156,8 @@ def test_save_merge_and_reload_for_chat(tok, tmp_path):
     tok.save_pretrained(base_dir)
     reloaded, _ = load_for_chat(base_dir, adapter=str(tmp_path / "adapter"))
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quantize='nf4' applies with an adapter"):
+        load_for_chat(base_dir, quantize="nf4")  # before, the base model ran dense
 
     merge_and_save(model, tok, str(tmp_path / "merged"))
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))

@@ -81,7 +81,7 @@ def load_for_chat(model_spec: str | None = None, adapter: str | None = None, qua
                   device="cpu"):
     """Load a base model (see :func:`lorakern.train.models.resolve_model`) and optionally an adapter.
 
-    ``quantize="nf4"`` puts the adapter on an NF4 base (as it was trained with QLoRA),
+    ``quantize="nf4"`` (with ``adapter`` only) puts the adapter on an NF4 base (as it was trained with QLoRA),
     each layer quantized on ``device`` from a host copy, so the full-precision model
     never has to fit the GPU. Returns (model, tokenizer) in eval mode.
     """
@@ -89,6 +89,9 @@ def load_for_chat(model_spec: str | None = None, adapter: str | None = None, qua
 
     from .models import load_model_and_tokenizer
 
+    if quantize is not None and adapter is None:  # NF4 layers come with an adapter: QLoRALinear
+        raise ValueError(f"quantize={quantize!r} applies with an adapter (it puts the adapter on an NF4 base); "
+                         "without one the base model loads unquantized")
     staged = adapter is not None and quantize is not None and torch.device(device).type != "cpu"
     model, tokenizer = load_model_and_tokenizer(model_spec, device="cpu" if staged else device)
     if adapter is not None:
