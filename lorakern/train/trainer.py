@@ -619,12 +619,15 @@ def adapter_settings(model: nn.Module) -> list[dict]:
     or base (QLoRA's NF4 weights vs LoRA's dense ones) would continue as a
     different function. Empty without LoRA layers (full fine-tuning).
     """
+    from ..nn import LoRAExperts, LoRALinear, QLoRALinear
     from ..patch import lora_modules
 
     groups: dict[tuple, list[str]] = {}
     for name, m in lora_modules(model).items():
-        quantized = type(m).__name__ == "QLoRALinear" or getattr(m, "quantize", None) is not None
-        key = (type(m).__name__, "nf4" if quantized else "dense", float(m.scaling), float(m.dropout))
+        # the layer class itself, not a subclass a wrapper may have made of it (FSDP2's FSDP<name>)
+        layer = next(c for c in (LoRALinear, QLoRALinear, LoRAExperts) if isinstance(m, c))
+        quantized = layer is QLoRALinear or getattr(m, "quantize", None) is not None
+        key = (layer.__name__, "nf4" if quantized else "dense", float(m.scaling), float(m.dropout))
         groups.setdefault(key, []).append(name)
     return [{"layer": layer, "base": base, "scaling": scaling, "dropout": dropout, "modules": names}
             for (layer, base, scaling, dropout), names in groups.items()]
