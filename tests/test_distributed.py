@@ -248,6 +248,13 @@ def test_fsdp_trains_families_that_lay_out_differently(tmp_path):
         assert one[family][-1] < one[family][0]
 
 
+@needs_fsdp_qlora
+def test_distributed_checkpoint_of_sharded_qlora_layers(tmp_path):
+    # get_model_state_dict walks bitsandbytes' weight.absmax... keys by getattr: on a sharded
+    # QLoRA model it failed with "'DTensor' object has no attribute 'absmax'".
+    _torchrun([os.path.join(ROOT, "tests", "dist_scripts", "dcp_qlora.py"), tmp_path / "checkpoint"], tmp_path)
+
+
 def test_transformer_blocks_are_the_outermost_named_modules():
     from torch import nn
 

@@ -463,6 +463,48 @@ def test_state_dict_interoperates_with_bitsandbytes():
     assert torch.equal(mine.weight.reshape(-1), layer.weight.reshape(-1)), "packed bytes differ from bitsandbytes"
 
 
+def _qlora_stack(seed):
+    torch.manual_seed(seed)
+    m = nn.Sequential(QLoRALinear.from_linear(make_linear(64, 48, seed=seed), r=4), nn.ReLU(),
+                      QLoRALinear.from_linear(make_linear(48, 32, bias=False, seed=seed + 1), r=2))
+    for layer in (m[0], m[2]):
+        randomize_b(layer, seed=seed)
+    return m
+
+
+def test_distributed_checkpoint_state_dict_api_round_trips_qlora(tmp_path):
+    """torch.distributed.checkpoint's state-dict API (what DCP, FSDP2 checkpointing and trainers built on
+    them call) walks every key by getattr: bitsandbytes' ``weight.absmax``... keys failed with
+    "'Parameter' object has no attribute 'absmax'". One process, no process group."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    a, x = _qlora_stack(0), torch.randn(5, 64)
+    assert sorted(get_model_state_dict(a)) == sorted(a.state_dict())
+    for options in (StateDictOptions(), StateDictOptions(full_state_dict=True)):
+        b = _qlora_stack(1)
+        assert not torch.equal(b(x), a(x))
+        set_model_state_dict(b, get_model_state_dict(a, options=options), options=options)
+        assert torch.equal(b(x), a(x))
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": get_model_state_dict(a)}, checkpoint_id=str(tmp_path))
+        b = _qlora_stack(1)
+        state = {"model": get_model_state_dict(b)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    set_model_state_dict(b, state["model"])
+    assert torch.equal(b(x), a(x))
+
+
+def test_a_dense_weight_loaded_into_an_nf4_layer_is_named():
+    layer = QLoRALinear.from_linear(make_linear(64, 32), r=4)
+    with pytest.raises(RuntimeError, match=r"weight: a dense float32 weight of shape \(32, 64\), but this layer "
+                                           r"holds its weight in NF4.*before apply_lora\(quantize='nf4'\)"):
+        layer.load_state_dict(make_linear(64, 32).state_dict(), strict=False)
+
+
 # ------------------------------------------------------------------------ torch.compile
 
 
@@ -519,6 +561,20 @@ def test_compile_fullgraph_with_dynamic_shapes_and_a_symbolic_scaling(cls):
         fn(x, float("nan"))
     with pytest.raises(Exception, match="scaling must be a finite number within float32's range"):
         fn(x, 1e39)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_compile_fullgraph_with_autocast_on_an_intermediate_activation(cls):
+    # A LoRA layer reading another layer's output (every transformer block: the input is a
+    # normalized hidden state) under autocast: the shared-cast check read x.grad_fn before
+    # asking whether dynamo traces, which dynamo cannot trace ("Tensor with grad_fn()").
+    m = nn.Sequential(nn.LayerNorm(64), cls.from_linear(make_linear(64, 40), r=4))  # float32 out of the norm
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = m(x)
+        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want)
     torch._dynamo.reset()
 
 
@@ -778,3 +834,4 @@ def test_a_disabled_adapter_keeps_the_qlora_wide_output(compute_dtype, autocast)
     assert y.dtype == torch.float32
     bias = layer.bias.bfloat16().float()
     assert torch.equal(y, ops.nf4_matmul(x.bfloat16(), layer.quantized_weight(), None).float() + bias)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -319,6 +320,17 @@ class QLoRALinear(LoRABase):
 
     # ------------------------------------------------------------------------ state dict
 
+    # torch.distributed.checkpoint (get_model_state_dict, DCP, FSDP2 checkpointing) maps each
+    # state-dict key to a name by walking it with getattr: ``weight.quant_state.bitsandbytes__nf4``
+    # needs an object path that a plain (or sharded DTensor) weight does not have. Its hook,
+    # ``_fqn_modifiers``, sends the walk of ``weight.*`` through this class-level stand-in.
+    _bnb_key_names = SimpleNamespace(weight=SimpleNamespace(  # _BNB_SUFFIXES as attributes
+        absmax=None, quant_map=None, nested_absmax=None, nested_quant_map=None,
+        quant_state=SimpleNamespace(bitsandbytes__nf4=None)))
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        return {"weight": "_bnb_key_names"}
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         wkey = prefix + "weight"
         destination[wkey] = self.weight if keep_vars else self.weight.detach()
@@ -335,7 +347,14 @@ class QLoRALinear(LoRABase):
         wkey = prefix + "weight"
         quant_keys = {wkey, *(f"{wkey}.{s}" for s in _BNB_SUFFIXES)}
         assign = bool(local_metadata.get("assign_to_params_buffers", False))  # load_state_dict(..., assign=True)
-        if wkey in state_dict:
+        dense = state_dict.get(wkey)
+        if (isinstance(dense, Tensor) and dense.is_floating_point()
+                and f"{wkey}.{nf4_format.QUANT_STATE_KEY}" not in state_dict):
+            error_msgs.append(f"{wkey}: a dense {str(dense.dtype).removeprefix('torch.')} weight of shape "
+                              f"{tuple(dense.shape)}, but this layer holds its weight in NF4 (bitsandbytes' keys "
+                              f"{wkey}.absmax, ..., {wkey}.{nf4_format.QUANT_STATE_KEY}); load dense weights into "
+                              "the model before apply_lora(quantize='nf4'), which quantizes them")
+        elif wkey in state_dict:
             try:
                 q = nf4_format.from_bnb_state_dict({k: state_dict[k] for k in quant_keys if k in state_dict}, wkey)
                 self._set_quantized(q, (self.out_features, self.in_features), assign)
