@@ -65,7 +65,7 @@ def cast_input(x: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if x.dtype == dtype:
         return x
-    if x.grad_fn is None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.grad_fn is None:  # in this order: dynamo cannot trace grad_fn
         return x.to(dtype)
     last = _last_cast
     key = (x._version, x.untyped_storage().data_ptr(), dtype, torch.is_inference_mode_enabled())
