@@ -83,6 +83,8 @@ def test_train_rejects_unknown_config_keys(tmp_path, capsys):
     (["--adapter", ".", "--dropout", "0.5"], "--dropout does not apply with --adapter"),
     (["--adapter", ".", "--target-modules", "q_proj"], "--target-modules does not apply with --adapter"),
     (["--adapter", ".", "--target-parameters", "none"], "--target-parameters does not apply with --adapter"),
+    (["--method", "full", "--r", "8"], "--r does not apply with --method full, which trains every weight"),
+    (["--method", "full", "--dropout", "0.1"], "--dropout does not apply with --method full"),
     (["--target-modules", "q_proj|("], "--target-modules 'q_proj|(' is neither a list of names nor a valid regular"),
     (["--target-parameters", " , "], "--target-parameters must be auto, all-experts, none or a comma-separated"),
     (["--config", "/nonexistent/run.yaml"], "--config: .*No such file"),

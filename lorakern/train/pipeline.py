@@ -304,6 +304,8 @@ def check_args(args: argparse.Namespace, default_output_dir: str = DEFAULT_OUTPU
                          "saves the whole model (OUTPUT_DIR/model): drop --merge")
     if args.adapter:
         _check_adapter_owns_lora_options(args)
+    if args.method == "full":
+        _check_no_lora_options(args)
     _check_output_dir(args, default_output_dir)
 
 
@@ -322,6 +324,17 @@ def _check_adapter_owns_lora_options(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} does not apply with --adapter: the adapter's own {key} (from its "
                              f"adapter_config.json) is used; drop {flag} {getattr(args, dest)} (or its --config entry), "
                              "or train a new adapter without --adapter")
+
+
+def _check_no_lora_options(args: argparse.Namespace) -> None:
+    # --method full trains every weight and builds no adapter: a LoRA value asked for would be ignored.
+    parser = build_parser()
+    for dest in _ADAPTER_OPTIONS:
+        if getattr(args, dest) != parser.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} does not apply with --method full, which trains every weight and builds no "
+                             f"adapter; drop {flag} {getattr(args, dest)} (or its --config entry), or use "
+                             "--method lora / qlora")
 
 
 def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str, strict: bool = False,
