@@ -536,6 +536,13 @@ def test_numpy_hyperparameters_are_accepted_and_stored_as_python_numbers():
     assert type(layer.alpha) is float and layer.scaling == 2.0 and type(layer.dropout) is float
 
 
+def test_an_alpha_beyond_float32_is_refused_where_it_is_given():
+    # alpha / r beyond float32 failed only at the first forward, naming the op's 'scaling'
+    with pytest.raises(ValueError, match=r"alpha must be a positive finite number within float32's range, got 1e\+39"):
+        LoRALinear.from_linear(nn.Linear(K, N), r=4, alpha=1e39)
+    assert LoRALinear.from_linear(nn.Linear(K, N), r=1, alpha=3e38).scaling == 3e38
+
+
 # --------------------------------------------------------------------------------- compile
 
 

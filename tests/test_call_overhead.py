@@ -3,7 +3,7 @@
 What the eager path of ``lorakern.ops`` skips, and what each test pins down:
 
 * no ``autograd.Function`` when nothing is recorded (no grad mode or no input that
-  requires grad): the same output bit for bit, still refused under forward AD;
+  requires grad): the same output bit for bit; under forward AD the tangent is carried;
 * a 2-D ``x`` is not reshaped: the same output and gradients as a 3-D one, and the
   output stays modifiable in place;
 * one shared int64 zero per device as the seed of a call without dropout: never
@@ -93,13 +93,18 @@ def test_wide_output_untracked_equals_tracked():
 
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("grad_mode", [True, False])
-def test_forward_ad_is_still_refused_with_the_named_error(quantized, grad_mode):
-    # the direct call would silently drop the tangent; the Function names the missing jvp
+def test_forward_ad_carries_the_tangent(quantized, grad_mode):
+    # The direct call would silently drop the tangent, and the Function has no jvp (torch's
+    # NotImplementedError): under forward AD the ops compute with the reference composition.
     base, bias, a, b = _op_inputs(quantized)
+    x, v = _randn(3, K), _randn(3, K, seed=1)
+    w = nf4.dequantize(base, torch.float32) if quantized else base
     with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
-        x = fwAD.make_dual(_randn(3, K), _randn(3, K, seed=1))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            _op(quantized, x, base, bias, a, b)
+        tangent = fwAD.unpack_dual(_op(quantized, fwAD.make_dual(x, v), base, bias, a, b)).tangent
+        nf4_tangent = fwAD.unpack_dual(ops.nf4_matmul(fwAD.make_dual(x, v), ops.nf4_quantize(w))).tangent
+    torch.testing.assert_close(tangent, v @ w.t() + 0.5 * (v @ a.t()) @ b.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nf4_tangent, v @ nf4.dequantize(ops.nf4_quantize(w), torch.float32).t(),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- 2-D inputs

@@ -819,6 +819,29 @@ def test_backward_inside_disable_adapters_gives_the_adapter_zero_gradients(cls):
     assert not grads["lora_A"].any() and not grads["lora_B"].any()
 
 
+@pytest.mark.parametrize("cls", [LoRALinear, QLoRALinear])
+def test_forward_mode_ad_inside_disable_adapters(cls):
+    """jvp / jacfwd / forward_ad through a disabled layer give the base layer's tangent (the base-only
+    path's autograd.Function had no jvp: NotImplementedError)."""
+    import torch.autograd.forward_ad as fwAD
+
+    import lorakern
+
+    layer = cls.from_linear(make_linear(64, 16), r=4)
+    randomize_b(layer)
+    x, v = torch.randn(3, 64), torch.randn(3, 64)
+    w = layer.dequantized_weight(torch.float32) if cls is QLoRALinear else layer.weight.detach()
+    want = v @ w.t()
+    with lorakern.disable_adapters(nn.Sequential(layer)):
+        _, tangent = torch.func.jvp(layer, (x,), (v,))
+        jac = torch.func.jacfwd(layer)(x[0])
+        with fwAD.dual_level():
+            dual = fwAD.unpack_dual(layer(fwAD.make_dual(x, v))).tangent
+    for got in (tangent, dual):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(jac, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("compute_dtype, autocast", [(torch.bfloat16, False), (torch.float32, True)])
 def test_a_disabled_adapter_keeps_the_qlora_wide_output(compute_dtype, autocast):
     """A disabled QLoRA layer returns what it returns enabled: a float32 output from bf16 GEMMs, the bias

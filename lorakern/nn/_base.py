@@ -98,6 +98,11 @@ class _ZeroGrads(torch.autograd.Function):
     def backward(ctx, dx):
         return (dx, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.likes))
 
+    @staticmethod
+    def jvp(ctx, x_tangent, *param_tangents):
+        # forward mode (torch.func.jvp / jacfwd, forward_ad): the output is x, the params do not reach it
+        return x_tangent.view_as(x_tangent)
+
 
 def as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``t.to(dtype)`` (None stays None), skipping the call when ``t`` already has ``dtype``.
@@ -123,8 +128,10 @@ def check_lora_args(r, alpha, dropout, init) -> None:
     # numbers.Integral / Real admit NumPy scalars (hyperparameter sweeps); bool is refused (True is not a rank)
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
         raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    # alpha <= float32's largest value keeps alpha / r (or / sqrt(r)) in the range the ops take
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0
+            or alpha > torch.finfo(torch.float32).max):
+        raise ValueError(f"alpha must be a positive finite number within float32's range, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if init not in INITS:
@@ -250,9 +257,8 @@ class LoRABase(nn.Module):
         return as_dtype(a, dtype), as_dtype(b, dtype)
 
     # False inside lorakern.disable_adapters(model): forward computes the base layer alone, without
-    # reading lora_A / lora_B. Passing scaling 0 to the fused op instead let a diverged adapter
-    # through: 0 * inf = NaN, so an inf in lora_B made every output NaN (bf16 on the cpu backend,
-    # every dtype on the reference and Triton ones), where PEFT's disable_adapter gives the base output.
+    # reading lora_A / lora_B, as PEFT's disable_adapter does: a diverged adapter (inf in lora_B)
+    # cannot reach the output, and no adapter work (xa, the LoRA GEMMs) is done.
     adapter_enabled: bool = True
 
     def _base_input(self, x: Tensor) -> Tensor:

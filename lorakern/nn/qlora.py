@@ -324,9 +324,9 @@ class QLoRALinear(LoRABase):
     # state-dict key to a name by walking it with getattr: ``weight.quant_state.bitsandbytes__nf4``
     # needs an object path that a plain (or sharded DTensor) weight does not have. Its hook,
     # ``_fqn_modifiers``, sends the walk of ``weight.*`` through this class-level stand-in.
-    _bnb_key_names = SimpleNamespace(weight=SimpleNamespace(  # _BNB_SUFFIXES as attributes
-        absmax=None, quant_map=None, nested_absmax=None, nested_quant_map=None,
-        quant_state=SimpleNamespace(bitsandbytes__nf4=None)))
+    _bnb_key_names = SimpleNamespace(weight=SimpleNamespace(**{  # each suffix of _BNB_SUFFIXES, as attributes
+        suffix.split(".")[0]: SimpleNamespace(**{suffix.split(".")[1]: None}) if "." in suffix else None
+        for suffix in _BNB_SUFFIXES}))
 
     def _fqn_modifiers(self) -> dict[str, str]:
         return {"weight": "_bnb_key_names"}

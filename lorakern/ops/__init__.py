@@ -159,17 +159,23 @@ def _func_differentiates() -> bool:
     return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
+def _forward_ad_active() -> bool:
+    """Is ``torch.autograd.forward_ad`` in use (inside ``dual_level()``)?
+
+    The ops' autograd has no forward-mode formula, so under forward AD they compute
+    with the reference composition, as under torch.func's jvp (:func:`_func_differentiates`).
+    """
+    return _forward_ad._current_level >= 0
+
+
 def _records_autograd(*tensors: Optional[Tensor]) -> bool:
     """Must an eager call go through its ``autograd.Function``?
 
     Only when it has a backward to record (grad mode on and an input that requires
-    grad) or forward-mode AD is active (the Function refuses it with a named error).
-    Otherwise the backend is called directly, with the same result: the Function's
-    ``apply`` costs 6-10 us a call on one core of the 2-core CI VM, more than the
-    fused GEMV of a 64 x 64 layer (~4 us).
+    grad). Otherwise the backend is called directly, with the same result: the
+    Function's ``apply`` costs 6-10 us a call on one core of the 2-core CI VM, more
+    than the fused GEMV of a 64 x 64 layer (~4 us).
     """
-    if _forward_ad._current_level >= 0:
-        return True
     if not torch.is_grad_enabled():
         return False
     for t in tensors:
@@ -320,7 +326,7 @@ def nf4_matmul(x: Tensor, q: NF4Weight, bias: Optional[Tensor] = None) -> Tensor
     check.bias(bias, n, x)
     if x.numel() == 0:
         return _empty_rows(x, n, None, bias)
-    if _func_differentiates():
+    if _func_differentiates() or _forward_ad_active():
         from .. import reference
         return reference.nf4_matmul(x, q, bias)
     y = _nf4_matmul(x.reshape(-1, k), *q.tensors(), list(q.shape), q.blocksize, bias)
@@ -461,7 +467,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         return _empty_rows(x, n, weight, bias, lora_A, lora_B, float(scaling))
     eager = _eager_fast_path(x, weight, bias, lora_A, lora_B, seed)  # (a seed made here is a plain tensor)
     seed = _seed_or_zero(seed, x, dropout_p, eager)
-    if not eager and _func_differentiates():
+    if (not eager and _func_differentiates()) or _forward_ad_active():
         from .. import reference
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     args = (_rows(x, k), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
@@ -614,7 +620,7 @@ def qlora_linear(x: Tensor, q: NF4Weight, bias: Optional[Tensor], lora_A: Tensor
         return _empty_rows(x, n, None, bias, lora_A, lora_B, float(scaling), out_dtype)
     eager = _eager_fast_path(x, *q.tensors(), bias, lora_A, lora_B, seed)  # (a seed made here is a plain tensor)
     seed = _seed_or_zero(seed, x, dropout_p, eager)
-    if not eager and _func_differentiates():  # (out_dtype: the LoRA term is added in x's dtype here)
+    if (not eager and _func_differentiates()) or _forward_ad_active():  # (out_dtype: LoRA term in x's dtype)
         from .. import reference
         y = reference.qlora_linear(x, q, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
         return y if out_dtype is None else y.to(out_dtype)
