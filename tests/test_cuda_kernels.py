@@ -336,6 +336,23 @@ def test_module_checks_arguments_before_touching_the_device():
     assert _cuda.lora_workspace_floats(1, 4096, 16) > 0 and _cuda.lora_workspace_floats(4, 4096, 0) == 0
 
 
+def test_scaling_zero_hands_the_gemv_a_zero_lora_B(monkeypatch):
+    # No GPU needed: what the wrapper passes to the kernel launch. At scaling 0 (no LoRA term;
+    # the wide-output path's "base GEMM and xa" call) the kernel must not read a B that may
+    # hold inf (0 * inf = NaN), yet still write xa in the same launch.
+    from lorakern.kernels import cuda as backend
+
+    seen = []
+    monkeypatch.setattr(backend, "_gemv", lambda x, q, bias, a, b, *rest: seen.append(b))
+    q = nf4.quantize(torch.randn(40, 64))
+    x, lora_a = torch.randn(2, 64), torch.randn(4, 64)
+    lora_b = torch.full((40, 4), float("inf"))
+    seed = torch.zeros(1, dtype=torch.int64)
+    backend.qlora_linear_fwd(x, q, None, lora_a, lora_b, 0.0, 0.0, seed)
+    backend.qlora_linear_fwd(x, q, None, lora_a, lora_b, 0.5, 0.0, seed)
+    assert seen[0].shape == (40, 4) and not seen[0].any() and seen[1] is lora_b
+
+
 def test_supports_declines_what_the_kernels_do_not_run():
     from lorakern.kernels import cuda as backend
 

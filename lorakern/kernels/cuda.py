@@ -20,11 +20,12 @@ and the stream handle; this file checks the tensors and allocates the outputs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..formats import nf4 as _nf4
 from ..formats.nf4 import NF4Weight
-from ..reference.dropout import apply_dropout
 
 try:
     from lorakern import _cuda
@@ -206,9 +207,16 @@ def qlora_linear_fwd(x, q: NF4Weight, bias, lora_A, lora_B, scaling: float, drop
     x [M, K], lora_A [r, K] (r <= 256), lora_B [N, r], bias [N] or None, all one
     dtype; seed: int64 tensor with one element (the dropout mask of
     ``lorakern.reference.dropout``, generated in the kernel). ``scaling == 0``: no
-    LoRA term (see :mod:`lorakern.reference`; the kernel's ``0 * xa B^T`` would be NaN
-    where B is not finite), the base GEMV alone and xa from torch.
+    LoRA term (see :mod:`lorakern.reference`); the kernel's ``0 * xa B^T`` would be NaN
+    where B is not finite, so it reads a zero B instead, and still writes xa in the
+    same launch (the wide-output path of ``lorakern.ops.qlora_linear`` calls it so).
     """
-    if scaling == 0.0:
-        return _gemv(x, q, bias, None, None, 0.0, 0.0, None)[0], apply_dropout(x, seed, dropout_p) @ lora_A.t()
+    if scaling == 0.0 and lora_B.shape == (q.shape[0], lora_A.shape[0]):
+        lora_B = _zeros(tuple(lora_B.shape), lora_B.dtype, lora_B.device)
     return _gemv(x, q, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Read only, never written: one per layer shape (a model has a handful), no fill per call.
+    return torch.zeros(shape, dtype=dtype, device=device)
