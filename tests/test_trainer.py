@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -511,3 +512,73 @@ def test_packed_training_step_equals_the_unpacked_one(examples, fused_head, monk
         trainer = Trainer(model, data, TrainConfig(steps=1, batch_size=len(data), lr=1e-3, progress=False))
         losses[name] = trainer.train_step()["loss"]
     assert losses["packed"] == pytest.approx(losses["unpacked"], rel=1e-5, abs=0)
+
+
+class _TokenwiseLM(nn.Module):
+    """No attention: each token's logits depend on that token only (packing cannot leak)."""
+
+    def __init__(self, vocab=101, hidden=16):
+        super().__init__()
+        self.emb, self.proj, self.out = nn.Embedding(vocab, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(torch.relu(self.proj(self.emb(input_ids))))
+
+
+class _InputIdsOnlyLM(_TokenwiseLM):
+    def forward(self, input_ids):
+        return super().forward(input_ids)
+
+
+class _PrefixMeanLM(_TokenwiseLM):
+    """Each token sees the mean of all tokens up to it: packed examples see the ones before them."""
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids).cumsum(1) / torch.arange(1, input_ids.shape[1] + 1).view(1, -1, 1)
+        return self.out(torch.relu(self.proj(h)))
+
+
+def _train_one_step(model, data):
+    import lorakern
+
+    lorakern.apply_lora(model, r=2, target_modules=["proj"])
+    trainer = Trainer(model, data, TrainConfig(steps=1, batch_size=len(data), progress=False, mixed_precision="no"))
+    return trainer.train_step()["loss"]
+
+
+def test_plain_torch_models_train_packed_and_without_an_attention_mask(examples, recwarn):
+    """A forward without position_ids (or without attention_mask) gets only what it takes."""
+    from lorakern.train.data import pack_examples
+
+    subset = examples[:6]
+    packed = pack_examples(subset, max_length=3 * max(map(len, subset)))
+    losses = {}
+    for name, cls, data in (("unpacked", _TokenwiseLM, subset), ("packed", _TokenwiseLM, packed),
+                            ("ids only", _InputIdsOnlyLM, subset)):
+        torch.manual_seed(0)
+        losses[name] = _train_one_step(cls(), data)
+    # Right padding comes after every token, so a causal model needs no mask; this one has no attention.
+    assert losses["packed"] == pytest.approx(losses["unpacked"], rel=1e-5, abs=0)
+    assert losses["ids only"] == pytest.approx(losses["unpacked"], rel=1e-6, abs=0)
+    assert not [w for w in recwarn if "packing" in str(w.message)]  # tokenwise: packing is exact
+
+
+def test_packing_warns_once_for_a_model_whose_examples_see_each_other(examples):
+    import transformers
+
+    from lorakern.train.data import pack_examples
+    from lorakern.train.loss import check_packing
+
+    packed = pack_examples(examples[:6], max_length=3 * max(map(len, examples[:6])))
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"packing: _PrefixMeanLM does not keep packed examples apart"):
+        _train_one_step(_PrefixMeanLM(), packed)
+    # OPT takes position_ids but builds its attention mask without them.
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=101, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4, word_embed_proj_dim=32))
+    with pytest.warns(UserWarning, match=r"packing: OPTForCausalLM does not keep packed examples apart"):
+        assert not check_packing(opt, packed[0].input_ids)
+    assert opt.training  # the probe restores the train / eval mode it found
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that isolates them passes silently
+        assert check_packing(tiny_llama(seed=0), packed[0].input_ids)

@@ -531,9 +531,10 @@ def tokenize_records(
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
     """Pack whole examples into sequences of at most ``max_length`` tokens (first-fit decreasing).
 
-    No example is split, and none sees another: each keeps its positions
-    (``position_ids`` restart at 0 where it starts), from which the
-    :class:`Collator` and the model make attention block-diagonal (see there).
+    No example is split, and each keeps its positions (``position_ids``
+    restart at 0 where it starts), from which the :class:`Collator` and a
+    model that builds its attention mask from positions make attention
+    block-diagonal, so that none sees another (see there).
     In exchange batches carry no padding, which for short instruction data is
     most of the compute.
     """
@@ -566,10 +567,15 @@ class Collator:
     and, when an example of the batch is packed, ``position_ids`` int64 [B, T]:
     0 at the start of every packed example and of the padding. Given those
     position ids, no attention mask and no cache (``use_cache=False``), a
-    transformers model masks attention block-diagonally (each packed example
-    sees only itself, padding only itself), the same mask for "sdpa", "eager"
-    and :mod:`lorakern.train.attention`; flash attention takes the same
-    boundaries from them. An example's loss then equals its loss alone.
+    transformers model that builds its mask from positions (Llama, Qwen,
+    Mistral, Gemma, GPT-2, ...) masks attention block-diagonally (each packed
+    example sees only itself, padding only itself), the same mask for "sdpa",
+    "eager" and :mod:`lorakern.train.attention`; flash attention takes the
+    same boundaries from them. An example's loss then equals its loss alone.
+    Models that drop the positions or carry a state along the row (OPT, Bloom,
+    MPT, XGLM, Mamba) let packed examples see each other:
+    :func:`~lorakern.train.loss.check_packing` detects it, and the
+    :class:`~lorakern.train.Trainer` runs it and warns.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):

@@ -18,9 +18,11 @@ GEMMs it needs.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from ..nn._base import active_autocast_dtype
 
 from .data import IGNORE_INDEX
 
-__all__ = ["split_causal_lm", "logit_transform", "check_loss_split", "causal_lm_loss", "CausalLMLoss", "LinearCrossEntropy", "linear_cross_entropy"]
+__all__ = ["split_causal_lm", "logit_transform", "check_loss_split", "check_packing", "causal_lm_loss", "CausalLMLoss", "LinearCrossEntropy", "linear_cross_entropy"]
 
 
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -337,22 +339,114 @@ def check_loss_split(model: nn.Module, input_ids: Tensor) -> bool:
     return body is not None and _split_matches_forward(model, body, head, input_ids)
 
 
-def _mask_inputs(attention_mask: Tensor | None, position_ids: Tensor | None, **inputs) -> dict:
-    """``inputs`` plus the model inputs that say what each token sees.
+_FORWARD_ARGS: dict[type, frozenset[str] | None] = {}  # per class: forward's named parameters, None = takes **kwargs
+_WARNED_UNPACKED: set[type] = set()
+
+
+def accepts_input(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward takes the keyword argument ``name``.
+
+    True when it names the parameter or takes ``**kwargs`` (Hugging Face models,
+    ``torch.compile``'s wrapper), or when its signature cannot be read. Looked up
+    once per class: the loss asks at every micro-batch.
+    """
+    cls = type(model)
+    if cls not in _FORWARD_ARGS:
+        try:
+            params = inspect.signature(cls.forward).parameters.values()
+        except (TypeError, ValueError):  # a C-level or otherwise opaque forward: pass what we would pass anyway
+            params = None
+        if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            _FORWARD_ARGS[cls] = None
+        else:
+            _FORWARD_ARGS[cls] = frozenset(p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+    names = _FORWARD_ARGS[cls]
+    return names is None or name in names
+
+
+def _mask_inputs(model: nn.Module, attention_mask: Tensor | None, position_ids: Tensor | None, **inputs) -> dict:
+    """``inputs`` plus the inputs that say what each token sees, those ``model``'s forward takes.
 
     Packed examples (``position_ids`` restarting at 0 for each): no attention
     mask and no cache, so transformers' masking builds the block-diagonal causal
     mask from the positions; given a 2-D mask (or a cache) it ignores them and
-    packed examples see each other.
+    packed examples see each other. A forward without ``position_ids`` gets the
+    attention mask instead (a one-time warning: its packed examples may see
+    each other); one without ``attention_mask`` gets none, which for right-padded
+    batches of a causal model changes nothing (no token attends to the padding
+    after it).
     """
+    inputs = {k: v for k, v in inputs.items() if accepts_input(model, k)}
     if position_ids is not None:
-        return {**inputs, "position_ids": position_ids, "use_cache": False}
-    return inputs if attention_mask is None else {**inputs, "attention_mask": attention_mask}
+        if accepts_input(model, "position_ids"):
+            return {**inputs, "position_ids": position_ids,
+                    **({"use_cache": False} if accepts_input(model, "use_cache") else {})}
+        if type(model) not in _WARNED_UNPACKED:
+            _WARNED_UNPACKED.add(type(model))
+            warnings.warn(f"{type(model).__name__}.forward takes no position_ids, so nothing keeps packed examples "
+                          f"apart: given the attention mask of the whole row, they may attend to each other and "
+                          f"their losses include that; train it without packing to score each example alone",
+                          stacklevel=4)
+    if attention_mask is None or not accepts_input(model, "attention_mask"):
+        return inputs
+    return {**inputs, "attention_mask": attention_mask}
+
+
+PACKING_PROBE_TOKENS = 8  # two segments of 4: one forward of 8 tokens and one of 4
+
+
+def check_packing(model: nn.Module, tokens: Sequence[int]) -> bool:
+    """Whether ``model`` scores packed examples as it scores each alone; warns if not.
+
+    Runs the model (eval mode, no grad, no autocast) on two segments cut from
+    ``tokens`` packed into one row, as :func:`causal_lm_loss` passes a packed
+    batch, and on the second segment alone, and compares the second segment's
+    logits. Position ids keep examples apart only where the model builds its
+    attention mask from them: Llama-like transformers do; ALiBi models whose
+    forward drops them (Bloom, MPT), OPT and XGLM (their causal mask ignores
+    them) and recurrent models (Mamba: the state flows on) do not, and their
+    packed losses include attention across examples. Sensitivity: at random
+    initialization the float32 probe flags all of these; in bfloat16 Bloom and
+    XGLM's small effect (~5e-3) hides below the tolerance: relative 1e-4 in
+    float32 / float64, 1e-2 in half precision (what reordered reductions give).
+    """
+    tokens = list(tokens)[:PACKING_PROBE_TOKENS]
+    half = len(tokens) // 2
+    if half == 0 or any(p.is_meta or _is_dtensor(p) for p in model.parameters()):
+        return True  # nothing to compare, or nothing that can run here
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokens[:2 * half]], device=device)
+    positions = torch.tensor([[*range(half), *range(half)]], device=device)
+    mask = torch.ones_like(ids)
+    modes = [(m, m.training) for m in model.modules()]
+    _WARNED_UNPACKED.add(type(model))  # this check says more than the signature warning of _mask_inputs
+    why = None
+    try:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            packed = _logits(model(ids, **_mask_inputs(model, mask, positions)))[0, half:]
+            alone = _logits(model(ids[:, half:], **_mask_inputs(model, mask[:, half:], None)))[0]
+        rtol = 1e-4 if alone.dtype in (torch.float32, torch.float64) else 1e-2
+        packed, alone = packed.float(), alone.float()
+        err = float((packed - alone).abs().max())
+        if not err <= rtol * float(alone.abs().max()) + 1e-6:
+            why = (f"a packed example's logits differ from its logits alone by up to {err:.3g} (its attention "
+                   f"or state reaches the example before it)")
+    except Exception as e:  # noqa: BLE001 - reported below; training itself then raises if the model cannot run
+        why = f"running it on a packed row failed ({type(e).__name__}: {e})"
+    finally:
+        for m, training in modes:
+            m.training = training
+    if why is not None:
+        warnings.warn(f"packing: {type(model).__name__} does not keep packed examples apart: {why}; their losses "
+                      f"include attention across examples. Train this model without packing to score each "
+                      f"example alone", stacklevel=3)
+    return why is None
 
 
 def _full_logits_loss(model: nn.Module, input_ids: Tensor, targets: Tensor, keep: Tensor,
                       attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
-    out = model(input_ids, **_mask_inputs(attention_mask, position_ids))
+    out = model(input_ids, **_mask_inputs(model, attention_mask, position_ids))
     return F.cross_entropy(_logits(out)[:, :-1][keep].float(), targets[keep], reduction="sum")
 
 
@@ -398,7 +492,7 @@ def causal_lm_loss(
     body, head = split_causal_lm(model)
     if body is None or not _split_matches_forward(model, body, head, input_ids):
         return _full_logits_loss(model, input_ids, targets, keep, attention_mask, position_ids), n
-    hidden = _hidden(body(input_ids=input_ids, **_mask_inputs(attention_mask, position_ids, use_cache=False)))
+    hidden = _hidden(body(input_ids=input_ids, **_mask_inputs(body, attention_mask, position_ids, use_cache=False)))
     selected = hidden[:, :-1][keep]  # [n, H]: the only rows that ever meet the head
     targets = targets[keep]
     scale, softcap = logit_transform(model)

@@ -51,8 +51,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=256, help="max tokens per example (longer ones are reported)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out for validation loss")
     g.add_argument("--test-fraction", type=float, default=0.1, help="share of --data held out with --test-data split")
-    g.add_argument("--packing", action="store_true", help="pack several examples per sequence (no padding; each example attends only to itself, "
-                   "positions restart per example)")
+    g.add_argument("--packing", action="store_true", help="pack several examples per sequence (no padding; positions restart per example, "
+                   "so each attends only to itself in models that build their attention mask from positions, "
+                   "such as Llama, Qwen, Mistral, Gemma, GPT-2; training warns for a model whose packed examples "
+                   "see each other, such as OPT, Bloom, MPT, Mamba)")
     g.add_argument("--strict", action="store_true",
                    help="stop with an error listing every malformed record of the data files instead of skipping "
                         "and reporting them (empty, duplicate and overlong records are still skipped and reported)")

@@ -33,7 +33,7 @@ from torch import nn
 from .checkpoint import check_parameters, latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .data import Collator, Example
 from .distributed import check_resume, full_state, no_sync, unwrap_model, wrap_model
-from .loss import causal_lm_loss, check_loss_split
+from .loss import causal_lm_loss, check_loss_split, check_packing
 from .sampler import MixtureSampler, World, mix_seed
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "prepare_model", "cosine_lr", "autocast_dtype"]
@@ -207,8 +207,9 @@ class Trainer:
 
     Args:
         model: a causal LM (Hugging Face, or any module returning logits
-            ``[B, T, V]`` from ``model(input_ids)``), already prepared with
-            :func:`prepare_model`.
+            ``[B, T, V]`` from ``model(input_ids)``; ``attention_mask=`` and,
+            for packed examples, ``position_ids=`` are passed only when its
+            forward takes them), already prepared with :func:`prepare_model`.
         train_data: a list of :class:`Example`, or ``{name: list}`` for a
             weighted mixture (``config.mixture_weights``, in the dict's order).
         config: :class:`TrainConfig`.
@@ -259,6 +260,12 @@ class Trainer:
         # only works before FSDP shards it; a model that fails it needs its full logits.
         sample = next(iter(self.datasets.values()))[0].input_ids
         fused_loss = check_loss_split(model, torch.tensor([sample], device=_model_device(model)))
+        # Packed data: one probe forward (8 tokens) says whether this model keeps packed
+        # examples apart; a warning if not (see check_packing), before FSDP shards it.
+        packed = next((e for rows in (*self.datasets.values(), self.eval_data) for e in rows
+                       if e.position_ids is not None), None)
+        if packed is not None:
+            check_packing(model, packed.input_ids)
         if strategy == "fsdp" and not fused_loss:
             raise ValueError("strategy='fsdp' needs the loss computed from the model's body and output head, and "
                              f"{type(model).__name__}'s logits are not head(hidden states) (see the warning above); "
