@@ -183,3 +183,18 @@ def test_comparison_columns_stay_aligned_for_large_values():
     assert "101.9462 ->" in rows[1] and rows[1].endswith(" 5.185e+21")
     assert all(len(r) == len(header) for r in rows)  # numbers right-aligned under "before" and "after"
     assert header.index("before") + len("before") == rows[0].index(" -> ")
+
+
+def test_evaluate_loss_scores_packed_examples_apart(tok):
+    """Packing changes the layout, not the loss: each packed example is scored as it is alone."""
+    from lorakern.train.data import pack_examples
+
+    model = tiny_llama(seed=0)
+    examples = [tokenize_chat(tok, c) for c in chats()]
+    packed = pack_examples(examples, max_length=3 * max(map(len, examples)))
+    assert len(packed) < len(examples)
+    collate = Collator(tok.pad_token_id)
+    alone = evaluate_loss(model, examples, batch_size=4, collate=collate)
+    together = evaluate_loss(model, packed, batch_size=4, collate=collate)
+    assert together["tokens"] == alone["tokens"]
+    assert together["loss"] == pytest.approx(alone["loss"], rel=1e-5, abs=0)

@@ -40,6 +40,8 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     Returns ``{"loss", "perplexity", "tokens"}`` (loss in nats per token; NaN
     when there is nothing to evaluate). Batches are sorted by length to waste
     little on padding; the model is put in eval mode and restored afterwards.
+    Packed examples (:func:`~lorakern.train.data.pack_examples`) are scored
+    apart, as in training steps.
     """
     world = world or World()
     if collate is None:
@@ -60,7 +62,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
             batch = collate([examples[j] for j in (rows or order[:1])])
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                     chunk_size=chunk_size)
+                                     chunk_size=chunk_size, position_ids=batch.get("position_ids"))
             if rows:  # a rank whose share ran out ran that forward only to keep step
                 total += float(loss)
                 count += n
