@@ -543,6 +543,14 @@ def test_an_alpha_beyond_float32_is_refused_where_it_is_given():
     assert LoRALinear.from_linear(nn.Linear(K, N), r=1, alpha=3e38).scaling == 3e38
 
 
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_use_rslora_must_be_a_bool(value):
+    # the string "false" is truthy: it silently turned rsLoRA on (scaling 4.0 instead of 2.0)
+    with pytest.raises(TypeError, match="use_rslora must be a bool"):
+        LoRALinear.from_linear(nn.Linear(K, N), r=4, alpha=8, use_rslora=value)
+    assert LoRALinear.from_linear(nn.Linear(K, N), r=4, alpha=8, use_rslora=np.bool_(True)).scaling == 4.0
+
+
 # --------------------------------------------------------------------------------- compile
 
 

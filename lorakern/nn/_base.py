@@ -8,6 +8,7 @@ import threading
 import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -124,7 +125,7 @@ def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
-def check_lora_args(r, alpha, dropout, init) -> None:
+def check_lora_args(r, alpha, dropout, init, use_rslora=False) -> None:
     # numbers.Integral / Real admit NumPy scalars (hyperparameter sweeps); bool is refused (True is not a rank)
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
         raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
@@ -136,6 +137,9 @@ def check_lora_args(r, alpha, dropout, init) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    # a bool (NumPy's too): the string "false" is truthy and silently turned rsLoRA on
+    if not isinstance(use_rslora, (bool, np.bool_)):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__} {use_rslora!r}")
 
 
 def check_bias(bias, out_features: int, device: torch.device) -> None:
@@ -210,7 +214,7 @@ class LoRABase(nn.Module):
                       use_rslora: bool, init: str, device, dtype: torch.dtype, experts: Optional[int] = None) -> None:
         """lora_A ``[r, in]`` and lora_B ``[out, r]``, or ``[experts, r, in]`` / ``[experts, out, r]``: one adapter
         per expert (:class:`~lorakern.nn.LoRAExperts`)."""
-        check_lora_args(r, alpha, dropout, init)
+        check_lora_args(r, alpha, dropout, init, use_rslora)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.use_rslora, self.init = bool(use_rslora), init
