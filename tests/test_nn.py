@@ -498,6 +498,20 @@ def test_distributed_checkpoint_state_dict_api_round_trips_qlora(tmp_path):
     assert torch.equal(b(x), a(x))
 
 
+def test_distributed_checkpoint_through_a_compile_wrapper_says_to_unwrap():
+    # set_model_state_dict puts the wrapper's prefix back on parameter keys only; the quantization
+    # state keys arrive unprefixed, out of the layer's sight: the error says what to do.
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    a, b = torch.compile(_qlora_stack(0), backend="eager"), torch.compile(_qlora_stack(1), backend="eager")
+    with pytest.raises(RuntimeError, match=r"_orig_mod.0.weight: missing key .* call them on the model inside the "
+                                           r"wrapper \(model.module / model._orig_mod\)"):
+        set_model_state_dict(b, get_model_state_dict(a))
+    set_model_state_dict(b._orig_mod, get_model_state_dict(a._orig_mod))
+    x = torch.randn(3, 64)
+    assert torch.equal(b._orig_mod(x), a._orig_mod(x))
+
+
 def test_a_dense_weight_loaded_into_an_nf4_layer_is_named():
     layer = QLoRALinear.from_linear(make_linear(64, 32), r=4)
     with pytest.raises(RuntimeError, match=r"weight: a dense float32 weight of shape \(32, 64\), but this layer "

@@ -23,6 +23,17 @@ _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", nf4_format.QUANT_STATE_KEY)
 
 
+def _wrapper_hint(prefix: str, state_dict, wkey: str) -> str:
+    # torch.distributed.checkpoint's set_model_state_dict on a DDP / torch.compile wrapper puts the
+    # wrapper's prefix back on parameter keys only: the quantization-state keys (not parameters)
+    # arrive without it, and this layer never sees them.
+    wrapped = prefix.startswith("module.") or "_orig_mod." in prefix
+    if not wrapped or f"{wkey}.{nf4_format.QUANT_STATE_KEY}" in state_dict:
+        return ""
+    return ("; if this state dict comes from torch.distributed.checkpoint (get/set_model_state_dict) on a DDP or "
+            "torch.compile wrapper, call them on the model inside the wrapper (model.module / model._orig_mod)")
+
+
 def apply_keeping_quant_state(module: nn.Module, apply, fn, recurse: bool) -> nn.Module:
     """``module._apply`` that never changes the dtype of its quantization-state buffers.
 
@@ -359,7 +370,7 @@ class QLoRALinear(LoRABase):
                 q = nf4_format.from_bnb_state_dict({k: state_dict[k] for k in quant_keys if k in state_dict}, wkey)
                 self._set_quantized(q, (self.out_features, self.in_features), assign)
             except (QuantStateError, ValueError) as e:
-                error_msgs.append(f"{wkey}: {e}")
+                error_msgs.append(f"{wkey}: {e}{_wrapper_hint(prefix, state_dict, wkey)}")
         else:
             missing_keys.append(wkey)
         local = ("bias", "lora_A", "lora_B")
