@@ -288,6 +288,28 @@ def test_a_generation_header_that_a_reply_does_not_start_with():
         tokenize_chat(tok, chat[:3])
 
 
+@pytest.mark.parametrize("template,header", [
+    (THINK_TEMPLATE, "<|im_start|>assistant\n"),
+    ("{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}{% else %}<|Assistant|>"
+     "{{ m['content'] }}<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}",
+     "<|Assistant|>"),
+])
+@pytest.mark.parametrize("reply", ["<tool>call()</tool>", "<thinking aloud", "<|im_end|> or <|end|>", "plain"])
+def test_a_reply_that_starts_like_the_generation_headers_extra_text_keeps_its_characters(template, header, reply):
+    """The generation header appends "<think>\n": a reply starting "<t..." is still labelled whole."""
+    tok = tiny_tokenizer(template)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+    ex = tokenize_chat(tok, chat)
+    prompt = tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label == IGNORE_INDEX])
+    labelled = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+    assert prompt.endswith(header) and labelled.startswith(reply)
+    assert prompt + labelled == format_chat(tok, chat)
+    # a template that puts the reply's content nowhere its placeholder shows: refused, not guessed
+    tok = tiny_tokenizer(template.replace("m['content']", "(m['content'] | length | string)"))
+    with pytest.raises(ValueError, match="does not render assistant turn 2's content after a header"):
+        tokenize_chat(tok, chat)
+
+
 def test_a_chat_must_open_with_a_prompt(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"instruction": "a", "response": "b"},

@@ -415,9 +415,8 @@ def _render(tokenizer, chat: list[dict], add_generation_prompt: bool = False) ->
         raise ValueError(f"the chat template refused this record: {e}") from e
 
 
-def _common_prefix_length(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
+# A reply no real data holds, rendered in place of one to see where a template puts its content.
+_REPLY_MARK = "@@lorakern-reply-7f3a9c@@"
 
 
 def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
@@ -428,9 +427,9 @@ def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
     own, so the prompt tokens are exactly what :func:`generate` feeds the model.
     Where the generation header is not how the template renders a reply's start
     (DeepSeek-R1 distills append ``<think>\\n`` to it), the reply starts where the
-    two renderings part. When the template is not prefix-stable across turns
-    (some templates rewrite earlier turns), only the last assistant turn is
-    trained on.
+    template puts a placeholder reply's content in the same chat. When the
+    template is not prefix-stable across turns (some templates rewrite earlier
+    turns), only the last assistant turn is trained on.
 
     Raises ValueError for a record the template refuses, or whose reply cannot
     be told apart from its prompt; no text but a reply is ever labelled.
@@ -442,14 +441,20 @@ def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
         prompt = _render(tokenizer, chat[:i], add_generation_prompt=True)
         full = _render(tokenizer, chat[: i + 1])
         if not full.startswith(prompt):
-            # Everything before this turn must render the same in both; the reply's header is
-            # what the generation header and the rendered reply share. (A reply that starts
-            # with the header's extra text, "<th" of "<think>", loses those characters' labels.)
+            # Everything before this turn must render the same in both. The reply starts where the
+            # template puts a reply's content: a placeholder reply, rendered in its place, marks it
+            # (the renderings' common prefix would also swallow a reply's first characters where
+            # they match the generation header's extra text, "<t" of "<tool>" after "<think>").
             before = _render(tokenizer, chat[:i])
             if not full.startswith(before):
                 raise ValueError(f"the chat template renders the messages before assistant turn {i + 1} "
                                  "differently once the reply follows; cannot tell the reply from the prompt")
-            prompt = full[:max(len(before), _common_prefix_length(prompt, full))]
+            marked = _render(tokenizer, [*chat[:i], {**m, "content": _REPLY_MARK}])
+            start = marked.find(_REPLY_MARK)
+            if start < len(before) or marked[:start] != full[:start]:
+                raise ValueError(f"the chat template does not render assistant turn {i + 1}'s content after a "
+                                 "header of its own; cannot tell the reply from the prompt")
+            prompt = full[:start]
         cuts += [(prompt, False), (full, True)]
     if not all(b.startswith(a) for (a, _), (b, _) in zip(cuts, cuts[1:])):
         cuts = cuts[-2:]  # the last prompt is a prefix of the last full rendering (checked above)
