@@ -603,3 +603,31 @@ def test_nf4_stacks_read_whole_follow_every_dtype_move(move):
     assert {p.dtype for p in merged.parameters()} == {want}
     if move == "double":
         torch.testing.assert_close(_logits(merged), got, atol=1e-6, rtol=1e-6)
+
+
+def test_saving_dense_mlp_adapters_of_a_model_peft_converts_warns_that_peft_drops_them(tmp_path):
+    """PEFT 0.21 turns target_modules 'down_proj' of a qwen3_moe model into target_parameters of the fused experts
+    and drops the dense MLP's adapter (layer 0 here: mlp_only_layers=[0]): save_adapter says so; lorakern's own
+    loader still reproduces the model."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("qwen3_moe", **COMMON, **MOE, mlp_only_layers=[0])
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ours = copy.deepcopy(base)
+    assert lorakern.apply_lora(ours, ["down_proj"], r=4, alpha=8) == ["model.layers.0.mlp.down_proj"]
+    randomize_adapters(ours)
+    with pytest.warns(UserWarning, match=r"PEFT 0\.21 .*'qwen3_moe'.*model\.layers\.0\.mlp\.down_proj.*dropped"):
+        lorakern.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert (_logits(theirs) - _logits(ours)).abs().max() > 1e-3  # what the warning is about
+    again = copy.deepcopy(base)
+    lorakern.load_adapter(again, tmp_path)
+    torch.testing.assert_close(_logits(again), _logits(ours), rtol=0, atol=0)
+    # attention layers and the expert weights themselves are not affected: no warning
+    fine = copy.deepcopy(base)
+    lorakern.apply_lora(fine, ["q_proj"], r=4, alpha=8, target_parameters="all-experts")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakern.save_adapter(fine, tmp_path / "fine")

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -73,6 +74,17 @@ _UNSUPPORTED = {
 _BASE_REWRITING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA", "loftq": "LoftQ"}
 # The others leave the base as it is (how lora_A / lora_B started does not matter once trained).
 _PLAIN_INITS = ("gaussian", "orthogonal", "eva", "mica")
+
+
+# PEFT 0.21 rewrites, when it loads an adapter into a transformers 5 model whose experts were fused
+# (the model types transformers' conversion mapping sends to these families), every target_modules
+# entry ending in one of these leaf names into a target_parameters entry of the fused experts: a
+# layer of that name outside the experts (a dense first MLP, a shared expert) loses its adapter there.
+# Family -> leaf names (PEFT's _MOE_TARGET_MODULE_MAPPING, which adds "mixtral" itself).
+_PEFT_MOE_RENAMED = {
+    "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("gate", "w1", "w2", "w3"),
+}
 
 
 class AdapterError(ValueError):
@@ -147,6 +159,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     experts = {n: m for n, m in modules.items() if isinstance(m, LoRAExperts)}
     layers = [n for n in modules if n not in experts]
+    _warn_peft_moe_rename(model, layers)
     tensors = {}
     for name in layers:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = modules[name].lora_A.detach()
@@ -194,6 +207,36 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         json.dump(config, f, indent=2, sort_keys=True)
     os.replace(config_path + ".tmp", config_path)
     return out
+
+
+def _peft_moe_family(model: nn.Module) -> Optional[str]:
+    """The family (a :data:`_PEFT_MOE_RENAMED` key) whose target names PEFT rewrites for ``model``'s type, or None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        return None
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # transformers < 5 has no conversion mapping, and PEFT converts nothing
+        return None
+    families = dict(getattr(conversion_mapping, "_MODEL_TO_CONVERSION_PATTERN", None) or {}, mixtral="mixtral")
+    family = families.get(model_type)
+    return family if family in _PEFT_MOE_RENAMED else None
+
+
+def _warn_peft_moe_rename(model: nn.Module, layers: list[str]) -> None:
+    """Warn when PEFT will move the adapters of ``layers`` (dense layers named like the fused experts' old
+    per-expert layers: a dense MLP's or shared expert's ``down_proj``) onto the experts, dropping them."""
+    family = _peft_moe_family(model)
+    if family is None:
+        return
+    affected = [n for n in layers if n.rpartition(".")[2] in _PEFT_MOE_RENAMED[family]]
+    if affected:
+        model_type = model.config.model_type
+        warnings.warn(f"PEFT 0.21 loads adapters for {model_type!r} models by converting the target_modules "
+                      f"entries {list(_PEFT_MOE_RENAMED[family])} into target_parameters of the fused experts: the "
+                      f"adapters of the dense layers {affected[:6]}{' ...' if len(affected) > 6 else ''} "
+                      f"({len(affected)}) are dropped there (PeftModel.from_pretrained gives other outputs). "
+                      "lorakern.load_adapter loads this adapter exactly", UserWarning, stacklevel=3)
 
 
 def read_adapter_config(directory: str) -> dict:

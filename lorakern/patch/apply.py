@@ -407,7 +407,7 @@ def _tensors(module: nn.Module):
 
 
 def pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key whose regex matches the
+    r"""PEFT's rank_pattern / alpha_pattern lookup: the value of the first key whose regex matches the
     end of ``name`` at a ``.`` boundary (``re.match(rf"(.*\.)?({key})$", name)``), else ``default``."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
