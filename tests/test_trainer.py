@@ -582,3 +582,28 @@ def test_packing_warns_once_for_a_model_whose_examples_see_each_other(examples):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model that isolates them passes silently
         assert check_packing(tiny_llama(seed=0), packed[0].input_ids)
+
+
+def test_resume_of_a_checkpoint_from_before_half_up_split_rounding_says_how_to_match_it(examples, tmp_path):
+    """Older checkpoints rounded held-out sizes half to even: one example more in 'train' on the same file."""
+    _train(examples, 2, "lora", out=str(tmp_path), total=4)
+    model = tiny_llama(seed=0)
+    prepare_model(model, "lora", r=4, alpha=8)
+    config = TrainConfig(steps=4, batch_size=4, output_dir=str(tmp_path), progress=False)
+    current = r"trained on 36 examples in 'train' but this run has 35 examples in 'train': resume with the same"
+    with pytest.raises(ValueError, match=current) as refused:
+        Trainer(model, examples[:35], config).resume()
+    assert "predates" not in str(refused.value)  # this checkpoint rounded as this run does
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("adapters", "data_fingerprints"):  # what older checkpoints lack
+        del state[key]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=current + r".*predates split sizes rounded half up \(it rounded them half "
+                       r"to even: 0.05 of 50 records held out 2, now 3\).*hold out 1 record fewer, as then$"):
+        Trainer(model, examples[:35], config).resume()
+    with pytest.raises(ValueError, match=r"this run has 37 examples .*hold out 1 record more, as then$"):
+        Trainer(model, [*examples, examples[0]], config).resume()
+    with pytest.raises(ValueError, match=r"this run has 30 examples in 'train': resume with the same training data, "
+                                         r"prepared the same way \(files, max length, validation split, packing\)$"):
+        Trainer(model, examples[:30], config).resume()  # 6 fewer: not a rounding difference

@@ -424,7 +424,7 @@ class Trainer:
         if saved != sizes:
             raise ValueError(f"checkpoint {path} was trained on {_sizes(saved)} but this run has {_sizes(sizes)}: "
                              "resume with the same training data, prepared the same way (files, max length, "
-                             "validation split, packing)")
+                             f"validation split, packing){_split_rounding_hint(state, saved, sizes)}")
         saved = state.get("data_fingerprints")
         if saved is not None and saved != self.data_fingerprints():
             differ = [name for name, digest in self.data_fingerprints().items() if saved.get(name) != digest]
@@ -676,6 +676,23 @@ def _fingerprint(rows: Sequence[Example]) -> str:
         digest.update(array("q", ex.input_ids).tobytes())
         digest.update(array("q", ex.labels).tobytes())
     return digest.hexdigest()
+
+
+def _split_rounding_hint(state: dict, saved: dict, sizes: dict) -> str:
+    """Why a checkpoint from before split sizes were rounded half up may count 1-2 examples more or fewer.
+
+    Checkpoints without ``adapters`` in their state predate that change (both
+    came in the same release), when ``round()`` rounded held-out sizes half to
+    even: 0.05 of 50 records held out 2, where 3 are held out now.
+    """
+    differ = {name: saved.get(name, 0) - n for name, n in sizes.items() if saved.get(name, 0) != n}
+    if "adapters" in state or set(saved) != set(sizes) or not all(abs(d) <= 2 for d in differ.values()):
+        return ""
+    counts = ", ".join(f"{abs(d)} record{'s' if abs(d) > 1 else ''} {'fewer' if d > 0 else 'more'}"
+                       + (f" for {name!r}" if len(differ) > 1 else "") for name, d in differ.items())
+    return (f". This checkpoint predates split sizes rounded half up (it rounded them half to even: 0.05 of 50 "
+            f"records held out 2, now 3); if that is the difference, pick validation and test fractions "
+            f"(--val-fraction, --test-fraction) that hold out {counts}, as then")
 
 
 def _sizes(datasets: dict) -> str:
