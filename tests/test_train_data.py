@@ -268,6 +268,17 @@ def test_mixture_weights_must_be_finite_and_non_negative(bad):
         MixtureSampler([3, 3], [1.0, bad])
 
 
+@pytest.mark.parametrize("scale", [1e308, 1e-320, 1.0])
+def test_mixture_weights_of_any_finite_scale_draw_in_proportion(scale):
+    """Equal weights whose sum overflows float64 (2e308), or subnormal ones, still draw half and half."""
+    from lorakern.train.sampler import MixtureSampler
+
+    drawn = [k for k, _ in MixtureSampler([3, 4], weights=[scale, scale], seed=0).take(2000)]
+    assert 0.45 < drawn.count(0) / 2000 < 0.55
+    drawn = [k for k, _ in MixtureSampler([3, 4], weights=[scale, scale / 3], seed=0).take(2000)]
+    assert 0.7 < drawn.count(0) / 2000 < 0.8
+
+
 # DeepSeek-R1 distills: the generation header opens a thought ("<think>\n") that a rendered reply does not hold.
 THINK_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}")

@@ -85,11 +85,14 @@ class MixtureSampler:
         # not (w >= 0) also refuses NaN, which fails every comparison; inf would make the
         # normalised weights NaN, and torch.multinomial only complains at the first draw.
         if (len(weights) != len(sizes) or any(not (w >= 0 and math.isfinite(w)) for w in weights)
-                or sum(weights) <= 0):
+                or not any(w > 0 for w in weights)):
             raise ValueError(f"weights must be {len(sizes)} finite non-negative numbers with a positive sum, "
                              f"got {list(weights)}")
         self.sizes = [int(s) for s in sizes]
-        self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        # Relative to the largest: finite weights can still sum to inf (1e308 + 1e308), and
+        # torch.multinomial then drew the first dataset 0% of the time; subnormal ones lose precision.
+        top = max(float(w) for w in weights)
+        self.weights = torch.tensor([float(w) / top for w in weights], dtype=torch.float64)
         self.seed, self.shuffle = int(seed), shuffle
         self.drawn = 0
         self.per_dataset = [0] * len(sizes)
