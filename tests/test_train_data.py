@@ -350,8 +350,8 @@ def test_records_the_chat_template_refuses_are_reported_and_skipped(tmp_path):
     assert "System role not supported" in data.report()
     examples, issues = tokenize_records(tok, load_records(path), max_length=64)
     assert len(examples) == 4 and [i.line for i in issues] == [5]
-    kept, examples, refused = tokenize_each(tok, load_records(path))  # what generation can be asked
-    assert [s[1] for s in kept.sources] == [1, 2, 3, 4] and len(examples) == 4 and kept.issues == refused == issues
+    kept, examples = tokenize_each(tok, load_records(path))  # what generation can be asked
+    assert [s[1] for s in kept.sources] == [1, 2, 3, 4] and len(examples) == 4 and kept.issues == issues
     with pytest.raises(DataError, match=r"(?s)2 bad record.*d.jsonl:5: the chat template refused.*d.jsonl:6: invalid"):
         prepare_dataset(tok, write_jsonl(tmp_path / "d.jsonl", [
             *[{"instruction": f"q{i}", "response": f"a{i}"} for i in range(4)],
@@ -452,3 +452,19 @@ def test_a_packed_example_scores_as_it_does_alone(tok, implementation):
     for ex in examples:
         alone = token_losses(Collator(0)([ex]))[0]
         torch.testing.assert_close(by_content[tuple(ex.input_ids)], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_an_eval_set_is_tokenized_once_and_its_long_records_left_out_of_the_loss_only(tok, tmp_path, monkeypatch,
+                                                                                      capsys):
+    from lorakern.train import data as data_mod
+    from lorakern.train.pipeline import load_eval_set
+
+    rows = [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(3)] + [
+        {"instruction": "long " * 40, "response": "x"}]
+    path = write_jsonl(tmp_path / "eval.jsonl", rows)
+    calls = []
+    monkeypatch.setattr(data_mod, "tokenize_chat", lambda t, chat: calls.append(chat) or tokenize_chat(t, chat))
+    chats, examples = load_eval_set(tok, path, max_length=64, option="--test-data", title="test set")
+    assert len(calls) == len(rows)  # once per chat
+    assert len(chats) == 4 and examples == [tokenize_chat(tok, c) for c in chats[:3]]
+    assert "test set: 4 records from" in capsys.readouterr().out

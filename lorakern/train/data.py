@@ -469,25 +469,24 @@ def tokenize_chat(tokenizer, chat: list[dict]) -> Example:
     return Example(input_ids, labels)
 
 
-def tokenize_each(tokenizer, data: LoadResult) -> tuple[LoadResult, list[Example], list[DataIssue]]:
+def tokenize_each(tokenizer, data: LoadResult) -> tuple[LoadResult, list[Example]]:
     """Tokenize every chat of ``data`` whole (no length limit).
 
     Returns the chats the template renders (a :class:`LoadResult` with their
-    sources and ``data.issues`` plus one issue per refused chat), their
-    examples in the same order, and the refused chats' issues alone. Only the
-    returned chats can be fed to :func:`~lorakern.train.evaluate.generate`.
+    sources, and ``data.issues`` followed by one issue per refused chat) and
+    their examples in the same order. Only the returned chats can be fed to
+    :func:`~lorakern.train.evaluate.generate`.
     """
-    kept, examples, refused = LoadResult(issues=list(data.issues)), [], []
+    kept, examples = LoadResult(issues=list(data.issues)), []
     for chat, source in zip(data.chats, data.sources):
         try:
             examples.append(tokenize_chat(tokenizer, chat))
         except ValueError as e:
-            refused.append(DataIssue(*source, str(e)))
+            kept.issues.append(DataIssue(*source, str(e)))
             continue
         kept.chats.append(chat)
         kept.sources.append(source)
-    kept.issues += refused
-    return kept, examples, refused
+    return kept, examples
 
 
 def _fit_length(examples: Sequence[Example], sources: Sequence[tuple[str, int]], max_length: int,
@@ -528,9 +527,9 @@ def tokenize_records(
     is reported and skipped.
     """
     _check_length_options(max_length, overlong)
-    kept, examples, refused = tokenize_each(tokenizer, data)
+    kept, examples = tokenize_each(tokenizer, data)
     examples, issues = _fit_length(examples, kept.sources, max_length, overlong)
-    return examples, refused + issues
+    return examples, kept.issues[len(data.issues):] + issues
 
 
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
@@ -649,8 +648,9 @@ def prepare_dataset(
     """
     _check_length_options(max_length, overlong)
     loaded = load_records(paths)
-    data = clean_records(loaded)
-    data, tokenized, refused = tokenize_each(tokenizer, data)
+    clean = clean_records(loaded)
+    data, tokenized = tokenize_each(tokenizer, clean)
+    refused = data.issues[len(clean.issues):]
     if strict and (loaded.issues or refused):
         files = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
         raise DataError(sorted(loaded.issues + refused, key=lambda i: (files.index(i.file), i.line)))
