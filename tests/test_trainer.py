@@ -461,11 +461,13 @@ def test_resume_refuses_other_data_or_adapter_before_loading_weights(examples, t
     # (the checkpoint's layers: LoRALinear, dense base, scaling 8 / 4 = 2, dropout 0.1)
     for method, alpha, dropout, message in [
             ("lora", 32, 0.1, r"as LoRALinear on a dense base, scaling 2, dropout 0.1; this run has LoRALinear on a "
-                              r"dense base, scaling 8, dropout 0.1: resume with the LoRA alpha and rank"),
+                              r"dense base, scaling 8, dropout 0.1: resume with the LoRA alpha and rank \(scaling = "
+                              r"alpha / r\) and rsLoRA setting \(alpha / sqrt\(r\) with it\) it was trained with"),
             ("lora", 8, 0.0, r"this run has LoRALinear on a dense base, scaling 2, dropout 0: resume with the LoRA "
                              r"dropout it was trained with"),
             ("qlora", 8, 0.1, r"this run has QLoRALinear on a nf4 base, scaling 2, dropout 0.1: resume with the "
-                              r"method \(lora / qlora\) it was trained with")]:
+                              r"LoRA layer kind and base weights \(method 'lora' for a dense base, 'qlora' for "
+                              r"NF4\) it was trained with")]:
         other = tiny_llama(seed=0)
         prepare_model(other, method, r=4, alpha=alpha, dropout=dropout)
         with pytest.raises(ValueError, match=message):

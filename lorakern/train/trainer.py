@@ -640,9 +640,12 @@ def adapter_settings(model: nn.Module) -> list[dict]:
             for (layer, base, scaling, dropout), names in groups.items()]
 
 
-# what to resume with when a layer setting differs (the flags of lorakern.train.pipeline)
-_SETTING_HINTS = {"layer": "method (lora / qlora)", "base": "method (lora / qlora)",
-                  "scaling": "LoRA alpha and rank (scaling = alpha / r)", "dropout": "LoRA dropout"}
+# What to resume with when a layer setting differs, named for prepare_model / apply_lora
+# callers and for the command line (whose flags share these names) alike.
+_KIND = "LoRA layer kind and base weights (method 'lora' for a dense base, 'qlora' for NF4)"
+_SETTING_HINTS = {"layer": _KIND, "base": _KIND,
+                  "scaling": "LoRA alpha and rank (scaling = alpha / r) and rsLoRA setting (alpha / sqrt(r) with it)",
+                  "dropout": "LoRA dropout"}
 
 
 def _describe(settings: dict) -> str:
