@@ -90,6 +90,17 @@ def test_list_and_regex_targets_follow_peft_semantics():
     assert len(names) == 10 and not any(n.endswith(("down_proj", "o_proj")) for n in names)
 
 
+@pytest.mark.parametrize("exclude, left_out", [(["model.layers.0"], "model.layers.0."), (["mlp"], ".mlp.")])
+def test_exclude_naming_a_parent_module_leaves_out_every_layer_inside_it(exclude, left_out):
+    model = FAMILIES["llama"][0]()
+    everything = lorakern.apply_lora(copy.deepcopy(model), "all-linear")
+    for targets in ("all-linear", ["q_proj", "down_proj"]):
+        names = lorakern.apply_lora(copy.deepcopy(model), targets, exclude=exclude)
+        assert names and not [n for n in names if left_out in n]
+        if targets == "all-linear":
+            assert names == [n for n in everything if left_out not in n]
+
+
 def test_unmatched_targets_are_listed():
     model = FAMILIES["llama"][0]()
     with pytest.raises(ValueError, match=r"\['qproj', 'c_attn'\]"):
@@ -375,8 +386,10 @@ def test_modules_to_save_stay_trainable():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"classifier.weight", "classifier.bias"} <= trainable
     assert len(trainable) == 2 + 2 * len(names)
-    with pytest.raises(ValueError, match="both targets and in modules_to_save"):
-        lorakern.apply_lora(FAMILIES["bert"][0](), ["query", "classifier"], modules_to_save=["classifier"])
+    # a target inside a kept module is dropped, as PEFT drops it
+    model = FAMILIES["bert"][0]()
+    names = lorakern.apply_lora(model, ["query", "classifier"], modules_to_save=["classifier"])
+    assert "classifier" not in names and model.classifier.weight.requires_grad
 
 
 def test_nf4_patching_frees_full_precision_weights():

@@ -405,9 +405,11 @@ def test_explicit_modules_to_save_replace_the_default_heads():
     model = _task_model("bert-seq-cls")
     lorakern.apply_lora(model, "all-linear", modules_to_save=[])
     assert not model.classifier.weight.requires_grad
-    model = _task_model("bert-seq-cls")  # a LoRA inside the head: PEFT's generic model, no head trained whole
-    lorakern.apply_lora(model, ["query", "classifier"])
-    assert not model.classifier.weight.requires_grad
+    model = _task_model("bert-seq-cls")  # a target inside the head is dropped, as PEFT's SEQ_CLS wrapper drops it
+    assert "classifier" not in lorakern.apply_lora(model, ["query", "classifier"])
+    assert model.classifier.weight.requires_grad
+    with pytest.raises(ValueError, match="every target .*classifier.* lies inside modules_to_save"):
+        lorakern.apply_lora(_task_model("bert-seq-cls"), ["classifier"])
 
 
 def _check_both_load(base, model, directory):
@@ -479,11 +481,12 @@ def test_distilbert_classifier_head_includes_pre_classifier_both_ways(tmp_path):
     ("roberta-seq-cls", ["query", "out_proj"], "classifier.out_proj"),
 ])
 def test_lora_inside_a_task_head_is_saved_for_peft_generic_model(kind, targets, head_layer, tmp_path):
-    """An explicit LoRA target inside the classifier head: the adapter is written as PEFT writes one made without
-    a task type (task_type null, no modules_to_save), which PEFT's PeftModel loads with the same logits."""
+    """A LoRA target inside the classifier head with modules_to_save=[]: the adapter is written as PEFT writes one
+    made without a task type (task_type null, no modules_to_save), which PEFT's PeftModel loads with the same
+    logits."""
     base = _task_model(kind)
     model = copy.deepcopy(base)
-    assert head_layer in lorakern.apply_lora(model, targets, r=4, alpha=8)
+    assert head_layer in lorakern.apply_lora(model, targets, r=4, alpha=8, modules_to_save=[])
     randomize_adapters(model)
     lorakern.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -747,3 +750,123 @@ def test_per_layer_ranks_and_alphas_travel_both_ways(tmp_path):
         torch.testing.assert_close(again.eval()(ids).logits, want, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]: r \(the LoRA rank\) must be a positive int"):
         lorakern.apply_lora(copy.deepcopy(base), ["q_proj"], rank_pattern={"q_proj": 0})
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["classifier"]])
+def test_roberta_dense_target_trains_the_classifier_whole_as_peft_seq_cls(modules_to_save, tmp_path):
+    """target_modules=["query", "value", "dense"] on RoBERTa also matches classifier.dense: PEFT's SEQ_CLS wrapper
+    (and PEFT with modules_to_save=["classifier"]) trains the whole classifier and puts no LoRA inside it; so does
+    apply_lora, by default and with the head named. Same trainable set, same logits, and the adapter goes both ways."""
+    base = _task_model("roberta-seq-cls")
+    targets = ["query", "value", "dense"]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                       task_type="SEQ_CLS"))
+    model = copy.deepcopy(base)
+    names = lorakern.apply_lora(model, targets, r=4, alpha=8, modules_to_save=modules_to_save)
+    assert not [n for n in names if n.startswith("classifier")]
+    peft_trainable = {n.replace("base_model.model.", "").replace(".default", "").replace("modules_to_save.", "")
+                      .replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B")
+                      for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == peft_trainable
+    assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= peft_trainable
+    randomize_adapters(model)
+    _perturb(model, ["classifier"])
+    lorakern.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    _check_both_load(base, model, tmp_path)
+
+
+def test_a_tied_head_in_modules_to_save_reloads_into_a_patched_model(tmp_path):
+    """save_adapter stores the tied partner (the input embeddings) of a kept head; a model patched the same way, and
+    the model that saved it, take that adapter back."""
+    model = _llama(True)
+    lorakern.apply_lora(model, ["q_proj"], r=4, alpha=8, modules_to_save=["lm_head"])
+    randomize_adapters(model)
+    _perturb(model, ["lm_head"])
+    ids = example_input()
+    with torch.no_grad():
+        want = logits(model, ids)
+    lorakern.save_adapter(model, tmp_path)
+    for target in (model, _llama(True)):
+        if target is not model:
+            lorakern.apply_lora(target, ["q_proj"], r=4, alpha=8, modules_to_save=["lm_head"])
+        lorakern.load_adapter(target, tmp_path)
+        with torch.no_grad():
+            assert torch.equal(logits(target, ids), want)
+
+
+def test_modules_to_save_empty_stores_no_task_head_and_reloads(tmp_path):
+    """modules_to_save=[] trains no head: the adapter does not list or store the classifier (PEFT's generic model
+    keeps the base head), and the patched model takes its own adapter back."""
+    base = _task_model("bert-seq-cls")
+    model = copy.deepcopy(base)
+    lorakern.apply_lora(model, ["query", "value"], r=4, alpha=8, modules_to_save=[])
+    randomize_adapters(model)
+    lorakern.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None and config["task_type"] is None
+    assert not [k for k in load_file(tmp_path / "adapter_model.safetensors") if "classifier" in k]
+    lorakern.load_adapter(model, tmp_path)
+    _check_both_load(base, model, tmp_path)
+
+
+def test_tied_lm_head_lora_with_the_embeddings_kept_saves_its_base_weight(tmp_path):
+    """GPT-2: LoRA on the lm_head tied to wte, wte in modules_to_save: training changes the head's base weight too;
+    the adapter holds it as PEFT does (lm_head.base_layer.weight), and PEFT and load_adapter give the same logits."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    model = copy.deepcopy(base)
+    lorakern.apply_lora(model, ["c_attn", "lm_head"], r=4, alpha=8, modules_to_save=["wte"])
+    randomize_adapters(model)
+    _perturb(model, ["transformer.wte"])  # the tied lm_head's weight moves with it
+    ids = example_input()
+    with torch.no_grad():
+        want = logits(model, ids)
+        assert not torch.allclose(want, logits(base, ids), atol=1e-3)
+    lorakern.save_adapter(model, tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.lm_head.base_layer.weight"],
+                       saved["base_model.model.transformer.wte.weight"])
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    again = copy.deepcopy(base)
+    lorakern.load_adapter(again, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(theirs, ids), want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(logits(again, ids), want, atol=0, rtol=0)
+
+
+def test_peft_adapter_saved_with_ensure_weight_tying_loads(tmp_path):
+    """PEFT's ensure_weight_tying=True keeps a trained lm_head tied to the embeddings and stores both (config:
+    modules_to_save=["model.embed_tokens"]); load_adapter takes the tied head's tensors too."""
+    base = _llama(True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.eval().save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    ours = copy.deepcopy(base)
+    lorakern.load_adapter(ours, tmp_path)
+    ids = example_input()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_modules_to_save_listed_but_absent_from_the_weights_is_refused(tmp_path):
+    base = _task_model("bert-seq-cls")
+    model = copy.deepcopy(base)
+    lorakern.apply_lora(model, ["query", "value"], r=4, alpha=8)
+    lorakern.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if "classifier" not in k}, path)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(AdapterError, match="lists 'classifier' in modules_to_save.*none of its tensors"):
+        lorakern.load_adapter(fresh, tmp_path)
+    assert not lora_modules(fresh)

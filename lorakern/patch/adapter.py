@@ -123,7 +123,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     from safetensors.torch import save_file
 
     model = unwrap(model)
-    state, modules = lora_state(model), lora_modules(model)
+    modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA layers; call apply_lora (or load_adapter) first")
     if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name or adapter_name.startswith("."):
@@ -140,22 +140,14 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     r, alpha = max(ranks, key=ranks.count), max(alphas, key=alphas.count)
     rank_pattern = {re.escape(n): m.r for n, m in modules.items() if m.r != r}
     alpha_pattern = {re.escape(n): _number(m.alpha) for n, m in modules.items() if m.alpha != alpha}
-    keep = list(state.modules_to_save) if state is not None else []
+    keep, tied_bases = _stored_modules(model, modules)
     task_type = _task_type(model)
-    heads = task_heads(model)
-    if any(_kept_root(name, heads) is not None for name in modules):
-        # PEFT's task models (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) add these heads to modules_to_save and
-        # then skip every LoRA layer inside them; an adapter with LoRA layers there is written for
-        # PEFT's generic PeftModel (task_type None), which loads them as they are.
+    if any(_kept_root(head, keep) is None for head in task_heads(model)):
+        # PEFT's task models (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) add the task heads to modules_to_save,
+        # load their weights from the file and skip every LoRA layer inside them; an adapter that did
+        # not train a head whole (modules_to_save=[], or a list without it) is written for PEFT's generic
+        # PeftModel (task_type None), which keeps the head as the base model has it.
         task_type = None
-    else:
-        # PEFT adds the task head to modules_to_save and loads its weights from the file:
-        # store the head as it is (trained or not).
-        keep += [head for head in heads if _kept_root(head, keep) is None]
-    # A kept module trained here still shares tied weights with its partners (an output head with
-    # the input embeddings); PEFT gives each modules_to_save entry its own copy, so the partners
-    # are stored too, or PEFT would run the trained head with the original embeddings.
-    keep += _tied_partners(model, keep, modules)
 
     experts = {n: m for n, m in modules.items() if isinstance(m, LoRAExperts)}
     layers = [n for n in modules if n not in experts]
@@ -172,6 +164,13 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     for name in keep:
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = value.detach()
+    for name in tied_bases:
+        # an adapted layer's base weight trained as part of a kept module (a tied lm_head with the input
+        # embeddings in modules_to_save): PEFT writes it as <layer>.base_layer.weight, in the layout of the
+        # layer it wraps (a Conv1D's [in, out])
+        layer = modules[name]
+        tensors[f"{PREFIX}{name}.base_layer.weight"] = layer.weight.detach().t() if layer.fan_in_fan_out \
+            else layer.weight.detach()
     # fresh CPU copies: safetensors refuses tensors that share memory (tied weights in modules_to_save)
     tensors = {k: v.to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
 
@@ -371,12 +370,13 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
                            "weights)")
     names = [n for n, _ in model.named_modules() if n]
     revert = None
+    # PEFT adds both "classifier" and "score" for SEQ_CLS adapters; keep the ones this model has.
+    listed = peft_modules_to_save(names, config.get("modules_to_save") or [])
     if not lora_modules(model):
-        # PEFT adds both "classifier" and "score" for SEQ_CLS adapters; keep the ones this model has.
-        keep = peft_modules_to_save(names, config.get("modules_to_save") or [])
+        keep = listed + _stored_partners(model, listed, {}, weights)
         options = _patch_options(model, config, weights, names, keep, directory)
         layers = _planned_layers(model, options)
-        _check_tensors(model, weights, layers, keep, directory)
+        _check_tensors(model, weights, layers, keep, directory, listed)
         if quantize == "nf4":
             _check_nf4_base_weights(model, weights, layers, directory)
         _, revert = patch_reversibly(model, quantize=quantize, compute_dtype=compute_dtype, device=device,
@@ -386,11 +386,12 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     try:
         modules = lora_modules(model)
         state = lora_state(model)
-        keep = list(state.modules_to_save) if state is not None else []
+        own = list(state.modules_to_save) if state is not None else []
+        keep = own + _stored_partners(model, own, modules, weights)
         if revert is None:
             _check_layers(modules, config, directory)
-            _check_tensors(model, weights, _patched_layers(modules), keep, directory)
-        _copy_in(model, modules, keep, weights, directory)
+            _check_tensors(model, weights, _patched_layers(modules), keep, directory, listed)
+        _copy_in(model, modules, keep, own, weights, directory)
     except BaseException as e:
         if revert is not None:
             revert(e)
@@ -501,9 +502,11 @@ def _expected_shapes(model: nn.Module, layers: list[_Layer], keep: list[str]) ->
     return lora, kept
 
 
-def _check_tensors(model: nn.Module, weights: dict, layers: list[_Layer], keep: list[str], directory: str) -> None:
-    """Every key of the file belongs to a layer or modules_to_save module with the shape the model takes, and
-    every layer has its lora_A and lora_B."""
+def _check_tensors(model: nn.Module, weights: dict, layers: list[_Layer], keep: list[str], directory: str,
+                   listed=()) -> None:
+    """Every key of the file belongs to a layer or modules_to_save module with the shape the model takes, every
+    layer has its lora_A and lora_B, and each module of ``keep`` has all its tensors in the file or (unless the
+    config lists it: ``listed``) none."""
     lora, kept = _expected_shapes(model, layers, keep)
     unexpected = sorted(k for k in weights if k not in lora and k not in kept)
     if unexpected:
@@ -524,6 +527,10 @@ def _check_tensors(model: nn.Module, weights: dict, layers: list[_Layer], keep: 
     for name in keep:
         keys = [k for k, (_, owner) in kept.items() if owner == name]
         absent = [k for k in keys if k not in weights]
+        if absent and len(absent) == len(keys) and name in listed:
+            raise AdapterError(f"{directory}: {CONFIG_NAME} lists {name!r} in modules_to_save, but "
+                               f"{WEIGHTS_NAME} holds none of its tensors ({absent[:3]}): the trained module is "
+                               "not in the adapter")
         if absent and len(absent) < len(keys):
             raise AdapterError(f"{directory}: the adapter holds part of the modules_to_save module {name!r}: "
                                f"{absent[:5]} are missing")
@@ -555,8 +562,10 @@ def _nf4_base_message(directory: str, key: str) -> str:
             "merge, then quantize")
 
 
-def _copy_in(model: nn.Module, modules: dict, keep: list[str], weights: dict, directory: str) -> None:
-    """Copy the checked tensors of an adapter file into a patched ``model``."""
+def _copy_in(model: nn.Module, modules: dict, keep: list[str], untie: list[str], weights: dict,
+             directory: str) -> None:
+    """Copy the checked tensors of an adapter file into a patched ``model``; the ``untie`` modules first get their
+    own copy of any weight they share with another module (see :func:`_untie_modules_to_save`)."""
     paths = {n: n for n in modules if not isinstance(modules[n], LoRAExperts)}
     paths.update(_expert_paths([n for n in modules if isinstance(modules[n], LoRAExperts)]))
     lora_keys = {f"{PREFIX}{path}{s}": (n, s) for n, path in paths.items() for s in _LORA_SUFFIXES}
@@ -572,7 +581,7 @@ def _copy_in(model: nn.Module, modules: dict, keep: list[str], weights: dict, di
         if isinstance(module, LoRAExperts):
             value = _expert_layout(value, module, is_a, key, directory)
         new_lora.append((module.lora_A if is_a else module.lora_B, value))
-    _untie_modules_to_save(model, keep)
+    _untie_modules_to_save(model, untie)
     with torch.no_grad():
         for param, value in new_base:
             if value is not None:
@@ -652,9 +661,10 @@ def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, 
     return owners
 
 
-def _tied_partners(model: nn.Module, keep, lora_layers: dict) -> list[str]:
-    """Modules outside ``keep`` that hold a parameter of a ``keep`` module (tied weights), in model order."""
-    partners = {}
+def _tied_partners(model: nn.Module, keep, lora_layers: dict) -> tuple[list[str], list[str]]:
+    """Modules outside ``keep`` that hold a parameter of a ``keep`` module (tied weights), in model order, and
+    the LoRA layers (of ``lora_layers``) whose base weight is such a parameter."""
+    partners, bases = {}, {}
     for entries in _parameter_owners(model).values():
         roots = {_kept_root(name, keep) for name, _, _ in entries}
         if len(roots) < 2 or roots == {None}:
@@ -664,10 +674,39 @@ def _tied_partners(model: nn.Module, keep, lora_layers: dict) -> list[str]:
                 continue
             owner = _kept_root(name, lora_layers) or name
             if owner in lora_layers:
-                raise ValueError(f"modules_to_save shares the parameter {name}.{attr} with the LoRA layer {owner!r} "
-                                 "(tied weights); PEFT's format cannot hold a trained base weight of a LoRA layer")
-            partners[name] = None
-    return list(partners)
+                if owner != name or attr != "weight":
+                    raise ValueError(f"modules_to_save shares the parameter {name}.{attr} with the LoRA layer "
+                                     f"{owner!r} (tied weights); PEFT's format holds only a base weight")
+                bases[owner] = None
+            else:
+                partners[name] = None
+    return list(partners), list(bases)
+
+
+def _stored_modules(model: nn.Module, lora_layers: dict) -> tuple[list[str], list[str]]:
+    """The modules whose weights the adapter of a patched ``model`` stores whole, and the LoRA layers whose base
+    weight it stores (``<layer>.base_layer.weight``); :func:`save_adapter` writes them, and :func:`load_adapter`
+    accepts them back into a patched model.
+
+    These are the patch's modules_to_save (the task heads by default) and every module
+    tied to one: a kept module trained here still shares its weights with its partners (an
+    output head with the input embeddings); PEFT gives each modules_to_save entry its own
+    copy, so the partners are stored too, or PEFT would run the trained head with the
+    original embeddings. A partner that is an adapted layer (a tied ``lm_head`` with LoRA)
+    has its base weight stored, as PEFT stores it.
+    """
+    state = lora_state(model)
+    keep = list(state.modules_to_save) if state is not None else []
+    partners, bases = _tied_partners(model, keep, lora_layers)
+    return keep + partners, bases
+
+
+def _stored_partners(model: nn.Module, keep: list[str], lora_layers: dict, weights: dict) -> list[str]:
+    """The modules tied to a ``keep`` module whose tensors the adapter file holds: the partners
+    :func:`save_adapter` stores, and the tied head PEFT stores with ``ensure_weight_tying=True``."""
+    partners, _ = _tied_partners(model, keep, lora_layers)
+    return [name for name in partners
+            if any(f"{PREFIX}{name}.{key}" in weights for key in model.get_submodule(name).state_dict())]
 
 
 def _untie_modules_to_save(model: nn.Module, keep) -> None:

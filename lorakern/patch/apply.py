@@ -16,7 +16,7 @@ from torch import nn
 from ..nn import LoRAExperts, LoRALinear, QLoRALinear
 from ..nn._base import check_lora_args
 from ..nn.qlora import is_bnb_linear4bit
-from .targets import (Selector, expert_stacks, inside, kept_in_full_precision, outermost, resolve_parameters,
+from .targets import (Selector, expert_stacks, kept_in_full_precision, outermost, resolve_parameters,
                       resolve_targets, select, task_heads)
 
 QUANTIZE = (None, "nf4")
@@ -102,14 +102,18 @@ def apply_lora(model: nn.Module, target_modules: Selector = "all-linear", r: int
             returned names include ``<module>.<parameter>`` for each. transformers
             experts modules are switched to their "eager" implementation (the loop
             over the routed experts), where each expert's matmul is one fused op.
-        exclude: names (same forms, no "all-linear") removed from the targets.
+        exclude: names (same forms, no "all-linear") removed from the targets, with every
+            layer inside them (``["model.layers.0"]`` leaves that block out).
         modules_to_save: modules kept whole and trainable (e.g. a new classification head);
-            :func:`save_adapter` stores their full weights, as PEFT does. Default (None): on
-            a transformers task model, its task heads (:func:`~lorakern.patch.targets.task_heads`:
-            ``classifier`` / ``score``, and DistilBERT's ``pre_classifier``; ``qa_outputs``), as
-            PEFT's task wrappers (task_type SEQ_CLS, TOKEN_CLS, QUESTION_ANS) train them,
-            unless a target lies inside one (then none: PEFT's generic model, which trains
-            the LoRA there); elsewhere none. ``[]``: none.
+            :func:`save_adapter` stores their full weights, as PEFT does. Targets inside them
+            are dropped, as PEFT drops them (``"dense"`` on RoBERTa adapts the encoder's
+            dense layers; its ``classifier.dense`` trains whole with the classifier).
+            Default (None): on a transformers task model, its task heads
+            (:func:`~lorakern.patch.targets.task_heads`: ``classifier`` / ``score``, and
+            DistilBERT's ``pre_classifier``; ``qa_outputs``), as PEFT's task wrappers
+            (task_type SEQ_CLS, TOKEN_CLS, QUESTION_ANS) train them; elsewhere none.
+            ``[]``: none (a LoRA target inside a task head is then adapted as any
+            other, and the adapter is one for PEFT's generic model).
         r, alpha, dropout, use_rslora, init: the adapter (see :class:`~lorakern.nn.LoRALinear`).
         rank_pattern, alpha_pattern: per-target r / alpha, as PEFT's options of these
             names: ``{regex: value}``; a target whose qualified name ends with a match
@@ -206,8 +210,12 @@ def _patch(model: nn.Module, target_modules: Selector = "all-linear", r: int = 1
                          "computes in its weight's dtype, or the autocast dtype")
 
     names = [n for n, _ in model.named_modules() if n]
-    if modules_to_save is None or (isinstance(modules_to_save, (list, tuple)) and not modules_to_save):
-        keep = []  # (None: the task heads, chosen below once the targets are known)
+    if modules_to_save is None:
+        # as PEFT's task wrappers: the task head (new, randomly initialised) trains whole, and targets
+        # inside it are dropped (a RoBERTa classifier's dense layer, matched by "dense")
+        keep = task_heads(model)
+    elif isinstance(modules_to_save, (list, tuple)) and not modules_to_save:
+        keep = []
     else:
         keep = outermost(select(names, modules_to_save, "modules_to_save"))
     if target_modules is None and target_parameters is None:
@@ -215,13 +223,6 @@ def _patch(model: nn.Module, target_modules: Selector = "all-linear", r: int = 1
     targets = resolve_targets(model, target_modules, exclude, keep) if target_modules is not None else []
     excluded = select(names, exclude, "exclude") if exclude is not None else []
     parameters = resolve_parameters(model, target_parameters, excluded, keep) if target_parameters is not None else []
-    if modules_to_save is None:
-        # as PEFT's task wrappers: the task head (new, randomly initialised) trains whole; a LoRA target
-        # inside it makes the adapter one for PEFT's generic model, which trains nothing else
-        heads = task_heads(model)
-        adapted = targets + [key.rpartition(".")[0] for key in parameters]
-        if not any(inside(name, heads) for name in adapted):
-            keep = heads
     if target_parameters is not None and not parameters:
         raise ValueError(f"exclude={exclude!r} removed every target parameter")
     for key in parameters if dropout > 0.0 else ():

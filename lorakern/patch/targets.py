@@ -244,7 +244,10 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
     """Qualified names to wrap, in ``named_modules`` order.
 
     ``keep`` lists modules that stay whole and trainable (modules_to_save): they
-    and their children are never targets.
+    and their children are never targets; a target inside one is dropped, as PEFT
+    drops it (a RoBERTa ``classifier.dense`` matched by ``"dense"`` trains whole
+    with its classifier). ``exclude`` removes the modules it names and every
+    module inside them (``exclude=["model.layers.0"]`` leaves that block out).
     """
     _check_selector(target_modules, "target_modules", allow_all_linear=True)
     modules = dict(model.named_modules())
@@ -254,13 +257,14 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
     def inside_kept(n: str) -> bool:
         return inside(n, keep)
 
-    excluded = set(select(names, exclude, "exclude")) if exclude is not None else set()
+    excluded = outermost(select(names, exclude, "exclude")) if exclude is not None else []
     if target_modules == ALL_LINEAR:
         heads = output_heads(model)
         candidates = [n for n in names if isinstance(modules[n], nn.Linear) or is_conv1d(modules[n])]
         chosen = []
         for n in candidates:
-            if inside(n, heads) or inside_kept(n) or n in excluded or skipped_by_all_linear(n, modules[n], parents[n]):
+            if inside(n, heads) or inside_kept(n) or inside(n, excluded) \
+                    or skipped_by_all_linear(n, modules[n], parents[n]):
                 continue
             reason = unsupported_reason(n, modules[n], parents[n])
             if reason is not None:
@@ -271,13 +275,15 @@ def resolve_targets(model: nn.Module, target_modules, exclude=None, keep=()) -> 
     else:
         chosen = select(names, target_modules, "target_modules")
         kept = [n for n in chosen if inside_kept(n)]
-        if kept:
-            raise ValueError(f"modules {kept} are both targets and in modules_to_save; choose one")
+        chosen = [n for n in chosen if not inside_kept(n)]
+        if kept and not chosen:
+            raise ValueError(f"every target ({kept[:5]}) lies inside modules_to_save {list(keep)}, which train whole "
+                             "and take no LoRA layer")
         bad = [r for n in chosen if (r := unsupported_reason(n, modules[n], parents[n])) is not None]
         if bad:
             raise TypeError("cannot add LoRA to explicitly targeted module(s): " + "; ".join(bad))
     if exclude is not None:
-        chosen = [n for n in chosen if n not in excluded]
+        chosen = [n for n in chosen if not inside(n, excluded)]
         if not chosen:
             raise ValueError(f"exclude={exclude!r} removed every target")
     return chosen
@@ -311,7 +317,7 @@ def resolve_parameters(model: nn.Module, target_parameters, excluded=(), keep=()
     (``"experts.gate_up_proj"``; ``"gate.weight"``, a router's 2-D weight, as PEFT's
     all-linear adds on MoE models). Every entry must match; a matched parameter that
     is not a 3-D or 2-D floating weight, or is an nn.Linear's own weight, is an error
-    naming it. Parameters of modules in
+    naming it. Parameters of modules in (or inside)
     ``excluded`` are left out; a parameter inside a ``keep`` module is an error.
     """
     if not (target_parameters == ALL_EXPERTS or (isinstance(target_parameters, (list, tuple, set, frozenset))
@@ -349,8 +355,7 @@ def resolve_parameters(model: nn.Module, target_parameters, excluded=(), keep=()
     kept = [key for key, _, mn, _ in chosen if any(mn == k or mn.startswith(k + ".") for k in keep)]
     if kept:
         raise ValueError(f"parameters {kept} are both target_parameters and inside modules_to_save; choose one")
-    excluded = set(excluded)
-    return [key for key, _, mn, _ in chosen if mn not in excluded]
+    return [key for key, _, mn, _ in chosen if not inside(mn, excluded)]
 
 
 def leaf_names_or_paths(model: nn.Module, targets: Sequence[str]) -> list[str]:
