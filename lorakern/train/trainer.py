@@ -684,16 +684,16 @@ def _fingerprint(rows: Sequence[Example]) -> str:
 def _split_rounding_hint(state: dict, saved: dict, sizes: dict) -> str:
     """Why a checkpoint from before split sizes were rounded half up may count 1-2 examples more or fewer.
 
-    Checkpoints without ``adapters`` in their state predate that change (both
-    came in the same release), when ``round()`` rounded held-out sizes half to
-    even: 0.05 of 50 records held out 2, where 3 are held out now.
+    Checkpoints written since shortly after that change store ``adapters`` in
+    their state; one without may predate it, when ``round()`` rounded held-out
+    sizes half to even: 0.05 of 50 records held out 2, where 3 are held out now.
     """
     differ = {name: saved.get(name, 0) - n for name, n in sizes.items() if saved.get(name, 0) != n}
     if "adapters" in state or set(saved) != set(sizes) or not all(abs(d) <= 2 for d in differ.values()):
         return ""
     counts = ", ".join(f"{abs(d)} record{'s' if abs(d) > 1 else ''} {'fewer' if d > 0 else 'more'}"
                        + (f" for {name!r}" if len(differ) > 1 else "") for name, d in differ.items())
-    return (f". This checkpoint predates split sizes rounded half up (it rounded them half to even: 0.05 of 50 "
+    return (f". This checkpoint may predate split sizes rounded half up (it rounded them half to even: 0.05 of 50 "
             f"records held out 2, now 3); if that is the difference, pick validation and test fractions "
             f"(--val-fraction, --test-fraction) that hold out {counts}, as then")
 
