@@ -470,8 +470,9 @@ def causal_lm_loss(
         attention_mask: ``[B, T]`` (1 = token) or None.
         chunk_size: rows of labelled hidden states projected at once.
         position_ids: int64 ``[B, T]`` of packed batches (:class:`~lorakern.train.data.Collator`),
-            or None; when given, ``attention_mask`` is not passed to the model, which then
-            keeps each packed example from seeing the others.
+            or None; when given to a model whose forward takes them, ``attention_mask``
+            is not passed, and a model that builds its mask from positions keeps each
+            packed example from seeing the others (:func:`check_packing` tells which).
 
     Returns:
         (loss_sum fp32 scalar, number of labelled positions). ``loss_sum / n``
