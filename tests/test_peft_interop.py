@@ -870,3 +870,16 @@ def test_modules_to_save_listed_but_absent_from_the_weights_is_refused(tmp_path)
     with pytest.raises(AdapterError, match="lists 'classifier' in modules_to_save.*none of its tensors"):
         lorakern.load_adapter(fresh, tmp_path)
     assert not lora_modules(fresh)
+
+
+@pytest.mark.parametrize("how", ["get_peft_model", "inject_adapter_in_model"])
+def test_apply_lora_refuses_a_model_that_has_peft_adapters(how):
+    """LoRA on PEFT's own lora_A.default / base_layer layers would be LoRA on LoRA, saved under keys no loader
+    reads: refused up front, with the ways out, and the model left as it was."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    model = getattr(peft, how)(config, FAMILIES["llama"][0]()) if how == "inject_adapter_in_model" else \
+        peft.get_peft_model(FAMILIES["llama"][0](), config)
+    for targets in ("all-linear", ["v_proj"]):
+        with pytest.raises(RuntimeError, match="already has PEFT adapters.*merge_and_unload.*load_adapter"):
+            lorakern.apply_lora(model, targets, r=4)
+        assert not lora_modules(model)

@@ -66,6 +66,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _is_peft_tuner_layer(module: nn.Module) -> bool:
+    """A layer PEFT injected (``peft.tuners.*``: LoRA layers, modules_to_save wrappers), recognised without
+    importing peft; a LoRA layer from elsewhere by PEFT's layout (``base_layer`` beside ``lora_A``)."""
+    return type(module).__module__.startswith("peft.tuners") or \
+        (isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "lora_A"))
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -180,6 +187,11 @@ def _patch(model: nn.Module, target_modules: Selector = "all-linear", r: int = 1
     if already or lora_state(model) is not None:
         raise RuntimeError(f"model already has LoRA layers ({len(already)}, e.g. {next(iter(already), '?')!r}); "
                            "apply_lora works once per model (merge_lora first to start over)")
+    peft_layers = [n for n, m in model.named_modules() if _is_peft_tuner_layer(m)]
+    if peft_layers:
+        raise RuntimeError(f"the model already has PEFT adapters ({len(peft_layers)} layers, e.g. "
+                           f"{peft_layers[0]!r}); merge_and_unload() them first, or load the adapter with "
+                           "lorakern.load_adapter into the plain base model")
     check_lora_args(r, alpha, dropout, init)
     for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if patterns is not None and not isinstance(patterns, dict):
