@@ -631,3 +631,21 @@ def test_saving_dense_mlp_adapters_of_a_model_peft_converts_warns_that_peft_drop
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lorakern.save_adapter(fine, tmp_path / "fine")
+
+
+def test_dropout_of_an_adapter_with_expert_weights_survives_save_and_load(tmp_path):
+    """PEFT refuses lora_dropout with target_parameters, so the config says 0; the true value travels in the
+    weights file's metadata and load_adapter patches with it. PEFT still loads the adapter, with the same logits."""
+    peft = pytest.importorskip("peft")
+    ours = _base("qwen3_moe")
+    lorakern.apply_lora(ours, ["q_proj"], r=4, alpha=8, dropout=0.05, target_parameters="all-experts")
+    randomize_adapters(ours)
+    ours.eval()
+    lorakern.save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+    again = _base("qwen3_moe")
+    lorakern.load_adapter(again, tmp_path)
+    assert {m.dropout for m in lora_modules(again).values()} == {0.05}
+    theirs = peft.PeftModel.from_pretrained(_base("qwen3_moe"), tmp_path).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(ours), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(_logits(again), _logits(ours), atol=0, rtol=0)

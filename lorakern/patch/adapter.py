@@ -19,6 +19,9 @@ Key layout of ``adapter_model.safetensors`` (what ``peft.PeftModel.from_pretrain
                                              (``save_embedding_layers="auto"``)
 
 ``<path>`` is the qualified module name in the model given to :func:`apply_lora`.
+An adapter with expert weights is written with ``lora_dropout`` 0 (PEFT refuses dropout
+with ``target_parameters``); its true dropout is kept in the safetensors metadata
+(``"lorakern.lora_dropout"``), which :func:`load_adapter` reads back.
 Only JSON and safetensors are read: never pickle (a ``.bin`` adapter is refused).
 """
 
@@ -45,6 +48,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# safetensors metadata key holding the lora_dropout of an adapter with expert weights, whose config
+# says 0 for PEFT (see save_adapter); load_adapter prefers it to the config's 0
+DROPOUT_METADATA = "lorakern.lora_dropout"
 # PEFT's LoRA on nn.Embedding (ParameterDict entries, no ".weight")
 _EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 
@@ -180,8 +186,9 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": _number(alpha),
-        # PEFT refuses lora_dropout with target_parameters (its expert wrapper cannot apply it); dropout
-        # acts in training only, so an adapter with expert weights is written with 0 to stay loadable there
+        # PEFT refuses lora_dropout with target_parameters (its ParamWrapper raises for lora_dropout != 0);
+        # dropout acts in training only, so an adapter with expert weights is written with 0 to stay
+        # loadable there, and its true value goes to the weights file's metadata (DROPOUT_METADATA)
         "lora_dropout": 0.0 if experts else first.dropout,
         "use_rslora": first.use_rslora,
         "target_modules": leaf_names_or_paths(model, layers) if layers else [],
@@ -200,7 +207,10 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     # each file is written under a temporary name and renamed: an interrupted save never
     # leaves a truncated adapter that a later load would read
     weights_path, config_path = os.path.join(out, WEIGHTS_NAME), os.path.join(out, CONFIG_NAME)
-    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if experts and first.dropout:
+        metadata[DROPOUT_METADATA] = repr(float(first.dropout))
+    save_file(tensors, weights_path + ".tmp", metadata=metadata)
     os.replace(weights_path + ".tmp", weights_path)
     with open(config_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -333,6 +343,25 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _metadata_dropout(directory: str) -> Optional[float]:
+    """The lora_dropout that :func:`save_adapter` keeps in the weights file's metadata (adapters with expert
+    weights), or None."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    with safe_open(path, "pt") as f:
+        value = (f.metadata() or {}).get(DROPOUT_METADATA)
+    if value is None:
+        return None
+    try:
+        dropout = float(value)
+    except ValueError:
+        dropout = math.nan
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"{path}: metadata {DROPOUT_METADATA} must be a number in [0, 1), got {value!r}")
+    return dropout
+
+
 def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = None,
                  compute_dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None) -> list[str]:
     """Load a PEFT-format LoRA adapter from ``directory`` into ``model``; return the adapted layer names.
@@ -363,6 +392,9 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     model = unwrap(model)
     config = read_adapter_config(directory)
     weights = _read_weights(directory)
+    dropout = _metadata_dropout(directory)
+    if dropout is not None and config.get("lora_dropout", 0.0) == 0.0:
+        config = dict(config, lora_dropout=dropout)
     embedding = sorted(k for k in weights if k.endswith(_EMBEDDING_SUFFIXES))
     if embedding:
         raise AdapterError(f"{directory}: the adapter has LoRA weights for nn.Embedding layers ({embedding[:4]}); "
