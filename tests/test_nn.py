@@ -519,6 +519,23 @@ def test_a_dense_weight_loaded_into_an_nf4_layer_is_named():
         layer.load_state_dict(make_linear(64, 32).state_dict(), strict=False)
 
 
+def test_the_shared_input_cast_dies_with_its_source():
+    # One cast copy is shared by the layers reading the same activation (q, k, v); it used to
+    # stay alive after the activation (and the model) were gone: 64 MB at 8 x 4096 x 1024 bf16.
+    import gc
+
+    from lorakern.nn import _base
+
+    layer = LoRALinear.from_linear(make_linear(64, 16), r=4)
+    h = torch.randn(3, 64, requires_grad=True) * 2  # an activation: made by autograd
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(h).float().sum().backward()
+    assert _base._last_cast.box and _base._last_cast.box[0].shape == (3, 64)
+    del h
+    gc.collect()
+    assert not _base._last_cast.box
+
+
 # ------------------------------------------------------------------------ torch.compile
 
 
