@@ -105,3 +105,16 @@ def test_autocast_output_is_the_rounded_product_and_its_gradient_flows():
     torch.testing.assert_close(up.grad, u_ref, rtol=2e-2, atol=2e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):  # no autocast: the inputs' dtype
         assert gated_product(gate, up, nn.SiLU(), autocast_output=True).dtype == torch.float32
+
+
+def test_a_pickled_model_with_lean_mlps_loads_with_the_class_forward(tmp_path):
+    # torch.save(model) of a switched model: the instance forward pickled as getattr(module,
+    # "_lean_forward"), which torch.load could not resolve (AttributeError).
+    model = helpers_models.llama(seed=3)
+    use_lean_mlp(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)  # the test's own file
+    mlp = loaded.model.layers[0].mlp
+    assert "forward" not in vars(mlp) or vars(mlp)["forward"].__func__ is type(mlp).forward
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -87,6 +87,12 @@ def _lean_forward(self, x: Tensor) -> Tensor:
     return self.down_proj(gated_product(self.gate_proj(x), self.up_proj(x), self.act_fn, autocast_output=True))
 
 
+# A bound method pickles as getattr(module, its __name__): under this name a pickled model
+# (torch.save(model)) loads with the class's own forward, as use_lean_mlp promises; under
+# "_lean_forward", a name the module lacks, torch.load failed with an AttributeError.
+_lean_forward.__name__ = "forward"
+
+
 def _is_gated_mlp(module: nn.Module) -> bool:
     if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
         return False
