@@ -140,7 +140,10 @@ def prepare_model(model: nn.Module, method: str = "lora", fast_attention: bool =
     ``quantize="nf4"``), which freezes everything but the adapters.
     ``fast_attention``: switch a CPU model of a supported family from ``sdpa`` to
     :mod:`lorakern.train.attention` (faster training, same results; anything it
-    does not serve still goes to sdpa). The switch is not saved with the model.
+    does not serve still goes to sdpa). ``save_pretrained`` does not save the switch
+    (config.json keeps the model's own attention); a whole-model pickle
+    (``torch.save(model)``) does, and loading it needs
+    :func:`lorakern.train.attention.register` called first.
     ``lean_mlp``: gated MLPs (Llama-style ``down(act(gate(x)) * up(x))``) save only
     gate and up for backward, in the autocast dtype under autocast
     (:mod:`lorakern.train.mlp`; same forward; on a SmolLM2 QLoRA step 360 MB less saved,
