@@ -883,3 +883,30 @@ def test_apply_lora_refuses_a_model_that_has_peft_adapters(how):
         with pytest.raises(RuntimeError, match="already has PEFT adapters.*merge_and_unload.*load_adapter"):
             lorakern.apply_lora(model, targets, r=4)
         assert not lora_modules(model)
+
+
+def test_peft_adapter_with_saved_embedding_layers_loads_into_the_base_embeddings(tmp_path):
+    """PEFT's save_embedding_layers=True (its default after a vocabulary resize) writes the whole input and output
+    embeddings; load_adapter copies them into the base model as PEFT does, and names the resize a model of the
+    old vocabulary needs."""
+    base = FAMILIES["llama"][0]()
+    base.resize_token_embeddings(VOCAB + 8)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad or "embed_tokens" in name or "lm_head" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)  # the new token rows trained
+    theirs.eval().save_pretrained(tmp_path, save_embedding_layers=True)
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= \
+        set(load_file(tmp_path / "adapter_model.safetensors"))
+    ours = copy.deepcopy(base)
+    lorakern.load_adapter(ours, tmp_path)
+    ids = example_input()
+    with torch.no_grad():
+        assert not torch.allclose(logits(base, ids), logits(theirs, ids), atol=1e-3)
+        torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
+    old_vocab = FAMILIES["llama"][0]()
+    with pytest.raises(AdapterError, match=r"embed_tokens.*save_embedding_layers.*resize_token_embeddings"):
+        lorakern.load_adapter(old_vocab, tmp_path)
+    assert not lora_modules(old_vocab)

@@ -14,9 +14,12 @@ Key layout of ``adapter_model.safetensors`` (what ``peft.PeftModel.from_pretrain
                                              (PEFT keeps them under ``modules_to_save.<adapter>``
                                              in memory and strips that part when saving), and of
                                              each module tied to one (a head's input embeddings)
-    base_model.model.<path>.base_layer.weight   read only: the base weight of an adapted layer,
-                                             which PEFT writes for an adapted ``lm_head``
-                                             (``save_embedding_layers="auto"``)
+    base_model.model.<path>.base_layer.weight   the base weight of an adapted layer, which PEFT
+                                             writes for an adapted ``lm_head``
+                                             (``save_embedding_layers="auto"``); written here
+                                             for a LoRA layer tied to a modules_to_save module
+    base_model.model.<embeddings>.weight     read only: the whole input / output embeddings,
+                                             which PEFT writes with ``save_embedding_layers``
 
 ``<path>`` is the qualified module name in the model given to :func:`apply_lora`.
 An adapter with expert weights is written with ``lora_dropout`` 0 (PEFT refuses dropout
@@ -379,6 +382,11 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     another module (a head tied to the input embeddings loads apart from them).
     An adapted layer's ``base_layer.weight`` (PEFT writes it for an adapted
     ``lm_head``) is checked against the layer's weight (see :func:`_base_value`).
+    The tensors of a module tied to a modules_to_save one (what :func:`save_adapter`
+    and PEFT's ``ensure_weight_tying=True`` store) load into that module, and the
+    whole input / output embeddings PEFT writes with ``save_embedding_layers``
+    (after a vocabulary resize) into the base model's, as PEFT loads them; a model
+    of another vocabulary size is refused, naming the resize it needs.
 
     All or nothing: the file's keys and shapes are checked against the model's
     layers (and, for an unpatched model, against the layers it is about to patch)
@@ -387,7 +395,8 @@ def load_adapter(model: nn.Module, directory: str, quantize: Optional[str] = Non
     model is left as it was. Refused: adapters whose initialisation rewrote the
     base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ: ``init_lora_weights``), LoRA
     weights for a layer inside a modules_to_save module (PEFT would ignore them),
-    and LoRA on ``nn.Embedding`` layers (``lora_embedding_A`` / ``lora_embedding_B``).
+    a modules_to_save module the config lists but the file has no tensors of, and
+    LoRA on ``nn.Embedding`` layers (``lora_embedding_A`` / ``lora_embedding_B``).
     """
     model = unwrap(model)
     config = read_adapter_config(directory)
@@ -540,7 +549,9 @@ def _check_tensors(model: nn.Module, weights: dict, layers: list[_Layer], keep: 
     layer has its lora_A and lora_B, and each module of ``keep`` has all its tensors in the file or (unless the
     config lists it: ``listed``) none."""
     lora, kept = _expected_shapes(model, layers, keep)
-    unexpected = sorted(k for k in weights if k not in lora and k not in kept)
+    embedding = _embedding_tensors(model, keep, [layer.name for layer in layers])
+    _check_embeddings(model, weights, embedding, directory)
+    unexpected = sorted(k for k in weights if k not in lora and k not in kept and k not in embedding)
     if unexpected:
         raise AdapterError(f"{directory}: {len(unexpected)} key(s) match no LoRA layer or modules_to_save module of "
                            f"the model: {unexpected[:5]}")
@@ -549,6 +560,8 @@ def _check_tensors(model: nn.Module, weights: dict, layers: list[_Layer], keep: 
         raise AdapterError(f"{directory}: the model has LoRA layers the adapter has no weights for: {missing[:5]}")
     experts = {f"{PREFIX}{layer.path}{s}": layer for layer in layers if layer.experts for s in _LORA_SUFFIXES}
     for key, value in weights.items():
+        if key in embedding:
+            continue
         shape = lora[key] if key in lora else kept[key][0]
         if tuple(value.shape) != shape:
             layer = experts.get(key)
@@ -566,6 +579,47 @@ def _check_tensors(model: nn.Module, weights: dict, layers: list[_Layer], keep: 
         if absent and len(absent) < len(keys):
             raise AdapterError(f"{directory}: the adapter holds part of the modules_to_save module {name!r}: "
                                f"{absent[:5]} are missing")
+
+
+def _embedding_tensors(model: nn.Module, keep: list[str], adapted: list[str]) -> dict[str, tuple[str, str]]:
+    """Adapter key -> (module, tensor name) for every tensor of the model's input and output embeddings
+    (transformers' ``get_input_embeddings`` / ``get_output_embeddings``) outside ``keep`` and the ``adapted``
+    layers: PEFT writes their whole state with ``save_embedding_layers=True`` (or on its own when the
+    vocabulary was resized) and loads it into the base model."""
+    found = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            layer = get() if callable(get) else None
+        except NotImplementedError:  # a transformers model class without that embedding declares so
+            layer = None
+        name = names.get(id(layer)) if isinstance(layer, nn.Module) else None
+        if not name or _kept_root(name, keep) is not None or _kept_root(name, adapted) is not None:
+            continue
+        for key in layer.state_dict():
+            found[f"{PREFIX}{name}.{key}"] = (name, key)
+    return found
+
+
+def _check_embeddings(model: nn.Module, weights: dict, embedding: dict, directory: str) -> None:
+    """The embedding tensors of the file (see :func:`_embedding_tensors`) fit the model, and tied ones agree."""
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+    for key, (name, attr) in embedding.items():
+        if key not in weights:
+            continue
+        value, current = weights[key], model.get_submodule(name).state_dict(keep_vars=True)[attr]
+        if tuple(value.shape) != tuple(current.shape):
+            raise AdapterError(f"{directory}: {key} (the whole {name!r}, written by PEFT's save_embedding_layers, "
+                               f"e.g. after resizing the vocabulary) has shape {tuple(value.shape)}, the model's is "
+                               f"{tuple(current.shape)}: resize the model's token embeddings to the adapter's "
+                               "vocabulary first (model.resize_token_embeddings)")
+        if not value.is_floating_point():
+            raise AdapterError(f"{directory}: {key} has dtype {value.dtype}, expected a floating dtype")
+        other = seen.setdefault(id(current), (key, value))
+        if other[0] != key and not torch.equal(other[1], value):
+            raise AdapterError(f"{directory}: {other[0]} and {key} are one tied tensor in the model but differ in "
+                               "the adapter")
 
 
 def _check_nf4_base_weights(model: nn.Module, weights: dict, layers: list[_Layer], directory: str) -> None:
@@ -613,6 +667,7 @@ def _copy_in(model: nn.Module, modules: dict, keep: list[str], untie: list[str],
         if isinstance(module, LoRAExperts):
             value = _expert_layout(value, module, is_a, key, directory)
         new_lora.append((module.lora_A if is_a else module.lora_B, value))
+    embedding = _embedding_tensors(model, keep, list(modules))
     _untie_modules_to_save(model, untie)
     with torch.no_grad():
         for param, value in new_base:
@@ -625,6 +680,9 @@ def _copy_in(model: nn.Module, modules: dict, keep: list[str], untie: list[str],
                    if f"{PREFIX}{name}.{k}" in weights}
             if sub:
                 model.get_submodule(name).load_state_dict(sub, strict=True)
+        for key, (name, attr) in embedding.items():
+            if key in weights:
+                model.get_submodule(name).state_dict(keep_vars=True)[attr].copy_(weights[key])
 
 
 def _per_expert_hint(model: nn.Module, absent: list[str]) -> str:
