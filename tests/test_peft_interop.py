@@ -837,6 +837,20 @@ def test_tied_lm_head_lora_with_the_embeddings_kept_saves_its_base_weight(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(logits(theirs, ids), want, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(logits(again, ids), want, atol=0, rtol=0)
+    # and PEFT's adapter made the same way loads here
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], modules_to_save=["wte"], fan_in_fan_out=True))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    lorakern.load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        assert not torch.allclose(logits(theirs, ids), logits(base, ids), atol=1e-3)
+        torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=RTOL)
 
 
 def test_peft_adapter_saved_with_ensure_weight_tying_loads(tmp_path):
