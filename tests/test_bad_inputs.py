@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import lorakern
 from lorakern import ops
 from lorakern import reference as ref
 from lorakern.formats import nf4
@@ -549,6 +550,10 @@ def test_use_rslora_must_be_a_bool(value):
     with pytest.raises(TypeError, match="use_rslora must be a bool"):
         LoRALinear.from_linear(nn.Linear(K, N), r=4, alpha=8, use_rslora=value)
     assert LoRALinear.from_linear(nn.Linear(K, N), r=4, alpha=8, use_rslora=np.bool_(True)).scaling == 4.0
+    model = nn.Sequential(nn.Linear(K, N))
+    with pytest.raises(TypeError, match="use_rslora must be a bool"):  # before any layer is swapped
+        lorakern.apply_lora(model, ["0"], use_rslora=value)
+    assert type(model[0]) is nn.Linear
 
 
 # --------------------------------------------------------------------------------- compile

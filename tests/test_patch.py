@@ -77,6 +77,29 @@ def test_merge_lora_gives_plain_layers_with_the_same_outputs(family, quantize):
     lorakern.apply_lora(model, r=2)  # a merged model can be patched again
 
 
+def test_merge_lora_frees_each_layer_as_it_goes(monkeypatch):
+    # The peak of a merge is the model plus one layer: every swapped-out layer (its dense weight)
+    # is gone before the next merges. Before, all were held to the end (+229 MB against +85 MB
+    # on a bf16 model with 196 MB of adapted layers).
+    import gc
+    import weakref
+
+    model = FAMILIES["llama"][0]()
+    lorakern.apply_lora(model, r=4)
+    merged, alive = [], []
+    original = LoRALinear.merged_linear
+
+    def merged_linear(self, *args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in merged))
+        merged.append(weakref.ref(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRALinear, "merged_linear", merged_linear)
+    lorakern.merge_lora(model)
+    assert len(alive) == 14 and alive == [0] * 14
+
+
 def test_list_and_regex_targets_follow_peft_semantics():
     model = FAMILIES["llama"][0]()
     names = lorakern.apply_lora(copy.deepcopy(model), ["q_proj", "self_attn.v_proj"])
