@@ -162,6 +162,16 @@ def loss_of(model: nn.Module, ids: torch.Tensor, family: str) -> torch.Tensor:
     return model(ids, labels=ids).loss
 
 
+def perturb_trainable(model: nn.Module, seed: int = 3, std: float = 0.1) -> nn.Module:
+    """Add noise to every parameter that requires grad (a PEFT model "trained"); returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def randomize_adapters(model: nn.Module, seed: int = 2, std: float = 0.2) -> None:
     """Give every lora_B a nonzero value (a fresh adapter is a no-op, which would hide bugs)."""
     from lorakern.patch import lora_modules

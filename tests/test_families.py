@@ -27,7 +27,7 @@ from lorakern.patch import lora_modules
 from lorakern.patch.targets import kept_in_full_precision
 from lorakern.train.export import merge_and_save, merged_copy, save_trained
 
-from helpers_models import randomize_adapters
+from helpers_models import perturb_trainable, randomize_adapters
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -290,11 +290,7 @@ PEFT_FAMILIES = [f for f in CONFIGS if f not in EXCLUDE]  # PEFT refuses LoRA on
 def _peft_all_linear(family):
     """A PEFT model with all-linear adapters whose B (and A) are random and nonzero."""
     theirs = peft.get_peft_model(_base(family), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_trainable(theirs)
     return theirs.eval()
 
 

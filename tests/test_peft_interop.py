@@ -19,7 +19,7 @@ from torch import nn
 import lorakern
 from lorakern.patch import AdapterError, lora_modules
 
-from helpers_models import FAMILIES, VOCAB, example_input, logits, loss_of, randomize_adapters
+from helpers_models import FAMILIES, VOCAB, example_input, logits, loss_of, perturb_trainable, randomize_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -449,11 +449,7 @@ def test_distilbert_classifier_head_includes_pre_classifier_both_ways(tmp_path):
     base = _distilbert()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
                                                                        target_modules=["q_lin", "v_lin"]))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_trainable(theirs)
     theirs.eval().save_pretrained(tmp_path / "peft")
     ours = copy.deepcopy(base)
     lorakern.load_adapter(ours, tmp_path / "peft")
@@ -840,11 +836,7 @@ def test_tied_lm_head_lora_with_the_embeddings_kept_saves_its_base_weight(tmp_pa
     # and PEFT's adapter made the same way loads here
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], modules_to_save=["wte"], fan_in_fan_out=True))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_trainable(theirs, seed=5)
     theirs.eval().save_pretrained(tmp_path / "peft")
     ours = copy.deepcopy(base)
     lorakern.load_adapter(ours, tmp_path / "peft")
@@ -859,11 +851,7 @@ def test_peft_adapter_saved_with_ensure_weight_tying_loads(tmp_path):
     base = _llama(True)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_trainable(theirs)
     theirs.eval().save_pretrained(tmp_path)
     assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter_model.safetensors")
     ours = copy.deepcopy(base)
