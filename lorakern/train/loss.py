@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from ..nn._base import active_autocast_dtype
+from ..patch.apply import unwrap
 
 from .data import IGNORE_INDEX
 
@@ -346,22 +347,34 @@ _WARNED_UNPACKED: set[type] = set()
 def accepts_input(model: nn.Module, name: str) -> bool:
     """Whether ``model``'s forward takes the keyword argument ``name``.
 
-    True when it names the parameter or takes ``**kwargs`` (Hugging Face models,
-    ``torch.compile``'s wrapper), or when its signature cannot be read. Looked up
-    once per class: the loss asks at every micro-batch.
+    True when it names the parameter or takes ``**kwargs`` (Hugging Face models),
+    or when its signature cannot be read. A DDP or ``torch.compile`` wrapper is
+    judged by the model inside it (the compile wrapper declares no forward of its
+    own: nn.Module's placeholder took every keyword away). Looked up once per
+    class, the loss asks at every micro-batch; a forward set on the instance is
+    read each time.
     """
+    model = unwrap(model)
+    own = vars(model).get("forward")
     cls = type(model)
-    if cls not in _FORWARD_ARGS:
-        try:
-            params = inspect.signature(cls.forward).parameters.values()
-        except (TypeError, ValueError):  # a C-level or otherwise opaque forward: pass what we would pass anyway
-            params = None
-        if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            _FORWARD_ARGS[cls] = None
-        else:
-            _FORWARD_ARGS[cls] = frozenset(p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY)
-    names = _FORWARD_ARGS[cls]
+    if own is not None:
+        names = _forward_names(own)
+    else:
+        if cls not in _FORWARD_ARGS:
+            _FORWARD_ARGS[cls] = _forward_names(cls.forward)
+        names = _FORWARD_ARGS[cls]
     return names is None or name in names
+
+
+def _forward_names(forward) -> frozenset[str] | None:
+    """The keyword parameters of ``forward``; None when it takes ``**kwargs`` or cannot be read."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # a C-level or otherwise opaque forward: pass what we would pass anyway
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY)
 
 
 def _mask_inputs(model: nn.Module, attention_mask: Tensor | None, position_ids: Tensor | None, **inputs) -> dict:
@@ -381,9 +394,10 @@ def _mask_inputs(model: nn.Module, attention_mask: Tensor | None, position_ids: 
         if accepts_input(model, "position_ids"):
             return {**inputs, "position_ids": position_ids,
                     **({"use_cache": False} if accepts_input(model, "use_cache") else {})}
-        if type(model) not in _WARNED_UNPACKED:
-            _WARNED_UNPACKED.add(type(model))
-            warnings.warn(f"{type(model).__name__}.forward takes no position_ids, so nothing keeps packed examples "
+        inner = type(unwrap(model))
+        if inner not in _WARNED_UNPACKED:
+            _WARNED_UNPACKED.add(inner)
+            warnings.warn(f"{inner.__name__}.forward takes no position_ids, so nothing keeps packed examples "
                           f"apart: given the attention mask of the whole row, they may attend to each other and "
                           f"their losses include that; train it without packing to score each example alone",
                           stacklevel=4)
@@ -411,6 +425,7 @@ def check_packing(model: nn.Module, tokens: Sequence[int]) -> bool:
     families, while in bfloat16 Bloom's and XGLM's small effect there (~5e-3)
     stays below it.
     """
+    model = unwrap(model)  # a compile wrapper would recompile for the probe's eval mode and shapes
     tokens = list(tokens)[:PACKING_PROBE_TOKENS]
     half = len(tokens) // 2
     if half == 0 or any(p.is_meta or _is_dtensor(p) for p in model.parameters()):
