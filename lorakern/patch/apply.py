@@ -549,14 +549,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     dtype = _rest_dtype(model, modules)
     # Popped one by one: a layer swapped out is freed before the next is merged, so the peak is
     # the model plus one layer (a dict holding them all kept every old dense weight alive until
-    # the end: +229 MB against +85 MB on a bf16 model with 196 MB of adapted layers).
-    while modules:
-        name, module = modules.popitem()
+    # the end: +229 MB against +85 MB on a bf16 model with 196 MB of adapted layers). First to
+    # last: an expert Parameter set back is appended to its owner's parameters, and state_dict
+    # and optimizer order follow the order they are set back in.
+    for name in list(modules):
+        module = modules.pop(name)
         if isinstance(module, LoRAExperts):
             owner = model.get_submodule(name.rpartition(".")[0])
             setattr(owner, name.rpartition(".")[2], module.merged_parameter())
             if module.replaced_config is not None:
                 owner.config = module.replaced_config
+            del module
             continue
         linear = module.merged_linear(dtype if isinstance(module, QLoRALinear) else None)
         if module.fan_in_fan_out:
