@@ -60,6 +60,7 @@ __all__ = [
     "tokenize_chat",
     "tokenize_each",
     "tokenize_records",
+    "fit_length",
     "pack_examples",
     "Collator",
     "prepare_dataset",
@@ -507,6 +508,18 @@ def _fit_length(examples: Sequence[Example], sources: Sequence[tuple[str, int]],
     if overlong == "error" and issues:
         raise DataError(issues)
     return kept, issues
+
+
+def fit_length(examples: Sequence[Example], sources: Sequence[tuple[str, int]], max_length: int,
+               overlong: str = "drop") -> tuple[list[Example], list[DataIssue]]:
+    """Apply ``overlong`` (see :func:`tokenize_records`) to tokenized ``examples`` longer than ``max_length``.
+
+    ``sources``: each example's ``(path, line)``, for the issues reported. Returns
+    the examples kept and the issues (over-long ones, and those left with no
+    labelled token).
+    """
+    _check_length_options(max_length, overlong)
+    return _fit_length(examples, sources, max_length, overlong)
 
 
 def _check_length_options(max_length: int, overlong: str) -> None:

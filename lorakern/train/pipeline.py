@@ -350,11 +350,11 @@ def load_eval_set(tokenizer, path: str, max_length: int, option: str, title: str
     :class:`~lorakern.train.data.DataError` naming ``option`` when no record of
     ``path`` is usable.
     """
-    from .data import DataError, _fit_length, clean_records, format_issues, load_records, tokenize_each
+    from .data import DataError, clean_records, fit_length, format_issues, load_records, tokenize_each
 
     # Only chats the template renders: generation renders each one again.
     raw, examples = tokenize_each(tokenizer, clean_records(load_records(path, strict=strict)))
-    examples, loss_only = _fit_length(examples, raw.sources, max_length, "drop")
+    examples, loss_only = fit_length(examples, raw.sources, max_length)
     issues = raw.issues + (eval_issues(loss_only) if generation else loss_only)
     if not raw.chats:
         why = f"{len(issues)} record(s) skipped:\n" + "\n".join(format_issues(issues, indent="  ")) if issues \
