@@ -231,7 +231,8 @@ def test_packing_keeps_every_example_whole():
     packed = pack_examples(examples, max_length=10)
     assert all(len(p) <= 10 for p in packed)
     assert sum(len(p) for p in packed) == sum(len(e) for e in examples)
-    assert sum(p.num_labels for p in packed) == sum(e.num_labels for e in examples)
+    # the targets are kept: every labelled token but a first one (nothing precedes it, alone or packed)
+    assert sum(p.num_labels for p in packed) == sum(e.num_labels - (e.labels[0] != IGNORE_INDEX) for e in examples)
     assert len(packed) == 4  # 40 tokens in bins of 10: first-fit decreasing fills every bin here
     with pytest.raises(ValueError, match="does not fit"):
         pack_examples([Example([1] * 11, [1] * 11)], 10)
@@ -414,6 +415,10 @@ def test_packed_positions_restart_for_each_example_and_the_padding():
     assert "position_ids" not in Collator(0)([Example([5], [5])])  # unpacked batches as before
     repacked = pack_examples(packed + [Example([8], [8])], 7)  # packing packed sequences keeps their boundaries
     assert repacked[0].position_ids == [0, 1, 2, 3, 0, 1, 0]
+    # An example's first token is never a target alone, so it is none packed either (it would be
+    # predicted from the example before it).
+    assert [p.labels for p in packed] == [[7, 7, 7, 7, IGNORE_INDEX, 6], [5, 5, 5]]
+    assert repacked[0].labels == [7, 7, 7, 7, IGNORE_INDEX, 6, IGNORE_INDEX]
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager", "lorakern"])

@@ -4,6 +4,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -274,6 +275,13 @@ def test_bad_configuration_errors(examples):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
+    # counts are whole numbers: steps=2.5 trained 3 steps and never reached its final checkpoint
+    for name, value in (("steps", 2.5), ("batch_size", 2.5), ("grad_accum", True), ("keep_checkpoints", 1.5),
+                        ("save_every", "2")):
+        with pytest.raises(ValueError, match=rf"TrainConfig.{name} must be a whole number"):
+            TrainConfig(**{name: value})
+    config = TrainConfig(steps=4.0, batch_size=np.int64(2), keep_checkpoints=np.int32(1))
+    assert (type(config.steps), type(config.batch_size), type(config.keep_checkpoints)) == (int, int, int)
     with pytest.raises(ValueError, match="no trainable parameters"):
         model = tiny_llama()
         model.requires_grad_(False)
@@ -481,6 +489,39 @@ def test_resume_refuses_other_data_or_adapter_before_loading_weights(examples, t
     del state["adapters"]
     state_file.write_text(json.dumps(state))
     assert Trainer(same, examples, config).check_checkpoint(str(tmp_path / "checkpoint-2"))["step"] == 2
+
+
+def test_a_fresh_run_or_an_older_resume_never_loses_checkpoints_to_another_run(examples, tmp_path):
+    """The rotation keeps the highest steps: a fresh run in a used output_dir, or a resume from an older
+    checkpoint with later ones present, had its own new checkpoints deleted and the old run's kept
+    (and metrics.jsonl mixing both runs). Both are refused now, before anything is written."""
+    _train(examples, 1, "lora", out=str(tmp_path), total=4)
+    _train(examples, 2, "lora", out=str(tmp_path), total=4, resume=True)
+    model = tiny_llama(seed=0)
+    prepare_model(model, "lora", r=4, alpha=8, dropout=0.1)
+    config = TrainConfig(steps=4, batch_size=4, lr=5e-3, warmup_steps=2, output_dir=str(tmp_path), progress=False,
+                         mixed_precision="no", seed=0, save_every=1)
+    with pytest.raises(ValueError, match=r"holds a previous run \(checkpoint-1, checkpoint-2.*call resume\(\)"):
+        Trainer(model, examples, config).train()
+    with pytest.raises(ValueError, match=r"holds checkpoints after step 1 \(checkpoint-2\): continuing"):
+        Trainer(model, examples, config).resume(str(tmp_path / "checkpoint-1"))
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
+    trainer = Trainer(model, examples, config)
+    assert trainer.resume() and trainer.step == 2  # the newest: fine
+
+
+def test_resume_refuses_another_seed_or_mixture(examples, tmp_path):
+    # the sampler's permutations come from the seed: with another one, the restored position saw some
+    # examples twice and others never in the epoch
+    _train(examples, 2, "lora", out=str(tmp_path), total=4)
+    model = tiny_llama(seed=0)
+    prepare_model(model, "lora", r=4, alpha=8, dropout=0.1)
+    for change, message in (({"seed": 1}, "trained with seed 0 but this run has 1"),
+                            ({"mixture_weights": [1.0]}, "trained with mixture_weights None but this run has")):
+        config = TrainConfig(steps=4, batch_size=4, lr=5e-3, warmup_steps=2, output_dir=str(tmp_path),
+                             progress=False, mixed_precision="no", **{"seed": 0, **change})
+        with pytest.raises(ValueError, match=message):
+            Trainer(model, examples, config).resume()
 
 
 def test_resume_without_a_checkpoint_starts_over_and_drops_stale_metrics(examples, tmp_path):

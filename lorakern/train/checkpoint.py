@@ -136,6 +136,19 @@ def _checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Paths of the complete checkpoints in ``output_dir``, lowest step first."""
+    return _checkpoints(output_dir)
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of checkpoint ``path`` (from its directory name ``checkpoint-<step>``)."""
+    m = _NAME.match(os.path.basename(os.path.normpath(path)))
+    if m is None:
+        raise ValueError(f"{path} is not named checkpoint-<step>")
+    return int(m.group(1))
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     """Path of the newest complete checkpoint in ``output_dir``, or None."""
     found = _checkpoints(output_dir)

@@ -568,8 +568,17 @@ def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]
         else:
             bins.append([ex])
             room.append(max_length - len(ex))
-    return [Example([t for e in b for t in e.input_ids], [t for e in b for t in e.labels],
-                    [t for e in b for t in _positions(e)]) for b in bins]
+    return [_concatenated(b) for b in bins]
+
+
+def _concatenated(examples: Sequence[Example]) -> Example:
+    ids = [t for e in examples for t in e.input_ids]
+    positions = [t for e in examples for t in _positions(e)]
+    # An example's first token is never a target alone (nothing precedes it); packed, it would be
+    # predicted from the example before it: the loss would gain a target across examples.
+    labels = [IGNORE_INDEX if i and pos == 0 else t
+              for i, (t, pos) in enumerate(zip((t for e in examples for t in e.labels), positions))]
+    return Example(ids, labels, positions)
 
 
 def _positions(ex: Example) -> list[int] | range:

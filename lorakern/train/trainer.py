@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import signal
 import sys
@@ -30,7 +31,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import check_parameters, latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import (check_parameters, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         read_trainer_state, save_checkpoint)
 from .data import Collator, Example
 from .distributed import check_resume, full_state, no_sync, unwrap_model, wrap_model
 from .loss import causal_lm_loss, check_loss_split, check_packing
@@ -53,7 +55,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0              # linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 0              # linear warmup, then cosine decay towards min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0  # None: no clipping
     mixed_precision: str = "auto"      # "auto" | "bf16" | "fp16" | "no"
@@ -70,14 +72,14 @@ class TrainConfig:
     mixture_weights: Sequence[float] | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "loss_chunk_size", "eval_batch_size", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        # Counts are whole numbers (NumPy's too), stored as int: steps=2.5 trained 3 steps and never
+        # reached its final checkpoint and evaluation (step == steps never held).
+        for names, low in ((("steps", "batch_size", "grad_accum", "loss_chunk_size", "eval_batch_size", "log_every"),
+                            1), (("warmup_steps", "eval_every", "save_every"), 0)):
+            for name in names:
+                setattr(self, name, _count(name, getattr(self, name), low))
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -86,11 +88,20 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"TrainConfig.max_grad_norm must be None or a finite number > 0, got {self.max_grad_norm}")
-        if self.keep_checkpoints is not None and int(self.keep_checkpoints) < 1:
-            raise ValueError(f"TrainConfig.keep_checkpoints must be None or >= 1, got {self.keep_checkpoints}")
+        if self.keep_checkpoints is not None:
+            self.keep_checkpoints = _count("keep_checkpoints", self.keep_checkpoints, 1)
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError(f"TrainConfig.mixed_precision must be auto|bf16|fp16|no, got {self.mixed_precision!r}")
         self.betas = tuple(self.betas)
+
+
+def _count(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral)
+                                       or isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"TrainConfig.{name} must be a whole number >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -288,6 +299,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._fingerprints: dict[str, str] | None = None
+        self._continues = False  # resume() was called: train() continues what output_dir holds
 
     # ----------------------------------------------------------------------- setup
 
@@ -417,11 +429,21 @@ class Trainer:
         processes), the training datasets (sizes, and token ids and labels by
         :meth:`data_fingerprints`), the trainable parameters' names and shapes and
         what each LoRA layer computes (:func:`adapter_settings`: layer kind, NF4
-        or dense base, scaling, dropout) must be those of the run that wrote it.
+        or dense base, scaling, dropout), the seed and the mixture weights must be
+        those of the run that wrote it.
         Raises ``ValueError`` saying what differs.
         """
         state = read_trainer_state(path)
         check_resume(state, self.config.batch_size, self.config.grad_accum, self.world.world_size, path)
+        # The sampler's permutations (one per epoch) are drawn from the seed and the mixture weights:
+        # with others, the restored position would see some examples twice and others never this epoch.
+        saved_config = state.get("config", {})
+        for name in ("seed", "mixture_weights"):
+            mine = _jsonable(getattr(self.config, name))
+            if name in saved_config and saved_config[name] != mine:
+                raise ValueError(f"checkpoint {path} was trained with {name} {saved_config[name]!r} but this run has "
+                                 f"{mine!r}: the order of examples follows it; resume with {name} "
+                                 f"{saved_config[name]!r}")
         sizes = {k: len(v) for k, v in self.datasets.items()}
         saved = state.get("datasets", sizes)
         if saved != sizes:
@@ -460,13 +482,23 @@ class Trainer:
 
         Without a checkpoint the run starts at step 0, and records a previous
         attempt left in ``metrics.jsonl`` are dropped. A checkpoint this trainer
-        cannot continue raises ``ValueError`` (see :meth:`check_checkpoint`).
+        cannot continue raises ``ValueError`` (see :meth:`check_checkpoint`), as
+        does ``path`` older than a checkpoint in ``output_dir`` (the rotation would
+        keep those and delete this run's). Without ``resume()``, :meth:`train`
+        refuses an ``output_dir`` that holds a previous run.
         """
+        self._continues = True
         path = path or (latest_checkpoint(self.config.output_dir) if self.config.output_dir else None)
         if path is None:
             self._truncate_metrics(0)
             return False
-        self.check_checkpoint(path)
+        step = int(self.check_checkpoint(path)["step"])
+        later = [p for p in list_checkpoints(self.config.output_dir) if checkpoint_step(p) > step] \
+            if self.config.output_dir else []
+        if later:  # the rotation keeps the highest steps: it would delete this run's new ones, not these
+            raise ValueError(f"{self.config.output_dir} holds checkpoints after step {step} "
+                             f"({', '.join(os.path.basename(p) for p in later)}): continuing from {path} would mix "
+                             "them with this run's; move or delete them first")
         with full_state(self.model, self.optimizer, load=True) as (model, optimizer):
             state = load_checkpoint(path, model, optimizer)
         self.sampler.load_state_dict(state["sampler"])
@@ -486,6 +518,8 @@ class Trainer:
         A second Ctrl-C interrupts at once, saving nothing.
         """
         cfg = self.config
+        if self.step == 0 and not self._continues and cfg.output_dir:
+            self._refuse_a_previous_run()
         show = cfg.progress and self.world.is_main
         bar = None
         if show:
@@ -553,6 +587,18 @@ class Trainer:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _refuse_a_previous_run(self) -> None:
+        # A fresh run in a used output_dir: its checkpoints would lose to the old run's in the
+        # rotation (which keeps the highest steps), and metrics.jsonl would hold both runs.
+        found = [os.path.basename(p) for p in list_checkpoints(self.config.output_dir)]
+        metrics = self._metrics_path()
+        if metrics and os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            found.append("metrics.jsonl")
+        if found:
+            raise ValueError(f"output_dir {self.config.output_dir} holds a previous run ({', '.join(found[:4])}"
+                             f"{' ...' if len(found) > 4 else ''}): call resume() to continue it, or train into "
+                             "an empty directory")
 
     def _truncate_metrics(self, step: int) -> None:
         # A resumed run repeats the steps after its checkpoint: drop their old records.
