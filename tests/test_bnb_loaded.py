@@ -49,20 +49,25 @@ def _bnb_dequantized(model):
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_the_4bit_weights_are_taken_over_bit_for_bit(model_dir, double_quant, compute_dtype, after_inference):
     model = _load(model_dir, double_quant=double_quant, compute_dtype=compute_dtype)
+    want = _bnb_dequantized(model)
     if after_inference:
-        # An inference forward on the CPU makes bitsandbytes repack its weights for its own kernel, rounding
-        # the absmax to bf16 for good; its state_dict undoes the repacking. What is taken over is the layer's
-        # weight as bitsandbytes itself then decodes it.
+        # An inference forward on the CPU makes bitsandbytes repack its weights for its own kernel, the
+        # absmax transposed to [K / 64, N] and rounded to bf16 for good; its state_dict restores the block
+        # order only with double quantization. Without it the blocks were read in the wrong order (41%
+        # off); what is taken over is the weight as loaded, within the bf16 rounding of its absmax.
         with torch.no_grad():
             model(_IDS)
-        model.state_dict()
-    want = _bnb_dequantized(model)
     names = lorakern.apply_lora(model, "all-linear", r=4)
     assert sorted(names) == sorted(want)
     for name, module in lora_modules(model).items():
         assert isinstance(module, QLoRALinear) and module.compute_dtype == compute_dtype
         assert module.double_quant == double_quant
-        assert torch.equal(module.dequantized_weight(torch.float32), want[name]), name
+        got = module.dequantized_weight(torch.float32)
+        if after_inference:  # code * absmax, the absmax rounded to bf16 (and re-quantized with double quant):
+            # measured up to 0.37% (0.92% with double quant) per element; blocks read out of order were 41% off
+            assert ((got - want[name]).abs() <= want[name].abs() * 2.0**-6 + 1e-7).all(), name
+        else:
+            assert torch.equal(got, want[name]), name
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
@@ -80,6 +85,7 @@ def test_same_logits_as_peft_on_the_bitsandbytes_model_and_merge_saves_a_dense_m
         torch.testing.assert_close(ours(_IDS).logits, want, atol=2e-5, rtol=2e-5)
     merged = lorakern.merge_lora(ours)
     assert getattr(merged, "hf_quantizer", None) is None and getattr(merged.config, "quantization_config", None) is None
+    assert not getattr(merged, "is_loaded_in_4bit", False)
     merged.save_pretrained(tmp_path / "merged")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in reloaded.modules())

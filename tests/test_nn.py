@@ -512,6 +512,20 @@ def test_distributed_checkpoint_through_a_compile_wrapper_says_to_unwrap():
     assert torch.equal(b._orig_mod(x), a._orig_mod(x))
 
 
+def test_a_qlora_model_state_dict_saves_with_safetensors(tmp_path):
+    # every layer's weight.quant_map was the one module-level NF4 table: safetensors (and so
+    # save_pretrained) refused "shared tensors"
+    from safetensors.torch import load_file, save_file
+
+    model = _qlora_stack(0)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    loaded = _qlora_stack(1)
+    loaded.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded(x), model(x))
+    assert model.state_dict()["0.weight.quant_map"] is not nf4.NF4_CODE
+
+
 def test_a_dense_weight_loaded_into_an_nf4_layer_is_named():
     layer = QLoRALinear.from_linear(make_linear(64, 32), r=4)
     with pytest.raises(RuntimeError, match=r"weight: a dense float32 weight of shape \(32, 64\), but this layer "

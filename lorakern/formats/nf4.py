@@ -313,7 +313,9 @@ def to_bnb_state_dict(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.T
         "shape": list(q.shape),
     }
     out[f"{prefix}.absmax"] = q.absmax
-    out[f"{prefix}.quant_map"] = NF4_CODE.to(q.device)
+    # a copy per layer: the shared constant made every layer's entry one tensor, which safetensors
+    # (save_pretrained) refuses to save ("shared tensors"), and handed callers the module's table
+    out[f"{prefix}.quant_map"] = NF4_CODE.to(q.device, copy=True)
     if q.double_quant:
         out[f"{prefix}.nested_absmax"] = q.nested_absmax
         out[f"{prefix}.nested_quant_map"] = q.nested_code
@@ -382,7 +384,16 @@ def from_bnb_state_dict(sd: dict, prefix: str = "weight") -> NF4Weight:
     if quant_map is not None and not (quant_map.is_floating_point() and torch.equal(quant_map.float().cpu(), NF4_CODE)):
         raise QuantStateError(f"{prefix}.quant_map is not the NF4 code table")
 
-    absmax = _need(sd, f"{prefix}.absmax").reshape(-1)
+    absmax = _need(sd, f"{prefix}.absmax")
+    if absmax.dim() == 2 and len(shape) == 2 and absmax.shape == (shape[1] // blocksize, shape[0]) \
+            and shape[1] % blocksize == 0:
+        # bitsandbytes' CPU inference repacks a layer for its kernel, the absmax transposed to
+        # [K / blocksize, N] (and rounded to bf16); its state_dict() restores the row-major block
+        # order only with double quantization. Read row-major, the blocks were 41% off.
+        absmax = absmax.t().float()
+    elif absmax.dim() != 1:
+        raise QuantStateError(f"{prefix}.absmax must be 1-D (one value per block), got shape {tuple(absmax.shape)}")
+    absmax = absmax.reshape(-1)
     if absmax.numel() != nblocks:
         raise QuantStateError(f"{prefix}.absmax has {absmax.numel()} values, expected {nblocks}")
     dev = packed.device

@@ -595,12 +595,14 @@ def _drop_hf_quantization(model: nn.Module) -> None:
     remove = getattr(quantizer, "remove_quantization_config", None)
     if callable(remove):
         remove(model)
-        return
-    for owner, attr in ((model, "hf_quantizer"), (getattr(model, "config", None), "quantization_config"),
-                        (model, "quantization_method")):
-        if owner is not None and hasattr(owner, attr):
-            delattr(owner, attr)
-    model.is_quantized = False
+    else:
+        for owner, attr in ((model, "hf_quantizer"), (getattr(model, "config", None), "quantization_config"),
+                            (model, "quantization_method")):
+            if owner is not None and hasattr(owner, attr):
+                delattr(owner, attr)
+        model.is_quantized = False
+    if getattr(model, "is_loaded_in_4bit", False):  # read by e.g. PEFT's prepare_model_for_kbit_training
+        model.is_loaded_in_4bit = False
 
 
 def _to_conv1d(linear: nn.Linear) -> nn.Module:
