@@ -264,6 +264,23 @@ def test_device_flag(capsys, monkeypatch):
         assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
+def test_a_damaged_gguf_file_is_a_clear_error(tmp_path, capsys):
+    # an empty file failed in numpy ("cannot mmap an empty file"), a cut-off one in the GGUF reader
+    # ("cannot reshape array ..."), with a traceback; an upper-case .GGUF was taken for a directory
+    from lorakern.train.models import ModelError, default_gguf, resolve_model
+
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"empty.gguf is not a GGUF file \(it starts with b'', not b'GGUF'\)"):
+        resolve_model(str(tmp_path / "empty.gguf"))
+    directory, name = default_gguf()
+    with open(os.path.join(directory, name), "rb") as f:
+        (tmp_path / "cut.gguf").write_bytes(f.read(2 << 20))  # an interrupted download
+    (tmp_path / "Model.GGUF").write_bytes(b"GGUF")
+    assert resolve_model(str(tmp_path / "Model.GGUF")) == (str(tmp_path), "Model.GGUF")
+    assert main(["generate", "--model", str(tmp_path / "cut.gguf"), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    assert "cut.gguf could not be read as a GGUF model (truncated or damaged?)" in capsys.readouterr().err
+
+
 def test_missing_or_unreachable_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
     import transformers
 

@@ -46,9 +46,13 @@ def resolve_model(spec: str | None) -> tuple[str, str | None]:
     """
     if spec is None or spec.lower() == DEFAULT_MODEL:
         return default_gguf()
-    if spec.endswith(".gguf"):
+    if spec.lower().endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"model file not found: {spec}")
+        with open(spec, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":  # an empty or foreign file fails deep inside the reader, unnamed
+            raise ModelError(f"{spec} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     return spec, None
 
@@ -80,6 +84,10 @@ def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except ValueError as e:
+        if gguf_file and "Unrecognized configuration class" not in str(e):
+            # the reader's own words for a cut-off file ("cannot reshape array of size ...")
+            raise ModelError(f"{os.path.join(path, gguf_file)} could not be read as a GGUF model (truncated or "
+                             f"damaged?): {e}") from None
         if "Unrecognized configuration class" not in str(e):
             raise
         from transformers import AutoConfig
