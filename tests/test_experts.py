@@ -651,10 +651,11 @@ def test_dropout_of_an_adapter_with_expert_weights_survives_save_and_load(tmp_pa
     torch.testing.assert_close(_logits(again), _logits(ours), atol=0, rtol=0)
 
 
-def test_merge_keeps_the_parameter_order():
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_merge_keeps_the_parameter_order(family):
     # state_dict and optimizer order follow registration: merging set the expert Parameters back
-    # last-first (down_proj before gate_up_proj in every layer)
-    model = _base("qwen3_moe")
+    # last-first (down_proj before gate_up_proj in every layer), and after gpt-oss's expert biases
+    model = _base(family)
     before = list(model.state_dict())
     lorakern.apply_lora(model, ["q_proj"], r=4, alpha=8, target_parameters="all-experts")
     lorakern.merge_lora(model)

@@ -396,21 +396,33 @@ def _swap_parameter(model: nn.Module, key: str, build, keep_original: bool = Tru
     new = build(key, weight, bool(getattr(owner, "is_transposed", False)))
     new.train(owner.training)
     new.replaced_config = _eager_experts(owner) if weight.dim() == 3 else None
-    order = list(owner._parameters)
+    # The owner's registration order before any of its weights was swapped (an earlier swap of
+    # the same owner recorded it): undo and merge_lora set weights back in it.
+    earlier = [m.parameter_order for m in owner.children() if getattr(m, "parameter_order", None)]
+    order = list(earlier[0]) if earlier else list(owner._parameters)
+    new.parameter_order = tuple(order)
     del owner._parameters[pname]
     owner.add_module(pname, new)
 
     def undo():
         del owner._modules[pname]
-        params = dict(owner._parameters, **{pname: weight})
-        owner._parameters.clear()  # in the registration order it had: state_dict and optimizer order follow it
-        owner._parameters.update((name, params[name]) for name in order)
+        owner._parameters[pname] = weight
+        _restore_order(owner, order)
         if new.replaced_config is not None:
             owner.config = new.replaced_config
     if not keep_original:
         del weight
         return None
     return undo
+
+
+def _restore_order(owner: nn.Module, order) -> None:
+    """Put ``owner``'s parameters in the registration ``order`` they had (those present; others after):
+    state_dict and optimizer order follow it."""
+    params = dict(owner._parameters)
+    owner._parameters.clear()
+    owner._parameters.update((name, params.pop(name)) for name in order if name in params)
+    owner._parameters.update(params)
 
 
 def _tensors(module: nn.Module):
@@ -557,6 +569,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if isinstance(module, LoRAExperts):
             owner = model.get_submodule(name.rpartition(".")[0])
             setattr(owner, name.rpartition(".")[2], module.merged_parameter())
+            _restore_order(owner, getattr(module, "parameter_order", ()))  # (setattr appends it last)
             if module.replaced_config is not None:
                 owner.config = module.replaced_config
             del module
