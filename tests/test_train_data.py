@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lorakern.train.data import (IGNORE_INDEX, Collator, DataError, Example, clean_records, format_chat,
+from lorakern.train.data import (IGNORE_INDEX, Collator, DataError, Example, clean_records, fit_length, format_chat,
                                  load_records, pack_examples, prepare_dataset, split_records, tokenize_chat,
                                  tokenize_each, tokenize_records)
 from lorakern.train.tiny import tiny_tokenizer
@@ -418,6 +418,10 @@ def test_packed_positions_restart_for_each_example_and_the_padding():
     # An example's first token is never a target alone, so it is none packed either (it would be
     # predicted from the example before it).
     assert [p.labels for p in packed] == [[7, 7, 7, 7, IGNORE_INDEX, 6], [5, 5, 5]]
+    cut, issues = fit_length(packed, [("f", 1), ("f", 2)], 5, "truncate")  # keeps the packed positions
+    assert cut[0].position_ids == [0, 1, 2, 3, 0] and len(issues) == 1
+    with pytest.raises(ValueError, match="sources has 1 entries for 2 examples"):
+        fit_length(packed, [("f", 1)], 5)
     assert repacked[0].labels == [7, 7, 7, 7, IGNORE_INDEX, 6, IGNORE_INDEX]
 
 

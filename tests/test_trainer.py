@@ -280,8 +280,11 @@ def test_bad_configuration_errors(examples):
                         ("save_every", "2")):
         with pytest.raises(ValueError, match=rf"TrainConfig.{name} must be a whole number"):
             TrainConfig(**{name: value})
-    config = TrainConfig(steps=4.0, batch_size=np.int64(2), keep_checkpoints=np.int32(1))
-    assert (type(config.steps), type(config.batch_size), type(config.keep_checkpoints)) == (int, int, int)
+    config = TrainConfig(steps=4.0, batch_size=np.int64(2), keep_checkpoints=np.int32(1), grad_accum=np.float32(2),
+                         seed=np.int64(1))
+    assert all(type(getattr(config, n)) is int for n in ("steps", "batch_size", "keep_checkpoints", "grad_accum", "seed"))
+    with pytest.raises(ValueError, match="TrainConfig.seed must be a whole number"):
+        TrainConfig(seed=2.5)
     with pytest.raises(ValueError, match="no trainable parameters"):
         model = tiny_llama()
         model.requires_grad_(False)
@@ -508,6 +511,17 @@ def test_a_fresh_run_or_an_older_resume_never_loses_checkpoints_to_another_run(e
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
     trainer = Trainer(model, examples, config)
     assert trainer.resume() and trainer.step == 2  # the newest: fine
+    # a refused resume leaves the directory refused; a trainer's own checkpoint never is
+    refused = Trainer(model, examples, TrainConfig(**{**vars(config), "seed": 1}))
+    with pytest.raises(ValueError, match="trained with seed 0"):
+        refused.resume()
+    with pytest.raises(ValueError, match="holds a previous run"):
+        refused.train()
+    own = tmp_path / "own"
+    first = Trainer(model, examples, TrainConfig(**{**vars(config), "output_dir": str(own), "steps": 1}))
+    first.save()  # a snapshot of the starting adapter, then train
+    first.train()
+    assert sorted(os.listdir(own)) >= ["checkpoint-0", "checkpoint-1"]
 
 
 def test_resume_refuses_another_seed_or_mixture(examples, tmp_path):

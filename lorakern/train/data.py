@@ -493,6 +493,8 @@ def tokenize_each(tokenizer, data: LoadResult) -> tuple[LoadResult, list[Example
 def _fit_length(examples: Sequence[Example], sources: Sequence[tuple[str, int]], max_length: int,
                 overlong: str) -> tuple[list[Example], list[DataIssue]]:
     """Apply ``overlong`` to examples longer than ``max_length``; drop those with nothing to learn."""
+    if len(sources) != len(examples):
+        raise ValueError(f"sources has {len(sources)} entries for {len(examples)} examples; expected one each")
     kept, issues = [], []
     for ex, (path, lineno) in zip(examples, sources):
         if len(ex) > max_length:
@@ -500,7 +502,8 @@ def _fit_length(examples: Sequence[Example], sources: Sequence[tuple[str, int]],
             issues.append(issue)
             if overlong != "truncate":
                 continue
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
+            positions = None if ex.position_ids is None else list(ex.position_ids)[:max_length]
+            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], positions)
         if ex.num_labels == 0:
             issues.append(DataIssue(path, lineno, "no trainable tokens after formatting; dropped"))
             continue

@@ -63,7 +63,7 @@ def _looks_like_a_path(spec: str) -> bool:
 
 
 class ModelError(ValueError):
-    """A model that loads but is not one the trainer can fine-tune."""
+    """A model file that cannot be loaded, or a model that loads but is not one the trainer can fine-tune."""
 
 
 def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -85,9 +85,11 @@ def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except ValueError as e:
         if gguf_file and "Unrecognized configuration class" not in str(e):
-            # the reader's own words for a cut-off file ("cannot reshape array of size ...")
-            raise ModelError(f"{os.path.join(path, gguf_file)} could not be read as a GGUF model (truncated or "
-                             f"damaged?): {e}") from None
+            # the reader's words for a cut-off file ("cannot reshape array of size ..."), or transformers'
+            # for an architecture it cannot load from GGUF ("... is not supported yet")
+            why = "transformers cannot load it" if "not supported" in str(e) else "truncated or damaged?"
+            raise ModelError(f"{os.path.join(path, gguf_file)} could not be loaded as a GGUF model ({why}): "
+                             f"{e}") from None
         if "Unrecognized configuration class" not in str(e):
             raise
         from transformers import AutoConfig

@@ -78,6 +78,9 @@ class TrainConfig:
                             1), (("warmup_steps", "eval_every", "save_every"), 0)):
             for name in names:
                 setattr(self, name, _count(name, getattr(self, name), low))
+        self.seed = _count("seed", self.seed, 0)
+        if self.seed >= 2**32:  # NumPy's seeding takes 32 bits
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**32), got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -96,11 +99,14 @@ class TrainConfig:
 
 
 def _count(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not (isinstance(value, numbers.Integral)
-                                       or isinstance(value, float) and value.is_integer()):
+    """``value`` as an int >= ``low``, or a ValueError naming ``TrainConfig.<name>``."""
+    # any real that is a whole number: NumPy's int64 / float32 from a config, 4.0 from YAML
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or float(value) != int(value):
         raise ValueError(f"TrainConfig.{name} must be a whole number >= {low}, got {value!r}")
     if value < low:
-        raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value}")
+        raise ValueError(f"TrainConfig.{name} must be {'in [0, 2**32)' if name == 'seed' else f'>= {low}'}, "
+                         f"got {value}")
     return int(value)
 
 
@@ -414,6 +420,7 @@ class Trainer:
         if cfg.output_dir is None:
             raise ValueError("TrainConfig.output_dir is needed to save checkpoints")
         path = None
+        self._continues = True  # what output_dir holds from now on is this run's
         with full_state(self.model, self.optimizer) as (model, optimizer):  # gathers FSDP shards: every rank
             if self.world.is_main:
                 path = save_checkpoint(cfg.output_dir, self.step, model, optimizer, self.state(),
@@ -487,10 +494,10 @@ class Trainer:
         keep those and delete this run's). Without ``resume()``, :meth:`train`
         refuses an ``output_dir`` that holds a previous run.
         """
-        self._continues = True
         path = path or (latest_checkpoint(self.config.output_dir) if self.config.output_dir else None)
         if path is None:
             self._truncate_metrics(0)
+            self._continues = True
             return False
         step = int(self.check_checkpoint(path)["step"])
         later = [p for p in list_checkpoints(self.config.output_dir) if checkpoint_step(p) > step] \
@@ -506,6 +513,7 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self._truncate_metrics(self.step)
+        self._continues = True  # only now: after a refused checkpoint train() still refuses the directory
         return True
 
     def train(self) -> list[dict]:
