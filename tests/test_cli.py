@@ -279,6 +279,9 @@ def test_a_damaged_gguf_file_is_a_clear_error(tmp_path, capsys):
     assert resolve_model(str(tmp_path / "Model.GGUF")) == (str(tmp_path), "Model.GGUF")
     assert main(["generate", "--model", str(tmp_path / "cut.gguf"), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
     assert "cut.gguf could not be loaded as a GGUF model (truncated or damaged?)" in capsys.readouterr().err
+    (tmp_path / "header.gguf").write_bytes((tmp_path / "cut.gguf").read_bytes()[:300])  # cut inside its header
+    assert main(["generate", "--model", str(tmp_path / "header.gguf"), "--prompt", "hi"]) == 1
+    assert "header.gguf could not be loaded as a GGUF model (truncated or damaged?)" in capsys.readouterr().err
 
 
 def test_missing_or_unreachable_model_is_a_clear_error(tmp_path, capsys, monkeypatch):

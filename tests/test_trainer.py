@@ -285,6 +285,10 @@ def test_bad_configuration_errors(examples):
     assert all(type(getattr(config, n)) is int for n in ("steps", "batch_size", "keep_checkpoints", "grad_accum", "seed"))
     with pytest.raises(ValueError, match="TrainConfig.seed must be a whole number"):
         TrainConfig(seed=2.5)
+    with pytest.raises(ValueError, match=r"TrainConfig.seed must be in \[0, 2\*\*32\), got 9007199254740993"):
+        TrainConfig(seed=2**53 + 1)
+    with pytest.raises(ValueError, match="TrainConfig.steps must be >= 1"):
+        TrainConfig(steps=-10**400)
     with pytest.raises(ValueError, match="no trainable parameters"):
         model = tiny_llama()
         model.requires_grad_(False)
@@ -518,10 +522,19 @@ def test_a_fresh_run_or_an_older_resume_never_loses_checkpoints_to_another_run(e
     with pytest.raises(ValueError, match="holds a previous run"):
         refused.train()
     own = tmp_path / "own"
-    first = Trainer(model, examples, TrainConfig(**{**vars(config), "output_dir": str(own), "steps": 1}))
-    first.save()  # a snapshot of the starting adapter, then train
+    first = Trainer(model, examples, TrainConfig(**{**vars(config), "output_dir": str(own), "steps": 2}))
+    first.save()  # a snapshot of the starting adapter, a manual step, then train
+    first.train_step()
     first.train()
-    assert sorted(os.listdir(own)) >= ["checkpoint-0", "checkpoint-1"]
+    assert sorted(os.listdir(own)) >= ["checkpoint-0", "checkpoint-2"]
+    # neither a save() nor steps taken by hand get a fresh trainer past a used directory
+    for act in (lambda t: t.save(), lambda t: (t.train_step(), t.train())):
+        with pytest.raises(ValueError, match="holds a previous run"):
+            act(Trainer(model, examples, config))
+    # nor does continuing a checkpoint from elsewhere
+    with pytest.raises(ValueError, match="holds a previous run"):
+        Trainer(model, examples, TrainConfig(**{**vars(config), "output_dir": str(tmp_path)})).resume(
+            str(own / "checkpoint-2"))
 
 
 def test_resume_refuses_another_seed_or_mixture(examples, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import struct
 
 import torch
 
@@ -83,7 +84,7 @@ def load_model_and_tokenizer(spec: str | None = None, dtype: torch.dtype = torch
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except ValueError as e:
+    except (ValueError, struct.error) as e:  # struct.error: the GGUF reader on a file cut inside its header
         if gguf_file and "Unrecognized configuration class" not in str(e):
             # the reader's words for a cut-off file ("cannot reshape array of size ..."), or transformers'
             # for an architecture it cannot load from GGUF ("... is not supported yet")

@@ -101,8 +101,10 @@ class TrainConfig:
 def _count(name: str, value, low: int) -> int:
     """``value`` as an int >= ``low``, or a ValueError naming ``TrainConfig.<name>``."""
     # any real that is a whole number: NumPy's int64 / float32 from a config, 4.0 from YAML
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or float(value) != int(value):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not float(value).is_integer():
         raise ValueError(f"TrainConfig.{name} must be a whole number >= {low}, got {value!r}")
     if value < low:
         raise ValueError(f"TrainConfig.{name} must be {'in [0, 2**32)' if name == 'seed' else f'>= {low}'}, "
@@ -305,7 +307,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._fingerprints: dict[str, str] | None = None
-        self._continues = False  # resume() was called: train() continues what output_dir holds
+        # output_dir is this run's: resume() continued it, or this trainer checked it held no other run
+        # before its first save (save(), train(), after manual train_step() calls too)
+        self._continues = False
 
     # ----------------------------------------------------------------------- setup
 
@@ -420,7 +424,7 @@ class Trainer:
         if cfg.output_dir is None:
             raise ValueError("TrainConfig.output_dir is needed to save checkpoints")
         path = None
-        self._continues = True  # what output_dir holds from now on is this run's
+        self._claim_output_dir()
         with full_state(self.model, self.optimizer) as (model, optimizer):  # gathers FSDP shards: every rank
             if self.world.is_main:
                 path = save_checkpoint(cfg.output_dir, self.step, model, optimizer, self.state(),
@@ -500,6 +504,10 @@ class Trainer:
             self._continues = True
             return False
         step = int(self.check_checkpoint(path)["step"])
+        outside = self.config.output_dir and \
+            os.path.dirname(os.path.abspath(path)) != os.path.abspath(self.config.output_dir)
+        if outside:  # a checkpoint from elsewhere: output_dir must not hold another run
+            self._refuse_a_previous_run()
         later = [p for p in list_checkpoints(self.config.output_dir) if checkpoint_step(p) > step] \
             if self.config.output_dir else []
         if later:  # the rotation keeps the highest steps: it would delete this run's new ones, not these
@@ -526,8 +534,8 @@ class Trainer:
         A second Ctrl-C interrupts at once, saving nothing.
         """
         cfg = self.config
-        if self.step == 0 and not self._continues and cfg.output_dir:
-            self._refuse_a_previous_run()
+        if cfg.output_dir:
+            self._claim_output_dir()
         show = cfg.progress and self.world.is_main
         bar = None
         if show:
@@ -595,6 +603,11 @@ class Trainer:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _claim_output_dir(self) -> None:
+        if not self._continues:
+            self._refuse_a_previous_run()
+            self._continues = True
 
     def _refuse_a_previous_run(self) -> None:
         # A fresh run in a used output_dir: its checkpoints would lose to the old run's in the
