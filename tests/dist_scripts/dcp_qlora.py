@@ -10,6 +10,7 @@ outputs exactly. Exits non-zero on any difference.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import torch
@@ -50,6 +51,11 @@ def main(checkpoint_dir: str) -> None:
     other = sharded_model(2)
     set_model_state_dict(other, get_model_state_dict(saved, options=full), options=full)
     assert torch.equal(other(x), want), "a full state dict loaded into a sharded model changed the outputs"
+    # as lorakern.train.distributed.World.close: the FSDP states referencing the group's work go
+    # before the group, or gloo may abort at exit ("terminate called without an active exception")
+    del saved, loaded, other, state
+    dist.barrier()
+    gc.collect()
     dist.destroy_process_group()
 
 
