@@ -48,20 +48,27 @@ def test_example_runs_on_tiny_model(tiny_model_dir, tmp_path, method, capsys):
     assert json.load(open(os.path.join(out, "report.json")))["before"] == report["before"]  # the base model's
 
 
+def _second_run_moves_the_first_aside(main, argv, name: str, capsys) -> str:
+    """Run ``main(argv)`` twice in the current directory; check the first run went whole to
+    runs/<name>-<time>, and return that directory."""
+    assert main(argv) == 0
+    first = open(os.path.join("runs", name, "metrics.jsonl")).read()
+    capsys.readouterr()
+    assert main(argv) == 0
+    moved = [d for d in os.listdir("runs") if d.startswith(f"{name}-")]
+    assert len(moved) == 1 and f"moved to {os.path.join('runs', moved[0])}" in capsys.readouterr().out
+    assert open(os.path.join("runs", moved[0], "metrics.jsonl")).read() == first
+    return os.path.join("runs", moved[0])
+
+
 def test_the_readme_command_runs_again_and_keeps_the_previous_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Without --output-dir (the README's command) a second run works: the first one's directory is renamed
     aside, whole, never deleted or mixed with the new run."""
     monkeypatch.chdir(tmp_path)
     argv = ["--model", tiny_model_dir, "--method", "lora", "--steps", "1", "--batch-size", "2", "--eval-limit", "1",
             "--max-new-tokens", "2", "--max-length", "512", "--no-progress", "--mixed-precision", "no"]
-    assert load_example().main(argv) == 0
-    first = open(os.path.join("runs", "train_qlora", "metrics.jsonl")).read()
-    capsys.readouterr()
-    assert load_example().main(argv) == 0
-    moved = [d for d in os.listdir("runs") if d.startswith("train_qlora-")]
-    assert len(moved) == 1 and f"moved to {os.path.join('runs', moved[0])}" in capsys.readouterr().out
-    assert open(os.path.join("runs", moved[0], "metrics.jsonl")).read() == first
-    assert {"adapter", "report.json"} <= set(os.listdir(os.path.join("runs", moved[0])))
+    moved = _second_run_moves_the_first_aside(load_example().main, argv, "train_qlora", capsys)
+    assert {"adapter", "report.json"} <= set(os.listdir(moved))
     steps = [json.loads(line)["step"] for line in open(os.path.join("runs", "train_qlora", "metrics.jsonl"))]
     assert steps == [1]
 
@@ -176,15 +183,9 @@ def test_distributed_example_default_command_runs_again(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     argv = ["--model", "tiny", "--strategy", "none", "--data", str(data), "--steps", "1", "--batch-size", "2",
             "--max-length", "1024", "--mixed-precision", "no"]
-    assert load_distributed_example().main(argv) == 0
-    first = open(os.path.join("runs", "train_distributed", "metrics.jsonl")).read()
-    capsys.readouterr()
-    assert load_distributed_example().main(argv) == 0
-    moved = [d for d in os.listdir("runs") if d.startswith("train_distributed-")]
-    assert len(moved) == 1 and f"moved to {os.path.join('runs', moved[0])}" in capsys.readouterr().out
-    assert open(os.path.join("runs", moved[0], "metrics.jsonl")).read() == first
+    moved = _second_run_moves_the_first_aside(load_distributed_example().main, argv, "train_distributed", capsys)
     with pytest.raises(SystemExit) as e:
-        load_distributed_example().main([*argv, "--output-dir", os.path.join("runs", moved[0])])
+        load_distributed_example().main([*argv, "--output-dir", moved])
     assert e.value.code == 2 and "holds a previous run" in capsys.readouterr().err
 
 
